@@ -1,0 +1,105 @@
+"""Every exception unistore raises on bad input.
+
+Each error subclasses :class:`UnistoreError` *and* the built-in it refines, so
+existing ``except KeyError`` / ``except FileNotFoundError`` clauses keep
+working.  Messages say what was expected, what was found and how to fix it;
+they never contain credentials.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "UnistoreError",
+    "StoreNotFoundError",
+    "ArrayNotFoundError",
+    "InvalidKeyError",
+    "FormatError",
+    "UnknownFormatError",
+    "MissingDependencyError",
+    "CorruptDataError",
+    "TruncatedDataError",
+    "UnsafePickleError",
+    "ShapeMismatchError",
+    "ReadOnlyError",
+    "StoreExistsError",
+    "IncompleteStoreError",
+    "RemoteError",
+    "ChecksumMismatchError",
+    "UnsupportedError",
+    "OutOfBoundsError",
+]
+
+
+class UnistoreError(Exception):
+    """Base class of every error raised by unistore."""
+
+
+class StoreNotFoundError(UnistoreError, FileNotFoundError):
+    """The URL given to ``open_store`` does not exist."""
+
+
+class ArrayNotFoundError(UnistoreError, KeyError):
+    """A key names no array in the store."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class InvalidKeyError(UnistoreError, ValueError):
+    """A key or path is unsafe (``..``, absolute, NUL, backslash) or malformed."""
+
+
+class FormatError(UnistoreError, ValueError):
+    """A file is not valid for the format it claims to be."""
+
+
+class UnknownFormatError(UnistoreError, ValueError):
+    """No format could be detected, or the format name is not registered."""
+
+
+class MissingDependencyError(UnistoreError, ImportError):
+    """An optional library needed by a format is not installed."""
+
+
+class CorruptDataError(FormatError):
+    """Stored bytes do not decode to what the metadata promises."""
+
+
+class TruncatedDataError(CorruptDataError):
+    """A file is shorter than its header says it must be."""
+
+
+class UnsafePickleError(UnistoreError, ValueError):
+    """A pickle would execute code or build objects other than plain data."""
+
+
+class ShapeMismatchError(UnistoreError, ValueError):
+    """Data has a shape or dtype other than the one declared or required."""
+
+
+class ReadOnlyError(UnistoreError, PermissionError):
+    """A write was attempted on a store opened for reading."""
+
+
+class StoreExistsError(UnistoreError, FileExistsError):
+    """``create_store``/``convert`` would overwrite an existing store."""
+
+
+class IncompleteStoreError(UnistoreError, FileNotFoundError):
+    """A store is still being written (or its writer died before committing)."""
+
+
+class RemoteError(UnistoreError, OSError):
+    """A remote filesystem kept failing after the retry budget was spent."""
+
+
+class ChecksumMismatchError(CorruptDataError):
+    """An array's bytes do not match the checksum recorded when it was written."""
+
+
+class UnsupportedError(UnistoreError, ValueError):
+    """The format cannot do what was asked (e.g. compression for ``.npy``)."""
+
+
+class OutOfBoundsError(UnistoreError, IndexError):
+    """A row index is outside the array."""

@@ -1,0 +1,292 @@
+"""Lazy array handles: :class:`Array` (dense) and :class:`RaggedArray` (lists of lists).
+
+Nothing is read until ``take`` or indexing asks for rows; every read is one
+batched gather through :mod:`unistore.storage.engine`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from unistore.errors import OutOfBoundsError, ShapeMismatchError
+from unistore.storage.engine import gather, read_rows
+from unistore.storage.formats.base import ArrayInfo, RaggedInfo, bfloat16, dtype_name
+from unistore.storage.layout import IOStats
+
+__all__ = ["Array", "RaggedArray", "to_tensor", "normalize_indices"]
+
+
+def to_tensor(data: np.ndarray) -> Any:
+    """A ``torch.Tensor`` sharing ``data``'s memory (bfloat16 included)."""
+    import torch
+
+    if bfloat16 is not None and data.dtype == bfloat16:
+        return torch.from_numpy(np.ascontiguousarray(data).view(np.uint16)).view(torch.bfloat16)
+    if not data.flags.writeable:
+        data = data.copy()
+    return torch.from_numpy(np.ascontiguousarray(data))
+
+
+def normalize_indices(indices: Any, n: int, key: str) -> np.ndarray:
+    """Validate row indices: integers, negative counting from the end, in bounds.
+
+    Raises:
+        OutOfBoundsError: an index is outside ``[-n, n)``.
+        ShapeMismatchError: the indices are not a 1-D sequence of integers.
+    """
+    idx = np.asarray(indices)
+    if idx.dtype == bool or (idx.size and idx.dtype.kind not in "iu"):
+        raise ShapeMismatchError(f"take() on {key!r} needs integer row indices, got dtype {idx.dtype}")
+    if idx.ndim != 1:
+        raise ShapeMismatchError(f"take() on {key!r} needs a 1-D list of row indices, got shape {idx.shape}")
+    idx = idx.astype(np.int64, copy=False)
+    if idx.size:
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < -n or hi >= n:
+            bad = lo if lo < -n else hi
+            raise OutOfBoundsError(f"row index {bad} is out of bounds for {key!r} with {n} rows")
+        if lo < 0:
+            idx = np.where(idx < 0, idx + n, idx)
+    return idx
+
+
+class Array:
+    """A lazy handle on one dense array of a :class:`~unistore.TensorStore`.
+
+    >>> a = store["embeddings"]
+    >>> a.shape, a.dtype
+    ((200000, 384), dtype('float32'))
+    >>> rows = a.take([7, 3, 7])        # ndarray, rows in the order asked
+    >>> rows = a.take(idx, as_tensor=True)
+    >>> a[10:20], a[5], np.asarray(a)
+    """
+
+    __slots__ = ("_info", "format", "_stats")
+
+    def __init__(self, info: ArrayInfo, fmt: str, stats: IOStats | None = None):
+        self._info = info
+        self.format = fmt
+        self._stats = stats if stats is not None else IOStats()
+
+    @property
+    def key(self) -> str:
+        return self._info.key
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._info.shape
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        return self._info.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self._info.shape)
+
+    @property
+    def chunks(self) -> tuple[int, ...] | None:
+        """Chunk shape, or ``None`` for contiguous arrays."""
+        return self._info.chunks
+
+    @property
+    def compression(self) -> str | None:
+        return self._info.compression
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return self._info.attrs
+
+    @property
+    def nbytes(self) -> int:
+        """Size of the decoded array in bytes."""
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    @property
+    def stored_nbytes(self) -> int | None:
+        """Bytes on storage, where the format knows it."""
+        return self._info.stored_nbytes
+
+    @property
+    def layout(self) -> Any:
+        return self._info.layout
+
+    def __len__(self) -> int:
+        if not self.shape:
+            raise TypeError("len() of a 0-d array")
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return (f"<unistore.Array {self.key!r} shape={self.shape} dtype={dtype_name(self.dtype)} "
+                f"format={self.format} chunks={self.chunks}>")
+
+    def __getstate__(self) -> tuple[ArrayInfo, str]:
+        return (self._info, self.format)
+
+    def __setstate__(self, state: tuple[ArrayInfo, str]) -> None:
+        self._info, self.format = state
+        self._stats = IOStats()
+
+    def take(self, indices: Any, as_tensor: bool = False) -> Any:
+        """Rows ``indices`` (any order, duplicates allowed) as one batched read.
+
+        Returns an ndarray of shape ``(len(indices),) + shape[1:]``, or a
+        ``torch.Tensor`` with ``as_tensor=True``.
+
+        Raises:
+            OutOfBoundsError: an index is outside the array.
+            ShapeMismatchError: ``indices`` is not a 1-D integer sequence.
+        """
+        if not self.shape:
+            raise ShapeMismatchError(f"{self.key!r} is 0-d; read it with a[...]")
+        idx = normalize_indices(indices, self.shape[0], self.key)
+        out = gather(self._info.layout, idx, self._stats)
+        return to_tensor(out) if as_tensor else out
+
+    def read(self, as_tensor: bool = False) -> Any:
+        """The whole array."""
+        out = self._read_slice(0, self.shape[0]) if self.shape else self._read_scalar()
+        return to_tensor(out) if as_tensor else out
+
+    def _read_scalar(self) -> np.ndarray:
+        from dataclasses import replace
+
+        layout = self._info.layout
+        if hasattr(layout, "data"):
+            return np.asarray(layout.data)
+        return read_rows(replace(layout, shape=(1,)), 0, 1, self._stats).reshape(())
+
+    def _read_slice(self, start: int, stop: int) -> np.ndarray:
+        if stop <= start:
+            return np.empty((0,) + self.shape[1:], self.dtype)
+        return read_rows(self._info.layout, start, stop, self._stats)
+
+    def __getitem__(self, sel: Any) -> np.ndarray:
+        if sel is Ellipsis or sel == ():
+            return self.read()
+        rest: tuple[Any, ...] = ()
+        if isinstance(sel, tuple):
+            sel, rest = sel[0], sel[1:]
+            if sel is Ellipsis:
+                return self.read()[(Ellipsis,) + rest]
+        if not self.shape:
+            raise IndexError(f"{self.key!r} is 0-d; use a[...]")
+        n = self.shape[0]
+        if isinstance(sel, slice):
+            start, stop, step = sel.indices(n)
+            out = self._read_slice(start, stop) if step == 1 else self.take(np.arange(start, stop, step))
+        elif isinstance(sel, (int, np.integer)):
+            out = self.take(np.array([int(sel)]))[0]
+            return out[rest] if rest else out
+        else:
+            out = self.take(sel)
+        return out[(slice(None),) + rest] if rest else out
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        out = self.read()
+        return out.astype(dtype) if dtype is not None else out
+
+
+class RaggedArray:
+    """Rows of different lengths (e.g. keyword ids per pair).
+
+    Row ``i`` is ``values[offsets[i]:offsets[i+1]]``; ``take`` returns a list
+    of 1-D arrays (or tensors) in the order asked.
+    """
+
+    __slots__ = ("_info", "format", "_stats", "_values", "_offsets")
+
+    def __init__(self, info: RaggedInfo, fmt: str, stats: IOStats | None = None):
+        self._info = info
+        self.format = fmt
+        self._stats = stats if stats is not None else IOStats()
+        self._values = Array(info.values, fmt, self._stats)
+        self._offsets: np.ndarray | None = None
+
+    def __getstate__(self) -> tuple[RaggedInfo, str]:
+        return (self._info, self.format)
+
+    def __setstate__(self, state: tuple[RaggedInfo, str]) -> None:
+        self.__init__(*state)  # type: ignore[misc]
+
+    @property
+    def key(self) -> str:
+        return self._info.key
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self._info.offsets.shape[0] - 1,)
+
+    @property
+    def dtype(self) -> np.dtype[Any]:
+        return self._info.values.dtype
+
+    @property
+    def chunks(self) -> None:
+        return None
+
+    @property
+    def compression(self) -> str | None:
+        return self._info.values.compression
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return self._info.attrs
+
+    @property
+    def nbytes(self) -> int:
+        return self._values.nbytes + self._info.offsets.shape[0] * 8
+
+    @property
+    def stored_nbytes(self) -> int | None:
+        a, b = self._info.values.stored_nbytes, self._info.offsets.stored_nbytes
+        return None if a is None else a + (b or 0)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"<unistore.RaggedArray {self.key!r} rows={len(self)} dtype={dtype_name(self.dtype)} format={self.format}>"
+
+    @property
+    def offsets(self) -> np.ndarray:
+        if self._offsets is None:
+            self._offsets = Array(self._info.offsets, self.format, self._stats).read().astype(np.int64)
+        return self._offsets
+
+    @property
+    def values(self) -> Array:
+        return self._values
+
+    def take(self, indices: Any, as_tensor: bool = False) -> list[Any]:
+        """Rows ``indices`` as a list of 1-D arrays (tensors with ``as_tensor=True``)."""
+        idx = normalize_indices(indices, len(self), self.key)
+        off = self.offsets
+        starts, stops = off[idx], off[idx + 1]
+        lengths = stops - starts
+        if lengths.sum() == 0:
+            flat = np.empty(0, self.dtype)
+        else:
+            # one gather for every value of every requested row
+            flat_idx = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+            flat_idx += np.arange(int(lengths.sum()))
+            flat = self._values.take(flat_idx)
+        parts = np.split(flat, np.cumsum(lengths)[:-1])
+        return [to_tensor(p) for p in parts] if as_tensor else parts
+
+    def read(self) -> list[np.ndarray]:
+        return self.take(np.arange(len(self)))
+
+    def to_list(self) -> list[list[Any]]:
+        return [p.tolist() for p in self.read()]
+
+    def __getitem__(self, sel: Any) -> Any:
+        if isinstance(sel, (int, np.integer)):
+            return self.take([int(sel)])[0]
+        if isinstance(sel, slice):
+            return self.take(np.arange(*sel.indices(len(self))))
+        if sel is Ellipsis:
+            return self.read()
+        return self.take(sel)

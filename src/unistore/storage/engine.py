@@ -1,0 +1,267 @@
+"""Layer 3: the read engine.  Every read is a batched gather.
+
+``gather(layout, indices)`` maps row indices to byte ranges or chunks, fetches
+them (``mmap`` locally; merged, concurrent range requests remotely; whole
+chunks through a byte-bounded decoded-chunk LRU otherwise) and returns the
+rows in the order asked for.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from unistore.errors import TruncatedDataError
+from unistore.storage.layout import (
+    ChunkedLayout,
+    ContiguousLayout,
+    InMemoryLayout,
+    IOStats,
+    Layout,
+)
+from unistore.storage.location import ShortReadError, retry_remote
+
+__all__ = ["gather", "read_rows", "ChunkCache", "chunk_cache", "MERGE_GAP_BYTES"]
+
+#: Two requested row ranges closer than this are fetched as one request.
+MERGE_GAP_BYTES = int(os.environ.get("UNISTORE_MERGE_GAP_BYTES", 16 * 1024))
+#: At most this many bytes in one merged request.
+MAX_REQUEST_BYTES = 16 * 1024 * 1024
+
+
+def gather(layout: Layout, indices: np.ndarray, stats: IOStats) -> np.ndarray:
+    """Rows ``indices`` (validated, non-negative int64) of ``layout``, in that order."""
+    if isinstance(layout, ContiguousLayout):
+        if layout.location.is_local:
+            return _gather_mmap(layout, indices, stats)
+        return _gather_ranges(layout, indices, stats)
+    if isinstance(layout, ChunkedLayout):
+        return _gather_chunks(layout, indices, stats)
+    if isinstance(layout, InMemoryLayout):
+        return layout.data[indices]
+    raise TypeError(f"gather() needs a ContiguousLayout, ChunkedLayout or InMemoryLayout, got {type(layout).__name__}")
+
+
+def read_rows(layout: Layout, start: int, stop: int, stats: IOStats) -> np.ndarray:
+    """Rows ``[start, stop)`` as one read (a single range or a run of chunks)."""
+    if isinstance(layout, ContiguousLayout):
+        if layout.location.is_local:
+            out = np.array(_memmap(layout)[start:stop])
+            stats.add(requests=1, nbytes=out.nbytes)
+            return out
+        return _gather_ranges(layout, np.arange(start, stop, dtype=np.int64), stats)
+    if isinstance(layout, ChunkedLayout):
+        return _gather_chunks(layout, np.arange(start, stop, dtype=np.int64), stats)
+    if isinstance(layout, InMemoryLayout):
+        return layout.data[start:stop]
+    raise TypeError(f"read_rows() needs a layout record, got {type(layout).__name__}")
+
+
+# ---------------------------------------------------------------- local mmap
+_MMAPS: dict[tuple[Any, ...], np.ndarray] = {}
+_MMAP_LOCK = threading.Lock()
+
+
+def _memmap(layout: ContiguousLayout) -> np.ndarray:
+    key = (os.getpid(), layout.location.path, layout.offset, layout.shape, layout.dtype.str)
+    mm = _MMAPS.get(key)
+    if mm is None:
+        with _MMAP_LOCK:
+            mm = _MMAPS.get(key)
+            if mm is None:
+                if 0 in layout.shape:
+                    mm = np.empty(layout.shape, layout.dtype)
+                else:
+                    size = os.path.getsize(layout.location.path)
+                    need = layout.offset + layout.row_nbytes * layout.shape[0]
+                    if size < need:
+                        raise TruncatedDataError(
+                            f"{layout.location.url} is truncated: {size} bytes, but the header "
+                            f"promises {need}; re-create or re-download the file"
+                        )
+                    mm = np.memmap(layout.location.path, dtype=layout.dtype, mode="r",
+                                   offset=layout.offset, shape=layout.shape)
+                _MMAPS[key] = mm
+    return mm
+
+
+def _gather_mmap(layout: ContiguousLayout, indices: np.ndarray, stats: IOStats) -> np.ndarray:
+    out = _memmap(layout)[indices]
+    stats.add(requests=1, nbytes=out.nbytes)
+    return np.asarray(out)
+
+
+# ------------------------------------------------------------ remote ranges
+def _merge(starts: np.ndarray, ends: np.ndarray, gap: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Merge sorted ranges whose gap is at most ``gap``; returns run starts, ends, run id per range."""
+    new_run = np.empty(len(starts), dtype=bool)
+    new_run[:1] = True
+    new_run[1:] = (starts[1:] - ends[:-1]) > gap
+    run_id = np.cumsum(new_run) - 1
+    # cap run size so one request never balloons
+    if len(starts):
+        run_first = np.flatnonzero(new_run)
+        span = ends - starts[run_first[run_id]]
+        if span.max() > MAX_REQUEST_BYTES:
+            new_run[1:] |= (span[1:] // MAX_REQUEST_BYTES) != (span[:-1] // MAX_REQUEST_BYTES)
+            run_id = np.cumsum(new_run) - 1
+    firsts = np.flatnonzero(new_run)
+    lasts = np.append(firsts[1:], len(starts)) - 1
+    return starts[firsts], ends[lasts], run_id
+
+
+def fetch_ranges(layout_location: Any, starts: np.ndarray, ends: np.ndarray, stats: IOStats) -> list[bytes]:
+    """Fetch byte ranges of one remote object concurrently, with retries and length checks."""
+    loc = layout_location
+    n = len(starts)
+    if n == 0:
+        return []
+    s_list = [int(s) for s in starts]
+    e_list = [int(e) for e in ends]
+
+    def attempt() -> list[bytes]:
+        blobs = loc.fs.cat_ranges([loc.path] * n, s_list, e_list, on_error="raise")
+        for blob, s, e in zip(blobs, s_list, e_list):
+            if isinstance(blob, BaseException):
+                raise blob
+            if len(blob) != e - s:
+                raise ShortReadError(f"asked {e - s} bytes at {s}, got {len(blob)}")
+        return list(blobs)
+
+    try:
+        blobs = retry_remote(attempt, loc)
+    except ShortReadError as e:  # only reachable for local-like fs without retries
+        raise TruncatedDataError(f"{loc.url} is shorter than its header promises ({e})") from e
+    stats.add(requests=n, nbytes=sum(len(b) for b in blobs))
+    return blobs
+
+
+def _gather_ranges(layout: ContiguousLayout, indices: np.ndarray, stats: IOStats) -> np.ndarray:
+    uniq, inverse = np.unique(indices, return_inverse=True)
+    row = layout.row_nbytes
+    out_shape = (len(uniq),) + layout.shape[1:]
+    if len(uniq) == 0 or row == 0:
+        return np.empty((len(indices),) + layout.shape[1:], layout.dtype)
+    starts = layout.offset + uniq * row
+    ends = starts + row
+    run_starts, run_ends, run_id = _merge(starts, ends, max(MERGE_GAP_BYTES, 0))
+    blobs = fetch_ranges(layout.location, run_starts, run_ends, stats)
+    if len(blobs) == 1:
+        buf = np.frombuffer(blobs[0], dtype=np.uint8)
+    else:
+        buf = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+    run_base = np.concatenate([[0], np.cumsum(run_ends - run_starts)[:-1]])
+    pos = run_base[run_id] + (starts - run_starts[run_id])
+    if np.all(np.diff(pos) == row) and pos[0] == 0 and len(buf) == row * len(uniq):
+        rows = buf
+    else:
+        rows = buf[(pos[:, None] + np.arange(row)[None, :]).ravel()]
+    result = rows.view(layout.dtype).reshape(out_shape)
+    return result[inverse.ravel()]
+
+
+# ------------------------------------------------------------ chunk cache
+class ChunkCache:
+    """A per-process LRU of decoded chunks, bounded in bytes.
+
+    The limit defaults to 256 MiB (``UNISTORE_CHUNK_CACHE_BYTES``); chunks larger
+    than the whole limit are used once and not kept.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._data: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+        self._nbytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, int]) -> np.ndarray | None:
+        with self._lock:
+            block = self._data.get(key)
+            if block is not None:
+                self._data.move_to_end(key)
+            return block
+
+    def put(self, key: tuple[str, int], block: np.ndarray) -> None:
+        if block.nbytes > self.max_bytes:
+            return
+        with self._lock:
+            old = self._data.pop(key, None)
+            if old is not None:
+                self._nbytes -= old.nbytes
+            self._data[key] = block
+            self._nbytes += block.nbytes
+            while self._nbytes > self.max_bytes:
+                _, dropped = self._data.popitem(last=False)
+                self._nbytes -= dropped.nbytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+            self._nbytes = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self._nbytes
+
+
+chunk_cache = ChunkCache(int(os.environ.get("UNISTORE_CHUNK_CACHE_BYTES", 256 * 1024 * 1024)))
+
+
+def _runs(ids: np.ndarray) -> list[tuple[int, int]]:
+    """Split sorted chunk ids into runs of consecutive ids: [(first, last+1), ...]."""
+    if len(ids) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(ids) != 1) + 1
+    return [(int(r[0]), int(r[-1]) + 1) for r in np.split(ids, breaks)]
+
+
+def _gather_chunks(layout: ChunkedLayout, indices: np.ndarray, stats: IOStats) -> np.ndarray:
+    cr = layout.chunk_rows
+    n = layout.shape[0]
+    out = np.empty((len(indices),) + layout.shape[1:], layout.dtype)
+    if len(indices) == 0:
+        return out
+    chunk_of = indices // cr
+    needed = np.unique(chunk_of)
+    blocks: dict[int, np.ndarray] = {}
+    missing = []
+    for cid in needed.tolist():
+        block = chunk_cache.get((layout.token, cid))
+        if block is None:
+            missing.append(cid)
+        else:
+            blocks[cid] = block
+    stats.add(cache_hits=len(blocks))
+
+    def load(run: tuple[int, int]) -> list[tuple[int, np.ndarray]]:
+        first, stop = run
+        slab = layout.reader.read(first * cr, min(stop * cr, n))
+        return [(cid, slab[(cid - first) * cr:(cid - first + 1) * cr]) for cid in range(first, stop)]
+
+    runs = _runs(np.asarray(missing, dtype=np.int64))
+    if len(runs) > 1 and layout.reader.concurrent:
+        with ThreadPoolExecutor(max_workers=min(16, len(runs))) as pool:
+            loaded = [item for part in pool.map(load, runs) for item in part]
+    else:
+        loaded = [item for run in runs for item in load(run)]
+    for cid, block in loaded:
+        block = np.ascontiguousarray(block)
+        blocks[cid] = block
+        chunk_cache.put((layout.token, cid), block)
+    stats.add(requests=len(runs), nbytes=sum(b.nbytes for _, b in loaded), chunks_decoded=len(loaded))
+
+    if len(needed) == 1:
+        cid = int(needed[0])
+        return blocks[cid][indices - cid * cr]
+    order = np.argsort(chunk_of, kind="stable")
+    sorted_chunks = chunk_of[order]
+    bounds = np.flatnonzero(np.diff(sorted_chunks)) + 1
+    for part in np.split(order, bounds):
+        cid = int(chunk_of[part[0]])
+        out[part] = blocks[cid][indices[part] - cid * cr]
+    return out

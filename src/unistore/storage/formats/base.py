@@ -1,0 +1,271 @@
+"""Layer 2: the small interface every format implements.
+
+A format *reads* by returning an :class:`OpenedStore` - the arrays it holds,
+each described by an :class:`ArrayInfo` whose ``layout`` tells the read engine
+where the rows are - and *writes* through a :class:`FormatWriter` into a local
+staging path that :mod:`unistore.storage.store` commits atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+from unistore.errors import UnsupportedError
+from unistore.storage.layout import Layout
+from unistore.storage.location import Location
+
+__all__ = [
+    "ArrayInfo",
+    "RaggedInfo",
+    "OpenedStore",
+    "Format",
+    "FormatWriter",
+    "META_NAME",
+    "META_KEY",
+    "dumps_meta",
+    "loads_meta",
+    "bfloat16",
+    "dtype_name",
+]
+
+#: Store-level metadata file of directory formats (written last on commit).
+META_NAME = "unistore.json"
+#: Attribute / metadata entry holding the same JSON inside single-file formats.
+META_KEY = "unistore"
+
+
+def _bfloat16() -> np.dtype[Any] | None:
+    try:
+        import ml_dtypes
+    except ImportError:  # pragma: no cover - ml_dtypes is a core dependency
+        return None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+bfloat16 = _bfloat16()
+
+
+def dtype_name(dtype: np.dtype[Any]) -> str:
+    """A portable name for a dtype: ``float32``, ``bfloat16``, ``int64`` ..."""
+    return "bfloat16" if bfloat16 is not None and dtype == bfloat16 else np.dtype(dtype).name
+
+
+@dataclass
+class ArrayInfo:
+    """What a format knows about one array, without reading its data."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+    layout: Layout
+    chunks: tuple[int, ...] | None = None
+    compression: str | None = None
+    attrs: dict[str, Any] = field(default_factory=dict)
+    stored_nbytes: int | None = None
+
+
+@dataclass
+class RaggedInfo:
+    """A ragged array: row ``i`` is ``values[offsets[i]:offsets[i+1]]``."""
+
+    key: str
+    values: ArrayInfo
+    offsets: ArrayInfo
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OpenedStore:
+    """A format's view of a store: its arrays and store-level metadata."""
+
+    format: str
+    arrays: dict[str, ArrayInfo | RaggedInfo]
+    attrs: dict[str, Any] = field(default_factory=dict)
+    checksums: dict[str, str] = field(default_factory=dict)
+
+
+def dumps_meta(fmt: str, attrs: dict[str, Any], checksums: dict[str, str], ragged: list[str],
+               array_attrs: dict[str, dict[str, Any]]) -> str:
+    """The store metadata JSON unistore writes into every store."""
+    return json.dumps({"format": fmt, "version": 1, "attrs": attrs, "checksums": checksums, "ragged": ragged,
+                       "array_attrs": array_attrs}, sort_keys=True)
+
+
+def loads_meta(text: str | bytes | None) -> dict[str, Any]:
+    if not text:
+        return {}
+    from unistore.errors import CorruptDataError
+
+    try:
+        meta = json.loads(text)
+    except ValueError as e:
+        raise CorruptDataError(f"unistore metadata is not valid JSON ({e})") from e
+    if not isinstance(meta, dict):
+        raise CorruptDataError("unistore metadata is not a JSON object")
+    return meta
+
+
+class FormatWriter(ABC):
+    """Writes arrays into a *local* staging path; commit happens elsewhere.
+
+    Ragged arrays default to two plain arrays ``key/values`` and
+    ``key/offsets`` listed in the store metadata; formats with a native ragged
+    type override :meth:`write_ragged`.
+    """
+
+    def __init__(self, path: str, fmt: Format):
+        self.path = path
+        self.format = fmt
+        self.ragged: list[str] = []
+        self.array_attrs: dict[str, dict[str, Any]] = {}
+
+    def keep_attrs(self, key: str, attrs: dict[str, Any]) -> None:
+        """Remember array attrs for formats that keep them in the store metadata."""
+        if attrs:
+            self.array_attrs[key] = dict(attrs)
+
+    def meta_json(self, attrs: dict[str, Any], checksums: dict[str, str]) -> str:
+        return dumps_meta(self.format.name, attrs, checksums, self.ragged, self.array_attrs)
+
+    @abstractmethod
+    def write_array(self, key: str, data: np.ndarray, chunks: tuple[int, ...] | None,
+                    compression: str | None, attrs: dict[str, Any]) -> None:
+        """Write one dense array under ``key`` (validated by the caller)."""
+
+    def write_ragged(self, key: str, values: np.ndarray, offsets: np.ndarray, attrs: dict[str, Any]) -> None:
+        self.write_array(f"{key}/values", values, None, None, attrs)
+        self.write_array(f"{key}/offsets", offsets, None, None, {})
+        self.ragged.append(key)
+
+    @abstractmethod
+    def finish(self, attrs: dict[str, Any], checksums: dict[str, str]) -> list[str]:
+        """Write store metadata; return staged paths relative to ``self.path``
+        that must be published *last* (the root metadata)."""
+
+    def check_compression(self, compression: str | None) -> None:
+        if compression and compression not in self.format.compressions:
+            have = ", ".join(self.format.compressions) or "none"
+            raise UnsupportedError(
+                f"format {self.format.name!r} does not support compression {compression!r} "
+                f"(supported: {have}); use format='zarr' or 'hdf5' for compressed arrays"
+            )
+
+
+class Format(ABC):
+    """One storage format.  Capabilities are plain class attributes."""
+
+    name: ClassVar[str]
+    #: True when a store is a single file (hdf5, safetensors, .pt dict), False for directories.
+    single_file: ClassVar[bool]
+    #: File extensions this format claims, for sniffing and for directory members.
+    extensions: ClassVar[tuple[str, ...]] = ()
+    #: Compression codecs ``write_array`` accepts.
+    compressions: ClassVar[tuple[str, ...]] = ()
+    #: Whether chunked writes are meaningful.
+    supports_chunks: ClassVar[bool] = False
+
+    @classmethod
+    def sniff_file(cls, head: bytes, name: str) -> bool:
+        """True if a file starting with ``head`` is this format (magic first)."""
+        return False
+
+    @classmethod
+    def sniff_dir(cls, names: list[str]) -> bool:
+        """True if a directory holding ``names`` (basenames) is this format."""
+        return False
+
+    @abstractmethod
+    def open(self, location: Location, **options: Any) -> OpenedStore:
+        """List the arrays at ``location``: metadata reads only, never the data."""
+
+    @abstractmethod
+    def writer(self, path: str, **options: Any) -> FormatWriter:
+        """A writer that stages a new store at the local ``path``."""
+
+
+def group_ragged(arrays: dict[str, ArrayInfo | RaggedInfo], ragged: list[str]) -> dict[str, ArrayInfo | RaggedInfo]:
+    """Fold ``key/values`` + ``key/offsets`` pairs listed in ``ragged`` into :class:`RaggedInfo`."""
+    for key in ragged:
+        values, offsets = arrays.pop(f"{key}/values", None), arrays.pop(f"{key}/offsets", None)
+        if isinstance(values, ArrayInfo) and isinstance(offsets, ArrayInfo):
+            arrays[key] = RaggedInfo(key, values, offsets, dict(values.attrs))
+    return arrays
+
+
+def apply_meta(opened: OpenedStore, meta: dict[str, Any]) -> OpenedStore:
+    """Fill store attrs, checksums, array attrs and ragged pairs from unistore metadata."""
+    opened.attrs.update(meta.get("attrs", {}))
+    opened.checksums.update(meta.get("checksums", {}))
+    for key, attrs in dict(meta.get("array_attrs", {})).items():
+        info = opened.arrays.get(key)
+        if info is not None:
+            info.attrs.update(attrs)
+    group_ragged(opened.arrays, list(meta.get("ragged", [])))
+    return opened
+
+
+def list_members(location: Location, extension: str) -> dict[str, tuple[str, int]]:
+    """Files below a directory store ending in ``extension``: key -> (path, size).
+
+    Keys are relative paths without the extension; hidden and staging entries are skipped.
+    """
+    from unistore.storage.location import retry_remote
+
+    fs = location.fs
+    found = retry_remote(lambda: fs.find(location.path, detail=True), location)
+    root = location.path.rstrip("/") + "/"
+    members: dict[str, tuple[str, int]] = {}
+    for path, info in sorted(found.items()):
+        rel = path[len(root):] if path.startswith(root) else path.rsplit("/", 1)[-1]
+        if not rel.endswith(extension) or any(part.startswith(".") for part in rel.split("/")):
+            continue
+        members[rel[: -len(extension)]] = (path, int(info.get("size") or 0))
+    return members
+
+
+def read_dir_meta(location: Location) -> dict[str, Any]:
+    """The ``unistore.json`` of a directory store, or ``{}`` for foreign directories."""
+    from unistore.errors import IncompleteStoreError
+    from unistore.storage.location import retry_remote
+
+    fs = location.fs
+    pending = f"{location.path.rstrip('/')}/.unistore-pending"
+    try:
+        raw = retry_remote(lambda: fs.cat_file(f"{location.path.rstrip('/')}/{META_NAME}"), location)
+    except FileNotFoundError:
+        raw = None
+    if raw is None and retry_remote(lambda: fs.exists(pending), location):
+        raise IncompleteStoreError(
+            f"{location.url} is still being written or its writer died before committing; "
+            "wait for the writer, or delete it and write it again"
+        )
+    return loads_meta(raw)
+
+
+def head_bytes(location: Location, paths: list[str], nbytes: int) -> list[bytes]:
+    """The first ``nbytes`` of several files, fetched concurrently."""
+    from unistore.storage.location import retry_remote
+
+    if not paths:
+        return []
+    if location.is_local:
+        out = []
+        for p in paths:
+            with open(p, "rb") as f:
+                out.append(f.read(nbytes))
+        return out
+    fs = location.fs
+    return list(retry_remote(lambda: fs.cat_ranges(paths, [0] * len(paths), [nbytes] * len(paths)), location))
+
+
+def file_location(location: Location, path: str) -> Location:
+    """A :class:`Location` for one member file of a directory store."""
+    loc = Location.__new__(Location)
+    url = path if location.protocol == "file" else f"{location.protocol}://{path}"
+    loc.__setstate__((url, location.protocol, path, location.storage_options))
+    return loc

@@ -1,0 +1,107 @@
+"""Read plans as data: how an array's rows can be found.
+
+A format describes each array with one of these frozen records; the read
+engine (:mod:`unistore.storage.engine`) dispatches on their type.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from unistore.storage.location import Location
+
+__all__ = ["ContiguousLayout", "ChunkedLayout", "InMemoryLayout", "BlockReader", "IOStats", "Layout"]
+
+
+@dataclass(frozen=True, slots=True)
+class ContiguousLayout:
+    """Rows stored uncompressed, C-ordered, starting at ``offset`` of one file.
+
+    This is what ``.npy``, raw memmap dumps, safetensors, ``.pt`` zip entries
+    and HDF5 contiguous datasets all are; the engine reads them with ``mmap``
+    locally and with merged concurrent range requests remotely.
+    """
+
+    location: Location
+    offset: int
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+
+    @property
+    def row_nbytes(self) -> int:
+        return int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+
+
+@runtime_checkable
+class BlockReader(Protocol):
+    """Reads decoded rows ``[start, stop)`` of a chunked array (format-specific).
+
+    Implementations must be picklable and (re)open their handles lazily.
+    ``concurrent`` says whether several blocks may be read from threads at once.
+    """
+
+    concurrent: bool
+
+    def read(self, start: int, stop: int) -> np.ndarray: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkedLayout:
+    """Rows live in chunks of ``chunk_rows`` rows that must be decoded whole."""
+
+    reader: BlockReader
+    shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+    chunk_rows: int
+    token: str  # identifies the array in the decoded-chunk cache
+
+
+@dataclass(frozen=True, slots=True)
+class InMemoryLayout:
+    """Small arrays a format had to decode entirely (offsets, legacy pickles)."""
+
+    data: np.ndarray
+
+
+Layout = ContiguousLayout | ChunkedLayout | InMemoryLayout
+
+
+@dataclass
+class IOStats:
+    """Counters for every read of a store (``TensorStore.io_stats()``).
+
+    ``requests``/``bytes``: storage reads issued and bytes they returned
+    (range requests remotely; for local ``mmap`` reads, rows copied).
+    ``cache_hits``: decoded chunks served from the chunk cache.
+    """
+
+    requests: int = 0
+    bytes: int = 0
+    cache_hits: int = 0
+    chunks_decoded: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, requests: int = 0, nbytes: int = 0, cache_hits: int = 0, chunks_decoded: int = 0) -> None:
+        with self._lock:
+            self.requests += requests
+            self.bytes += nbytes
+            self.cache_hits += cache_hits
+            self.chunks_decoded += chunks_decoded
+
+    def as_dict(self) -> dict[str, int]:
+        return {"requests": self.requests, "bytes": self.bytes, "cache_hits": self.cache_hits,
+                "chunks_decoded": self.chunks_decoded}
+
+    def reset(self) -> None:
+        with self._lock:
+            self.requests = self.bytes = self.cache_hits = self.chunks_decoded = 0
+
+    def __getstate__(self) -> dict[str, int]:
+        return {}  # counters are per process
+
+    def __setstate__(self, state: dict[str, int]) -> None:
+        self.__init__()  # type: ignore[misc]

@@ -1,0 +1,250 @@
+"""Layer 1: ``(url, storage_options)`` -> an fsspec filesystem and a path.
+
+A :class:`Location` is cheap, picklable and secret-free in every text form.
+The filesystem object is built lazily in each process (so forked or spawned
+DataLoader workers never share an event loop or socket with their parent).
+Local paths are recognised so the read engine can ``mmap`` real files.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+from unistore.errors import InvalidKeyError, RemoteError
+
+__all__ = ["Location", "validate_key", "join_key", "retry_remote", "RetryPolicy"]
+
+T = TypeVar("T")
+
+_SECRET_HINTS = ("secret", "token", "password", "key", "credential", "session")
+
+
+def validate_key(key: str) -> str:
+    """Return ``key`` if it is a safe relative store key, else raise.
+
+    Keys use ``/`` as separator.  Rejected: empty keys or components, ``.`` and
+    ``..`` components, absolute paths, NUL bytes and backslashes, so a key can
+    never address anything outside its store.
+
+    Raises:
+        InvalidKeyError: naming the key and what is wrong with it.
+    """
+    if not isinstance(key, str):
+        raise InvalidKeyError(f"array keys are strings, got {type(key).__name__} {key!r}")
+    problem = None
+    if not key:
+        problem = "it is empty"
+    elif "\x00" in key:
+        problem = "it contains a NUL byte"
+    elif "\\" in key:
+        problem = "it contains a backslash; use '/' to separate groups"
+    elif key.startswith("/") or (len(key) > 1 and key[1] == ":"):
+        problem = "it is an absolute path"
+    else:
+        parts = key.split("/")
+        if any(p in ("", ".", "..") for p in parts):
+            problem = "it has an empty, '.' or '..' component"
+        elif any(p.startswith(".unistore") or p == "unistore.json" for p in parts):
+            problem = "names starting with '.unistore' and 'unistore.json' are reserved"
+    if problem:
+        raise InvalidKeyError(f"invalid array key {key!r}: {problem}")
+    return key
+
+
+def join_key(root: str, key: str) -> str:
+    """Join a validated key under ``root`` (posix separators)."""
+    return posixpath.join(root, validate_key(key)) if root else validate_key(key)
+
+
+class Location:
+    """Where a store lives: a URL plus fsspec ``storage_options``.
+
+    >>> loc = Location("s3://bucket/run1.zarr", {"key": "AKIA...", "secret": "..."})
+    >>> loc
+    Location('s3://bucket/run1.zarr', storage_options=<2 keys hidden>)
+    """
+
+    __slots__ = ("url", "protocol", "path", "_options", "_fs", "_pid")
+
+    def __init__(self, url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None):
+        import fsspec.core
+
+        url = os.fspath(url)
+        if "\x00" in url:
+            raise InvalidKeyError("store URL contains a NUL byte")
+        protocol, path = fsspec.core.split_protocol(url)
+        self.protocol: str = protocol or "file"
+        if self.protocol in ("file", "local"):
+            self.protocol = "file"
+            path = os.path.abspath(os.path.expanduser(path))
+        else:
+            try:
+                path = fsspec.get_filesystem_class(self.protocol)._strip_protocol(url)
+            except (ImportError, ValueError):
+                path = path.rstrip("/")
+        self.url = url if protocol else path
+        self.path: str = path
+        self._options: dict[str, Any] = dict(storage_options or {})
+        self._fs: Any = None
+        self._pid = -1
+
+    # -- pickling: secrets travel with the object (workers need them), handles do not
+    def __getstate__(self) -> tuple[str, str, str, dict[str, Any]]:
+        return (self.url, self.protocol, self.path, self._options)
+
+    def __setstate__(self, state: tuple[str, str, str, dict[str, Any]]) -> None:
+        self.url, self.protocol, self.path, self._options = state
+        self._fs = None
+        self._pid = -1
+
+    def __repr__(self) -> str:
+        hidden = f", storage_options=<{len(self._options)} keys hidden>" if self._options else ""
+        return f"Location({self.url!r}{hidden})"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Location) and (self.protocol, self.path, self._options) == (
+            other.protocol,
+            other.path,
+            other._options,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.protocol, self.path))
+
+    @property
+    def storage_options(self) -> dict[str, Any]:
+        """The options passed to fsspec (contains secrets: never print it)."""
+        return self._options
+
+    @property
+    def safe_options(self) -> dict[str, Any]:
+        """``storage_options`` with every secret-looking value replaced by ``'***'``."""
+        return {k: ("***" if any(h in k.lower() for h in _SECRET_HINTS) else v) for k, v in self._options.items()}
+
+    @property
+    def is_local(self) -> bool:
+        """True for real files on this machine (the engine may ``mmap`` them)."""
+        return self.protocol == "file"
+
+    @property
+    def fs(self) -> Any:
+        """The fsspec filesystem, created on first use in each process."""
+        if self._fs is None or self._pid != os.getpid():
+            import fsspec
+
+            try:
+                self._fs = fsspec.filesystem(self.protocol, **self._options)
+            except ImportError as e:
+                from unistore.errors import MissingDependencyError
+
+                hint = "pip install 'unistore[s3]'" if self.protocol in ("s3", "s3a") else "install its fsspec backend"
+                raise MissingDependencyError(
+                    f"the {self.protocol}:// filesystem is not installed ({e}); {hint}"
+                ) from e
+            self._pid = os.getpid()
+        return self._fs
+
+    def child(self, key: str) -> Location:
+        """The location of ``key`` below this one (key validated)."""
+        loc = Location.__new__(Location)
+        loc.__setstate__((self._join_url(key), self.protocol, join_key(self.path, key), self._options))
+        return loc
+
+    def sibling(self, name: str) -> Location:
+        """A location beside this one in the same directory or prefix."""
+        parent = posixpath.dirname(self.path.rstrip("/"))
+        loc = Location.__new__(Location)
+        url_parent = self.url.rstrip("/").rsplit("/", 1)[0]
+        loc.__setstate__((f"{url_parent}/{name}", self.protocol, posixpath.join(parent, name), self._options))
+        return loc
+
+    def _join_url(self, key: str) -> str:
+        return f"{self.url.rstrip('/')}/{validate_key(key)}"
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.path.rstrip("/"))
+
+    def exists(self) -> bool:
+        return bool(retry_remote(lambda: self.fs.exists(self.path), self))
+
+    def isdir(self) -> bool:
+        return bool(retry_remote(lambda: self.fs.isdir(self.path), self))
+
+
+class RetryPolicy:
+    """How hard remote reads try before giving up.
+
+    ``attempts`` tries in total, exponential backoff from ``base_delay`` seconds,
+    and never longer than ``deadline`` seconds overall.  The defaults mean a
+    persistent failure is raised as :class:`RemoteError` within about 30 s.
+    Tune with ``UNISTORE_RETRY_ATTEMPTS`` / ``UNISTORE_RETRY_DEADLINE``.
+    """
+
+    def __init__(self, attempts: int | None = None, deadline: float | None = None, base_delay: float = 0.1):
+        self.attempts = attempts or int(os.environ.get("UNISTORE_RETRY_ATTEMPTS", "6"))
+        self.deadline = deadline or float(os.environ.get("UNISTORE_RETRY_DEADLINE", "30"))
+        self.base_delay = base_delay
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError, ShortReadError)):
+        return True
+    text = f"{type(exc).__name__} {exc}"
+    markers = ("SlowDown", "503", "500", "502", "504", "InternalError", "ServiceUnavailable", "Throttl",
+               "ConnectionReset", "Connection reset", "EndpointConnectionError", "ReadTimeout",
+               "IncompleteRead", "ResponseStreamingError", "ClientPayloadError", "ServerDisconnected")
+    return any(m in text for m in markers) or (isinstance(exc, OSError) and exc.errno is None)
+
+
+class ShortReadError(OSError):
+    """A ranged read returned fewer bytes than asked (retried, never returned)."""
+
+
+def retry_remote(fn: Callable[[], T], where: Location, policy: RetryPolicy | None = None) -> T:
+    """Call ``fn`` with bounded retries for transient remote failures.
+
+    Local locations call ``fn`` once.  Non-transient errors (missing object,
+    permission denied) propagate at once.
+
+    Raises:
+        RemoteError: the failure persisted past the policy's attempts or deadline.
+    """
+    if where.is_local:
+        return fn()
+    policy = policy or RetryPolicy()
+    start = time.monotonic()
+    delay = policy.base_delay
+    for attempt in range(1, policy.attempts + 1):
+        try:
+            return fn()
+        except Exception as e:
+            if not _is_transient(e):
+                raise
+            elapsed = time.monotonic() - start
+            if attempt == policy.attempts or elapsed + delay > policy.deadline:
+                raise RemoteError(
+                    f"reading {where.url} failed {attempt} times in {elapsed:.1f}s "
+                    f"(last error: {type(e).__name__}: {_scrub(str(e), where)}); check that the "
+                    "endpoint is reachable and the credentials are valid, or raise "
+                    "UNISTORE_RETRY_ATTEMPTS / UNISTORE_RETRY_DEADLINE"
+                ) from e
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+    raise AssertionError("unreachable")
+
+
+def _scrub(text: str, where: Location) -> str:
+    """Remove any storage-option secret that a library echoed into ``text``."""
+    for k, v in where.storage_options.items():
+        if isinstance(v, str) and len(v) >= 4 and any(h in k.lower() for h in _SECRET_HINTS):
+            text = text.replace(v, "***")
+    return text

@@ -1,0 +1,421 @@
+"""Layer 4: :class:`TensorStore`, ``open_store`` and ``create_store``.
+
+Writes are staged in a temporary local path and published atomically on
+``commit()``: by ``os.replace`` on local disk, and on object stores by
+uploading the data first and the root metadata last, so a reader sees either
+no store or a complete one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from unistore.errors import (
+    ArrayNotFoundError,
+    ChecksumMismatchError,
+    ReadOnlyError,
+    ShapeMismatchError,
+    StoreExistsError,
+    StoreNotFoundError,
+    UnistoreError,
+)
+from unistore.storage.array import Array, RaggedArray
+from unistore.storage.formats import detect_format, get_format
+from unistore.storage.formats.base import ArrayInfo, FormatWriter, OpenedStore, RaggedInfo, bfloat16
+from unistore.storage.layout import IOStats
+from unistore.storage.location import Location, retry_remote, validate_key
+
+__all__ = ["TensorStore", "open_store", "create_store", "as_ragged", "checksum_of"]
+
+log = logging.getLogger("unistore")
+PENDING_MARKER = ".unistore-pending"
+_ALLOWED_KINDS = "biufc"
+
+
+def checksum_of(parts: Sequence[np.ndarray]) -> str:
+    """``sha256:<hex>`` of the C-ordered bytes of ``parts`` (values then offsets for ragged)."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(memoryview(np.ascontiguousarray(p)).cast("B"))
+    return "sha256:" + h.hexdigest()
+
+
+def _check_dtype(key: str, data: np.ndarray) -> None:
+    if data.dtype.kind not in _ALLOWED_KINDS and not (bfloat16 is not None and data.dtype == bfloat16):
+        raise ShapeMismatchError(
+            f"array {key!r} has dtype {data.dtype}; unistore stores numeric and bool arrays only "
+            "(object and string arrays would need pickle)"
+        )
+
+
+def as_ragged(rows: Sequence[Sequence[Any]] | RaggedArray, dtype: Any = None) -> tuple[np.ndarray, np.ndarray]:
+    """``(values, offsets)`` of a list of lists (row i = values[offsets[i]:offsets[i+1]])."""
+    if isinstance(rows, RaggedArray):
+        return rows.values.read(), rows.offsets
+    arrays = [np.asarray(r, dtype=dtype) for r in rows]
+    lengths = np.fromiter((a.size for a in arrays), dtype=np.int64, count=len(arrays))
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    if arrays:
+        values = np.concatenate([a.reshape(-1) for a in arrays])
+    else:
+        values = np.empty(0, dtype=dtype or np.int64)
+    if values.dtype.kind == "f" and dtype is None and all(a.dtype.kind in "iu" for a in arrays if a.size):
+        values = values.astype(np.int64)
+    return values, offsets
+
+
+def _is_ragged_input(data: Any) -> bool:
+    if isinstance(data, RaggedArray):
+        return True
+    if isinstance(data, (list, tuple)) and data and all(isinstance(r, (list, tuple, np.ndarray)) for r in data):
+        lengths = {len(r) for r in data}
+        return len(lengths) > 1
+    return False
+
+
+class TensorStore:
+    """A named collection of arrays plus attrs, in any supported format.
+
+    Open one with :func:`open_store` (reading) or :func:`create_store`
+    (writing).  Stores are picklable: a copy in another process reopens its
+    files lazily, so DataLoader workers can share one.
+
+    >>> with unistore.open_store("data/run1.zarr") as store:
+    ...     rows = store["embeddings"].take([3, 1, 3])
+    """
+
+    def __init__(self, location: Location, format: str, mode: str, opened: OpenedStore | None = None,
+                 writer: FormatWriter | None = None, staging: str | None = None, overwrite: bool = False):
+        self.location = location
+        self.format = format
+        self.mode = mode
+        self._opened = opened or OpenedStore(format, {})
+        self._writer = writer
+        self._staging = staging
+        self._overwrite = overwrite
+        self._stats = IOStats()
+        self._closed = False
+        self._written: dict[str, ArrayInfo | RaggedInfo] = {}
+        self._attrs: dict[str, Any] = dict(self._opened.attrs)
+
+    # ------------------------------------------------------------- reading
+    def keys(self) -> list[str]:
+        """Sorted array keys (``a/b`` for nested groups)."""
+        return sorted(self._opened.arrays)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self._opened.arrays)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._opened.arrays
+
+    def __getitem__(self, key: str) -> Array | RaggedArray:
+        """The lazy array stored under ``key``.
+
+        Raises:
+            ArrayNotFoundError: no such array (the message lists a few that exist).
+        """
+        info = self._opened.arrays.get(key)
+        if info is None:
+            if self.mode == "r":
+                validate_key(key)
+            some = ", ".join(self.keys()[:8]) or "none"
+            raise ArrayNotFoundError(f"no array {key!r} in {self.location.url}; arrays here: {some}")
+        if isinstance(info, RaggedInfo):
+            return RaggedArray(info, self.format, self._stats)
+        return Array(info, self.format, self._stats)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self else default
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """Store-level attributes (JSON-serialisable; writable before commit)."""
+        return self._attrs
+
+    @property
+    def checksums(self) -> dict[str, str]:
+        """Checksums recorded when the store was written (empty for foreign stores)."""
+        return dict(self._opened.checksums)
+
+    def io_stats(self) -> dict[str, int]:
+        """Reads issued by this store in this process: requests, bytes, cache hits."""
+        return self._stats.as_dict()
+
+    def reset_io_stats(self) -> None:
+        self._stats.reset()
+
+    def verify(self, block_rows: int | None = None) -> dict[str, str]:
+        """Recompute each recorded checksum; returns ``{key: "ok" | "no checksum"}``.
+
+        Raises:
+            ChecksumMismatchError: naming the first array whose bytes changed.
+        """
+        report = {}
+        for key in self.keys():
+            expected = self._opened.checksums.get(key)
+            if expected is None:
+                report[key] = "no checksum"
+                continue
+            arr = self[key]
+            if isinstance(arr, RaggedArray):
+                got = checksum_of([arr.values.read(), arr.offsets])
+            else:
+                got = _stream_checksum(arr, block_rows)
+            if got != expected:
+                raise ChecksumMismatchError(
+                    f"array {key!r} in {self.location.url} does not match its stored checksum "
+                    f"({expected[:20]}... vs {got[:20]}...); the data is corrupt - restore it from a copy"
+                )
+            report[key] = "ok"
+        return report
+
+    def __repr__(self) -> str:
+        return f"<unistore.TensorStore {self.location!r} format={self.format} mode={self.mode} arrays={len(self)}>"
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self.mode != "r":
+            raise UnistoreError("a store open for writing cannot be pickled; commit it and open it for reading")
+        return {"location": self.location, "format": self.format, "opened": self._opened, "attrs": self._attrs}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["location"], state["format"], "r", state["opened"])  # type: ignore[misc]
+        self._attrs = state["attrs"]
+
+    def __enter__(self) -> TensorStore:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None and self.mode != "r":
+            self.abort()
+        else:
+            self.close()
+
+    # ------------------------------------------------------------- writing
+    def _require_writable(self) -> FormatWriter:
+        if self.mode == "r" or self._writer is None:
+            raise ReadOnlyError(f"{self.location.url} is open read-only; use unistore.create_store to write")
+        if self._closed:
+            raise ReadOnlyError(f"{self.location.url} was already committed; open it again to read")
+        return self._writer
+
+    def write_array(self, key: str, data: Any, chunks: Sequence[int] | None = None,
+                    compression: str | None = None, attrs: Mapping[str, Any] | None = None) -> None:
+        """Stage ``data`` under ``key``; nothing is visible until :meth:`commit`.
+
+        ``data`` may be an ndarray, a torch tensor, anything ``np.asarray``
+        accepts, or a list of lists of different lengths (stored ragged).
+
+        Raises:
+            ReadOnlyError: the store was opened for reading.
+            InvalidKeyError: unsafe key.
+            ShapeMismatchError: object/string data.
+            UnsupportedError: compression the format cannot do.
+        """
+        writer = self._require_writable()
+        validate_key(key)
+        if key in self._written:
+            raise StoreExistsError(f"array {key!r} was already written to this store")
+        attrs = dict(attrs or {})
+        if _is_ragged_input(data):
+            values, offsets = as_ragged(data)
+            _check_dtype(key, values)
+            writer.write_ragged(key, values, offsets, attrs)
+            self._checksums[key] = checksum_of([values, offsets])
+            self._written[key] = RaggedInfo(key, _stub(f"{key}/values", values), _stub(f"{key}/offsets", offsets))
+            return
+        arr = _to_numpy(data)
+        _check_dtype(key, arr)
+        writer.write_array(key, arr, tuple(int(c) for c in chunks) if chunks else None, compression, attrs)
+        self._checksums[key] = checksum_of([arr])
+        self._written[key] = _stub(key, arr)
+
+    @property
+    def _checksums(self) -> dict[str, str]:
+        return self._opened.checksums
+
+    def commit(self) -> None:
+        """Publish every staged array atomically (idempotent)."""
+        if self.mode == "r" or self._closed:
+            return
+        writer = self._require_writable()
+        last = writer.finish(self._attrs, self._opened.checksums)
+        _publish(self._staging or writer.path, self.location, last, get_format(self.format).single_file,
+                 self._overwrite)
+        self._closed = True
+        self._cleanup()
+
+    def abort(self) -> None:
+        """Discard everything staged; the destination is left as it was."""
+        if self.mode != "r" and not self._closed:
+            self._closed = True
+            self._cleanup()
+
+    def _cleanup(self) -> None:
+        root = self._staging_root
+        if root and os.path.exists(root):
+            shutil.rmtree(root, ignore_errors=True)
+
+    @property
+    def _staging_root(self) -> str | None:
+        return getattr(self, "_staging_dir", None)
+
+    def close(self) -> None:
+        """Commit a store open for writing; release nothing else (handles are per process)."""
+        if self.mode != "r":
+            self.commit()
+        self._closed = True
+
+    def __del__(self) -> None:
+        if getattr(self, "mode", "r") != "r" and not getattr(self, "_closed", True):
+            self.abort()
+
+
+def _stub(key: str, arr: np.ndarray) -> ArrayInfo:
+    from unistore.storage.layout import InMemoryLayout
+
+    return ArrayInfo(key, tuple(arr.shape), arr.dtype, InMemoryLayout(np.empty((0,) + arr.shape[1:], arr.dtype)))
+
+
+def _to_numpy(data: Any) -> np.ndarray:
+    if type(data).__module__.startswith("torch"):
+        import torch
+
+        t = data.detach().cpu().contiguous()
+        if t.dtype == torch.bfloat16 and bfloat16 is not None:
+            return t.view(torch.int16).numpy().view(bfloat16)
+        return np.asarray(t.numpy())
+    if isinstance(data, (Array, RaggedArray)):
+        return data.read() if isinstance(data, Array) else np.asarray(data.read())
+    return np.asarray(data)
+
+
+def _stream_checksum(arr: Array, block_rows: int | None) -> str:
+    h = hashlib.sha256()
+    if not arr.shape:
+        h.update(memoryview(np.ascontiguousarray(arr.read())).cast("B"))
+        return "sha256:" + h.hexdigest()
+    row = max(1, arr.nbytes // max(arr.shape[0], 1))
+    step = block_rows or max(1, (64 << 20) // row)
+    for start in range(0, arr.shape[0], step):
+        block = np.ascontiguousarray(arr[start:start + step])
+        h.update(memoryview(block).cast("B") if block.size else b"")
+    return "sha256:" + h.hexdigest()
+
+
+# ------------------------------------------------------------------- open
+def open_store(url: str | os.PathLike[str], mode: str = "r", format: str = "auto",
+               storage_options: Mapping[str, Any] | None = None, **format_options: Any) -> TensorStore:
+    """Open the store at ``url`` for reading.  Reads metadata only.
+
+    ``format="auto"`` sniffs magic bytes, then names.  ``format_options`` go to
+    the format, e.g. ``raw={"base_embeddings": ((-1, 384), "float32")}`` for
+    headerless memmap dumps in an ``npy`` directory.
+
+    Raises:
+        StoreNotFoundError: nothing at ``url``.
+        UnknownFormatError: the format could not be detected.
+        FormatError / TruncatedDataError / UnsafePickleError: bad files.
+        IncompleteStoreError: a writer has not committed the store yet.
+    """
+    if mode != "r":
+        raise ValueError(f"open_store supports mode='r' only, got {mode!r}; use create_store to write")
+    location = url if isinstance(url, Location) else Location(url, storage_options)
+    if format == "auto":
+        format = detect_format(location)
+    elif not location.exists():
+        raise StoreNotFoundError(f"no store at {location.url}: the path does not exist")
+    fmt = get_format(format)
+    opened = fmt.open(location, **format_options)
+    return TensorStore(location, fmt.name, "r", opened)
+
+
+def create_store(url: str | os.PathLike[str], format: str, storage_options: Mapping[str, Any] | None = None,
+                 overwrite: bool = False, **writer_options: Any) -> TensorStore:
+    """A new, empty store at ``url`` for writing; published on ``commit()``/``close()``.
+
+    Raises:
+        StoreExistsError: ``url`` exists and ``overwrite`` is false.
+        UnknownFormatError / MissingDependencyError: bad or uninstalled format.
+    """
+    location = url if isinstance(url, Location) else Location(url, storage_options)
+    fmt = get_format(format)
+    if not overwrite and location.exists():
+        raise StoreExistsError(f"{location.url} already exists; pass overwrite=True to replace it")
+    token = uuid.uuid4().hex[:12]
+    if location.is_local:
+        parent = os.path.dirname(location.path) or "."
+        os.makedirs(parent, exist_ok=True)
+        staging_dir = os.path.join(parent, f".{location.name}.unistore-tmp-{token}")
+    else:
+        staging_dir = tempfile.mkdtemp(prefix="unistore-")
+    os.makedirs(staging_dir, exist_ok=True)
+    staging = os.path.join(staging_dir, location.name or "store")
+    writer = fmt.writer(staging, **writer_options)
+    store = TensorStore(location, fmt.name, "w", None, writer, staging, overwrite)
+    store._staging_dir = staging_dir  # type: ignore[attr-defined]
+    return store
+
+
+def _publish(staging: str, location: Location, last: list[str], single_file: bool, overwrite: bool) -> None:
+    if location.is_local:
+        _publish_local(staging, location.path, overwrite)
+    else:
+        _publish_remote(staging, location, last, single_file, overwrite)
+
+
+def _fsync_tree(path: str) -> None:
+    paths = [path] if os.path.isfile(path) else [os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs]
+    for p in paths:
+        with open(p, "rb") as f:
+            os.fsync(f.fileno())
+
+
+def _publish_local(staging: str, dest: str, overwrite: bool) -> None:
+    _fsync_tree(staging)
+    if os.path.lexists(dest):
+        if not overwrite:
+            raise StoreExistsError(f"{dest} appeared while writing; pass overwrite=True to replace it")
+        if os.path.isdir(dest) and not os.path.islink(dest):
+            trash = f"{dest}.unistore-old-{uuid.uuid4().hex[:8]}"
+            os.replace(dest, trash)
+            os.replace(staging, dest)
+            shutil.rmtree(trash, ignore_errors=True)
+            return
+    os.replace(staging, dest)
+
+
+def _publish_remote(staging: str, location: Location, last: list[str], single_file: bool, overwrite: bool) -> None:
+    fs = location.fs
+    dest = location.path
+    if overwrite and location.exists():
+        retry_remote(lambda: fs.rm(dest, recursive=True), location)
+    if single_file:
+        retry_remote(lambda: fs.put_file(staging, dest), location)
+        return
+    marker = f"{dest}/{PENDING_MARKER}"
+    retry_remote(lambda: fs.pipe_file(marker, b"writing"), location)
+    files = sorted(os.path.relpath(os.path.join(d, f), staging) for d, _, fs_ in os.walk(staging) for f in fs_)
+    first = [f for f in files if f.replace(os.sep, "/") not in last]
+    final = [f for f in files if f.replace(os.sep, "/") in last]
+    for group in (first, final):
+        if not group:
+            continue
+        lpaths = [os.path.join(staging, f) for f in group]
+        rpaths = [f"{dest}/{f.replace(os.sep, '/')}" for f in group]
+        retry_remote(lambda: fs.put(lpaths, rpaths), location)
+    retry_remote(lambda: fs.rm_file(marker), location)
+    fs.invalidate_cache(dest)
