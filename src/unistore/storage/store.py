@@ -45,8 +45,14 @@ def checksum_of(parts: Sequence[np.ndarray]) -> str:
     """``sha256:<hex>`` of the C-ordered bytes of ``parts`` (values then offsets for ragged)."""
     h = hashlib.sha256()
     for p in parts:
-        h.update(memoryview(np.ascontiguousarray(p)).cast("B"))
+        h.update(_bytes_view(p))
     return "sha256:" + h.hexdigest()
+
+
+def _bytes_view(data: np.ndarray) -> memoryview:
+    """The raw bytes of ``data`` (works for extension dtypes such as bfloat16)."""
+    flat = np.ascontiguousarray(data).reshape(-1)
+    return memoryview(flat.view(np.uint8) if flat.size else np.empty(0, np.uint8))
 
 
 def _check_dtype(key: str, data: np.ndarray) -> None:
@@ -253,8 +259,7 @@ class TensorStore:
             return
         writer = self._require_writable()
         last = writer.finish(self._attrs, self._opened.checksums)
-        _publish(self._staging or writer.path, self.location, last, get_format(self.format).single_file,
-                 self._overwrite)
+        _publish(self._staging or writer.path, self.location, last, self._overwrite)
         self._closed = True
         self._cleanup()
 
@@ -306,13 +311,12 @@ def _to_numpy(data: Any) -> np.ndarray:
 def _stream_checksum(arr: Array, block_rows: int | None) -> str:
     h = hashlib.sha256()
     if not arr.shape:
-        h.update(memoryview(np.ascontiguousarray(arr.read())).cast("B"))
+        h.update(_bytes_view(arr.read()))
         return "sha256:" + h.hexdigest()
     row = max(1, arr.nbytes // max(arr.shape[0], 1))
     step = block_rows or max(1, (64 << 20) // row)
     for start in range(0, arr.shape[0], step):
-        block = np.ascontiguousarray(arr[start:start + step])
-        h.update(memoryview(block).cast("B") if block.size else b"")
+        h.update(_bytes_view(arr[start:start + step]))
     return "sha256:" + h.hexdigest()
 
 
@@ -370,11 +374,11 @@ def create_store(url: str | os.PathLike[str], format: str, storage_options: Mapp
     return store
 
 
-def _publish(staging: str, location: Location, last: list[str], single_file: bool, overwrite: bool) -> None:
+def _publish(staging: str, location: Location, last: list[str], overwrite: bool) -> None:
     if location.is_local:
         _publish_local(staging, location.path, overwrite)
     else:
-        _publish_remote(staging, location, last, single_file, overwrite)
+        _publish_remote(staging, location, last, os.path.isfile(staging), overwrite)
 
 
 def _fsync_tree(path: str) -> None:
