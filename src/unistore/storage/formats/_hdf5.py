@@ -1,0 +1,209 @@
+"""``hdf5``: one file; groups become ``a/b`` keys.
+
+Contiguous, unfiltered datasets expose their file offset
+(``Dataset.id.get_offset()``) and are read as a :class:`ContiguousLayout` -
+``mmap`` locally, byte ranges remotely - which is what makes HDF5 as fast as
+a raw memmap.  Chunked and compressed (gzip, lzf) datasets are decoded by
+h5py a run of chunks at a time.  Variable-length integer datasets are ragged
+arrays.  Written with h5py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import uuid
+from typing import Any
+
+import numpy as np
+
+from unistore.errors import CorruptDataError, TruncatedDataError
+from unistore.storage.formats.base import (
+    META_KEY,
+    ArrayInfo,
+    Format,
+    FormatWriter,
+    OpenedStore,
+    RaggedInfo,
+    apply_meta,
+    loads_meta,
+)
+from unistore.storage.layout import ChunkedLayout, ContiguousLayout, InMemoryLayout
+from unistore.storage.location import Location, retry_remote
+
+_LOCK = threading.Lock()  # libhdf5 is not thread-safe across files opened from Python threads
+
+
+def _open_h5(location: Location) -> Any:
+    import h5py
+
+    try:
+        if location.is_local:
+            return h5py.File(location.path, "r")
+        f = location.fs.open(location.path, "rb", block_size=1 << 20, cache_type="readahead")
+        return h5py.File(f, "r")
+    except OSError as e:
+        text = str(e)
+        if "truncated" in text.lower() or "eof" in text.lower():
+            raise TruncatedDataError(f"{location.url} is a truncated HDF5 file ({text}); re-create or re-download it") \
+                from e
+        if "signature" in text.lower() or "not an hdf5" in text.lower() or "unable to open" in text.lower():
+            raise CorruptDataError(f"{location.url} is not a readable HDF5 file ({text})") from e
+        raise
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+class Hdf5BlockReader:
+    """Reads rows of one chunked dataset through h5py; reopens lazily per process."""
+
+    concurrent = False
+
+    def __init__(self, location: Location, name: str):
+        self.location = location
+        self.name = name
+        self._file: Any = None
+        self._pid = -1
+
+    def __getstate__(self) -> tuple[Location, str]:
+        return (self.location, self.name)
+
+    def __setstate__(self, state: tuple[Location, str]) -> None:
+        self.__init__(*state)  # type: ignore[misc]
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        with _LOCK:
+            if self._file is None or self._pid != os.getpid():
+                self._file = retry_remote(lambda: _open_h5(self.location), self.location)
+                self._pid = os.getpid()
+            ds = self._file[self.name]
+            try:
+                return retry_remote(lambda: ds[start:stop], self.location)
+            except OSError as e:
+                raise CorruptDataError(f"{self.location.url}: cannot decode rows {start}:{stop} of "
+                                       f"{self.name!r} ({e}); the file is corrupt") from e
+
+
+class Hdf5Format(Format):
+    name = "hdf5"
+    single_file = True
+    extensions = (".h5", ".hdf5", ".hdf")
+    compressions = ("gzip", "lzf")
+    supports_chunks = True
+
+    def open(self, location: Location, **options: Any) -> OpenedStore:
+        import h5py
+
+        if options:
+            raise TypeError(f"hdf5 stores take no options {sorted(options)}")
+        opened = OpenedStore(self.name, {})
+        size = int(retry_remote(lambda: location.fs.size(location.path), location))
+        with _LOCK:
+            f = retry_remote(lambda: _open_h5(location), location)
+            try:
+                meta = loads_meta(_plain(f.attrs.get(META_KEY)))
+                opened.attrs.update({k: _plain(v) for k, v in f.attrs.items() if k != META_KEY})
+                datasets: list[tuple[str, Any]] = []
+                f.visititems(lambda name, obj: datasets.append((name, obj)) if isinstance(obj, h5py.Dataset) else None)
+                for name, ds in datasets:
+                    info = self._describe(location, name, ds, size)
+                    if info is not None:
+                        opened.arrays[name] = info
+            finally:
+                f.close()
+        return apply_meta(opened, meta)
+
+    def _describe(self, location: Location, name: str, ds: Any, size: int) -> ArrayInfo | RaggedInfo | None:
+        import h5py
+
+        attrs = {k: _plain(v) for k, v in ds.attrs.items()}
+        base = h5py.check_vlen_dtype(ds.dtype)
+        if base is not None:
+            if np.dtype(base).kind not in "biuf":
+                return None  # variable-length strings are not arrays
+            from unistore.storage.store import as_ragged
+
+            values, offsets = as_ragged(list(ds[...]), dtype=base)
+            return RaggedInfo(
+                name,
+                ArrayInfo(f"{name}/values", values.shape, values.dtype, InMemoryLayout(values)),
+                ArrayInfo(f"{name}/offsets", offsets.shape, offsets.dtype, InMemoryLayout(offsets)),
+                attrs,
+            )
+        dtype = ds.dtype
+        if dtype.kind not in "biufc" or dtype.fields:
+            return None  # strings and compound types are not tensors
+        shape = tuple(int(s) for s in ds.shape)
+        compression = ds.compression
+        offset = ds.id.get_offset() if ds.chunks is None and not shape == () else None
+        if ds.chunks is None and offset is not None:
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if offset + nbytes > size:
+                raise TruncatedDataError(f"{location.url} is truncated: dataset {name!r} ends at byte "
+                                         f"{offset + nbytes} of {size}; re-create or re-download it")
+            layout: Any = ContiguousLayout(location, int(offset), shape, dtype)
+            stored = nbytes
+        elif ds.chunks is not None:
+            layout = ChunkedLayout(Hdf5BlockReader(location, name), shape, dtype, int(ds.chunks[0]),
+                                   token=f"hdf5:{uuid.uuid4().hex}:{name}")
+            stored = int(ds.id.get_storage_size())
+        else:  # scalar or never-written dataset: tiny, read now
+            data = np.asarray(ds[...])
+            layout, stored = InMemoryLayout(data), data.nbytes
+        return ArrayInfo(name, shape, dtype, layout, chunks=tuple(ds.chunks) if ds.chunks else None,
+                         compression=compression, attrs=attrs, stored_nbytes=stored)
+
+    def writer(self, path: str, **options: Any) -> FormatWriter:
+        return _Hdf5Writer(path, self)
+
+
+class _Hdf5Writer(FormatWriter):
+    def __init__(self, path: str, fmt: Format):
+        import h5py
+
+        super().__init__(path, fmt)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.file = h5py.File(path, "w")
+
+    def write_array(self, key: str, data: np.ndarray, chunks: tuple[int, ...] | None,
+                    compression: str | None, attrs: dict[str, Any]) -> None:
+        self.check_compression(compression)
+        kwargs: dict[str, Any] = {}
+        if compression:
+            kwargs["compression"] = compression
+        if chunks or compression:
+            kwargs["chunks"] = chunks if chunks else True
+        if data.size == 0 and (chunks or compression):
+            kwargs["chunks"] = None if not compression else kwargs["chunks"]
+        ds = self.file.create_dataset(key, data=data, **kwargs)
+        for k, v in attrs.items():
+            ds.attrs[k] = v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+
+    def write_ragged(self, key: str, values: np.ndarray, offsets: np.ndarray, attrs: dict[str, Any]) -> None:
+        import h5py
+
+        rows = np.empty(len(offsets) - 1, dtype=object)
+        for i in range(len(rows)):
+            rows[i] = values[offsets[i]:offsets[i + 1]]
+        ds = self.file.create_dataset(key, shape=rows.shape, dtype=h5py.vlen_dtype(values.dtype))
+        if len(rows):
+            ds[...] = rows
+        for k, v in attrs.items():
+            ds.attrs[k] = v
+
+    def finish(self, attrs: dict[str, Any], checksums: dict[str, str]) -> list[str]:
+        self.file.attrs[META_KEY] = self.meta_json(attrs, checksums)
+        for k, v in attrs.items():
+            if isinstance(v, (int, float, str, bool)):
+                self.file.attrs[k] = v
+        self.file.close()
+        return []
