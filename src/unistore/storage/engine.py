@@ -8,6 +8,7 @@ rows in the order asked for.
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 from collections import OrderedDict
@@ -84,8 +85,13 @@ def _memmap(layout: ContiguousLayout) -> np.ndarray:
                             f"{layout.location.url} is truncated: {size} bytes, but the header "
                             f"promises {need}; re-create or re-download the file"
                         )
-                    mm = np.memmap(layout.location.path, dtype=layout.dtype, mode="r",
-                                   offset=layout.offset, shape=layout.shape)
+                    # a plain ndarray over the mapping: np.memmap's subclass hooks cost
+                    # more per gather than the copy itself for small batches
+                    with open(layout.location.path, "rb") as f:
+                        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                    count = int(np.prod(layout.shape, dtype=np.int64))
+                    mm = np.frombuffer(mapping, dtype=layout.dtype, count=count,
+                                       offset=layout.offset).reshape(layout.shape)
                 _MMAPS[key] = mm
     return mm
 
@@ -93,7 +99,7 @@ def _memmap(layout: ContiguousLayout) -> np.ndarray:
 def _gather_mmap(layout: ContiguousLayout, indices: np.ndarray, stats: IOStats) -> np.ndarray:
     out = _memmap(layout)[indices]
     stats.add(requests=1, nbytes=out.nbytes)
-    return np.asarray(out)
+    return out
 
 
 # ------------------------------------------------------------ remote ranges
@@ -169,39 +175,55 @@ def _gather_ranges(layout: ContiguousLayout, indices: np.ndarray, stats: IOStats
 class ChunkCache:
     """A per-process LRU of decoded chunks, bounded in bytes.
 
-    The limit defaults to 256 MiB (``UNISTORE_CHUNK_CACHE_BYTES``); chunks larger
-    than the whole limit are used once and not kept.
+    Arrays that fit in the budget get a *dense* entry: one buffer the size of
+    the array (pages are only touched as chunks arrive) plus a mask of which
+    chunks are decoded, so a warm gather is a single fancy index at memmap
+    speed.  Larger arrays keep individual chunks.  The budget defaults to
+    1 GiB per process (``UNISTORE_CHUNK_CACHE_BYTES``); an entry larger than
+    the whole budget is used for one read and not kept.
     """
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
-        self._data: OrderedDict[tuple[str, int], np.ndarray] = OrderedDict()
+        self._data: OrderedDict[Any, Any] = OrderedDict()
+        self._sizes: dict[Any, int] = {}
         self._nbytes = 0
         self._lock = threading.Lock()
 
-    def get(self, key: tuple[str, int]) -> np.ndarray | None:
+    def get(self, key: Any) -> Any:
         with self._lock:
-            block = self._data.get(key)
-            if block is not None:
+            value = self._data.get(key)
+            if value is not None:
                 self._data.move_to_end(key)
-            return block
+            return value
 
-    def put(self, key: tuple[str, int], block: np.ndarray) -> None:
-        if block.nbytes > self.max_bytes:
+    def put(self, key: Any, value: Any, nbytes: int) -> None:
+        if nbytes > self.max_bytes:
             return
         with self._lock:
-            old = self._data.pop(key, None)
-            if old is not None:
-                self._nbytes -= old.nbytes
-            self._data[key] = block
-            self._nbytes += block.nbytes
+            if key in self._data:
+                self._nbytes -= self._sizes.pop(key)
+                del self._data[key]
+            self._data[key] = value
+            self._sizes[key] = nbytes
+            self._nbytes += nbytes
             while self._nbytes > self.max_bytes:
-                _, dropped = self._data.popitem(last=False)
-                self._nbytes -= dropped.nbytes
+                old, _ = self._data.popitem(last=False)
+                self._nbytes -= self._sizes.pop(old)
+
+    def dense(self, token: str, shape: tuple[int, ...], dtype: np.dtype[Any], n_chunks: int) -> Any:
+        """The (buffer, decoded-mask) entry of an array that fits in the budget."""
+        key = ("dense", token)
+        entry = self.get(key)
+        if entry is None:
+            entry = (np.empty(shape, dtype), np.zeros(n_chunks, dtype=bool))
+            self.put(key, entry, int(np.prod(shape, dtype=np.int64)) * dtype.itemsize)
+        return entry
 
     def clear(self) -> None:
         with self._lock:
             self._data.clear()
+            self._sizes.clear()
             self._nbytes = 0
 
     @property
@@ -209,7 +231,7 @@ class ChunkCache:
         return self._nbytes
 
 
-chunk_cache = ChunkCache(int(os.environ.get("UNISTORE_CHUNK_CACHE_BYTES", 256 * 1024 * 1024)))
+chunk_cache = ChunkCache(int(os.environ.get("UNISTORE_CHUNK_CACHE_BYTES", 1 << 30)))
 
 
 def _runs(ids: np.ndarray) -> list[tuple[int, int]]:
@@ -220,47 +242,61 @@ def _runs(ids: np.ndarray) -> list[tuple[int, int]]:
     return [(int(r[0]), int(r[-1]) + 1) for r in np.split(ids, breaks)]
 
 
+def _load_runs(layout: ChunkedLayout, chunk_ids: np.ndarray, stats: IOStats) -> list[tuple[int, np.ndarray]]:
+    """Decode the given chunks, a run of consecutive chunks per read, runs concurrently when allowed."""
+    cr, n = layout.chunk_rows, layout.shape[0]
+
+    def load(run: tuple[int, int]) -> tuple[int, np.ndarray]:
+        first, stop = run
+        return first, layout.reader.read(first * cr, min(stop * cr, n))
+
+    runs = _runs(chunk_ids)
+    if len(runs) > 1 and layout.reader.concurrent:
+        with ThreadPoolExecutor(max_workers=min(16, len(runs))) as pool:
+            slabs = list(pool.map(load, runs))
+    else:
+        slabs = [load(run) for run in runs]
+    stats.add(requests=len(runs), nbytes=sum(s.nbytes for _, s in slabs), chunks_decoded=len(chunk_ids))
+    return slabs
+
+
 def _gather_chunks(layout: ChunkedLayout, indices: np.ndarray, stats: IOStats) -> np.ndarray:
     cr = layout.chunk_rows
-    n = layout.shape[0]
-    out = np.empty((len(indices),) + layout.shape[1:], layout.dtype)
     if len(indices) == 0:
-        return out
+        return np.empty((0,) + layout.shape[1:], layout.dtype)
     chunk_of = indices // cr
     needed = np.unique(chunk_of)
+    n_chunks = -(-layout.shape[0] // cr)
+    nbytes = int(np.prod(layout.shape, dtype=np.int64)) * layout.dtype.itemsize
+    if nbytes <= chunk_cache.max_bytes:
+        buf, loaded = chunk_cache.dense(layout.token, layout.shape, layout.dtype, n_chunks)
+        missing = needed[~loaded[needed]]
+        stats.add(cache_hits=len(needed) - len(missing))
+        for first, slab in _load_runs(layout, missing, stats):
+            buf[first * cr:first * cr + len(slab)] = slab
+            loaded[first:first + -(-len(slab) // cr)] = True
+        return buf[indices]
+
     blocks: dict[int, np.ndarray] = {}
-    missing = []
+    missing_ids = []
     for cid in needed.tolist():
         block = chunk_cache.get((layout.token, cid))
         if block is None:
-            missing.append(cid)
+            missing_ids.append(cid)
         else:
             blocks[cid] = block
     stats.add(cache_hits=len(blocks))
-
-    def load(run: tuple[int, int]) -> list[tuple[int, np.ndarray]]:
-        first, stop = run
-        slab = layout.reader.read(first * cr, min(stop * cr, n))
-        return [(cid, slab[(cid - first) * cr:(cid - first + 1) * cr]) for cid in range(first, stop)]
-
-    runs = _runs(np.asarray(missing, dtype=np.int64))
-    if len(runs) > 1 and layout.reader.concurrent:
-        with ThreadPoolExecutor(max_workers=min(16, len(runs))) as pool:
-            loaded = [item for part in pool.map(load, runs) for item in part]
-    else:
-        loaded = [item for run in runs for item in load(run)]
-    for cid, block in loaded:
-        block = np.ascontiguousarray(block)
-        blocks[cid] = block
-        chunk_cache.put((layout.token, cid), block)
-    stats.add(requests=len(runs), nbytes=sum(b.nbytes for _, b in loaded), chunks_decoded=len(loaded))
-
+    for first, slab in _load_runs(layout, np.asarray(missing_ids, dtype=np.int64), stats):
+        for j in range(-(-len(slab) // cr)):
+            block = np.ascontiguousarray(slab[j * cr:(j + 1) * cr])
+            blocks[first + j] = block
+            chunk_cache.put((layout.token, first + j), block, block.nbytes)
     if len(needed) == 1:
         cid = int(needed[0])
         return blocks[cid][indices - cid * cr]
+    out = np.empty((len(indices),) + layout.shape[1:], layout.dtype)
     order = np.argsort(chunk_of, kind="stable")
-    sorted_chunks = chunk_of[order]
-    bounds = np.flatnonzero(np.diff(sorted_chunks)) + 1
+    bounds = np.flatnonzero(np.diff(chunk_of[order])) + 1
     for part in np.split(order, bounds):
         cid = int(chunk_of[part[0]])
         out[part] = blocks[cid][indices[part] - cid * cr]

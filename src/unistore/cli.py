@@ -1,0 +1,159 @@
+"""The ``unistore`` command line: ``info``, ``ls``, ``convert``, ``verify``, ``demo``.
+
+Storage options are passed as ``-o key=value`` (values parsed as JSON when
+they can be), e.g. ``-o endpoint_url=http://127.0.0.1:9000 -o anon=true``;
+credentials may also come from the usual ``AWS_*`` environment variables.
+They are never printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from unistore.errors import UnistoreError
+
+
+def _options(pairs: Sequence[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for pair in pairs or ():
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"error: storage option {key!r} needs the form key=value")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+def _human(n: int | None) -> str:
+    if n is None:
+        return "?"
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from unistore.storage.formats.base import dtype_name
+    from unistore.storage.store import open_store
+
+    store = open_store(args.url, format=args.format, storage_options=_options(args.option))
+    print(f"store:  {store.location.url}\nformat: {store.format}\narrays: {len(store)}")
+    if store.attrs:
+        print(f"attrs:  {json.dumps(store.attrs, default=str)[:200]}")
+    rows = [["key", "shape", "dtype", "chunks", "compression", "stored", "bytes", "format"]]
+    for key in store.keys():
+        a = store[key]
+        shape = f"ragged[{len(a)}]" if a.chunks is None and type(a).__name__ == "RaggedArray" else str(a.shape)
+        rows.append([key, shape, dtype_name(a.dtype), str(a.chunks or "-"), a.compression or "-",
+                     _human(a.stored_nbytes), _human(a.nbytes), a.format])
+    print(_table(rows))
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    from unistore.storage.store import open_store
+
+    for key in open_store(args.url, format=args.format, storage_options=_options(args.option)).keys():
+        print(key)
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from unistore.storage.convert import convert
+
+    chunks = tuple(int(c) for c in args.chunks.split(",")) if args.chunks else None
+    opts = _options(args.option)
+    report = convert(args.src, args.dst, format=args.to, compression=args.compression, chunks=chunks,
+                     src_storage_options=_options(args.src_option) or opts,
+                     dst_storage_options=_options(args.dst_option) or opts,
+                     overwrite=args.overwrite, progress=not args.quiet)
+    print(f"converted {report.arrays} arrays ({_human(report.logical_bytes)} of data): "
+          f"{_human(report.src_bytes)} -> {_human(report.dst_bytes)} on storage "
+          f"({report.ratio:.2f}x) at {args.dst}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from unistore.storage.store import open_store
+
+    store = open_store(args.url, format=args.format, storage_options=_options(args.option))
+    report = store.verify()
+    for key, status in report.items():
+        print(f"{status:12s} {key}")
+    checked = sum(1 for s in report.values() if s == "ok")
+    print(f"{checked} of {len(report)} arrays verified")
+    if checked == 0 and report:
+        print("this store has no recorded checksums (it was not written by unistore)", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from unistore.demo import run_demo
+
+    run_demo(rows=args.rows, dim=args.dim, workdir=args.dir, batches=args.batches)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unistore", description="One storage layer for ML training data.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def store_cmd(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("url", help="store path or URL (s3://..., memory://...)")
+        p.add_argument("--format", default="auto", help="format (default: detect)")
+        p.add_argument("-o", "--option", action="append", metavar="KEY=VALUE", help="fsspec storage option")
+        return p
+
+    store_cmd("info", "arrays, shapes, dtypes, chunks, compression and sizes").set_defaults(func=cmd_info)
+    store_cmd("ls", "list array keys").set_defaults(func=cmd_ls)
+    store_cmd("verify", "recompute and compare stored checksums").set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("convert", help="copy a store into another format or filesystem")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--to", required=True, help="destination format: npy, pt, safetensors, hdf5, zarr")
+    p.add_argument("--compression", help="zarr: zstd, gzip, blosc, lz4 (e.g. zstd:5); hdf5: gzip, lzf")
+    p.add_argument("--chunks", help="chunk shape for every array, e.g. 1024,384")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("-o", "--option", action="append", metavar="KEY=VALUE", help="storage option for both ends")
+    p.add_argument("--src-option", action="append", metavar="KEY=VALUE")
+    p.add_argument("--dst-option", action="append", metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("demo", help="write an embedding dataset in every format and compare read speed")
+    p.add_argument("--rows", type=int, default=200_000)
+    p.add_argument("--dim", type=int, default=384)
+    p.add_argument("--batches", type=int, default=200)
+    p.add_argument("--dir", default="demo-data", help="working directory (default: ./demo-data)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``unistore`` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except UnistoreError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
