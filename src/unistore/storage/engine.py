@@ -69,7 +69,7 @@ _MMAP_LOCK = threading.Lock()
 
 
 def _memmap(layout: ContiguousLayout) -> np.ndarray:
-    key = (os.getpid(), layout.location.path, layout.offset, layout.shape, layout.dtype.str)
+    key = (os.getpid(), layout.location.path, layout.stamp, layout.offset, layout.shape, layout.dtype.str)
     mm = _MMAPS.get(key)
     if mm is None:
         with _MMAP_LOCK:

@@ -14,7 +14,7 @@ import numpy as np
 
 from unistore.storage.location import Location
 
-__all__ = ["ContiguousLayout", "ChunkedLayout", "InMemoryLayout", "BlockReader", "IOStats", "Layout"]
+__all__ = ["file_stamp", "ContiguousLayout", "ChunkedLayout", "InMemoryLayout", "BlockReader", "IOStats", "Layout"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,10 +30,23 @@ class ContiguousLayout:
     offset: int
     shape: tuple[int, ...]
     dtype: np.dtype[Any]
+    #: identity of a local file when it was opened, so a replaced file is never
+    #: served from a stale mapping (0 for remote objects)
+    stamp: int = 0
 
     @property
     def row_nbytes(self) -> int:
         return int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+
+
+def file_stamp(location: Location) -> int:
+    """Inode, size and mtime of a local file folded into one int (0 when remote)."""
+    if not location.is_local:
+        return 0
+    import os
+
+    st = os.stat(location.path)
+    return hash((st.st_ino, st.st_size, st.st_mtime_ns))
 
 
 @runtime_checkable

@@ -29,7 +29,7 @@ from unistore.storage.formats.base import (
     apply_meta,
     loads_meta,
 )
-from unistore.storage.layout import ChunkedLayout, ContiguousLayout, InMemoryLayout
+from unistore.storage.layout import ChunkedLayout, ContiguousLayout, InMemoryLayout, file_stamp
 from unistore.storage.location import Location, retry_remote
 
 _LOCK = threading.Lock()  # libhdf5 is not thread-safe across files opened from Python threads
@@ -150,7 +150,7 @@ class Hdf5Format(Format):
             if offset + nbytes > size:
                 raise TruncatedDataError(f"{location.url} is truncated: dataset {name!r} ends at byte "
                                          f"{offset + nbytes} of {size}; re-create or re-download it")
-            layout: Any = ContiguousLayout(location, int(offset), shape, dtype)
+            layout: Any = ContiguousLayout(location, int(offset), shape, dtype, file_stamp(location))
             stored = nbytes
         elif ds.chunks is not None:
             layout = ChunkedLayout(Hdf5BlockReader(location, name), shape, dtype, int(ds.chunks[0]),

@@ -28,7 +28,7 @@ from unistore.storage.formats.base import (
     list_members,
     read_dir_meta,
 )
-from unistore.storage.layout import ContiguousLayout, InMemoryLayout
+from unistore.storage.layout import ContiguousLayout, InMemoryLayout, file_stamp
 from unistore.storage.location import Location, retry_remote
 
 _HEAD = 4096
@@ -102,7 +102,7 @@ class NpyFormat(Format):
             floc = file_location(location, path)
             if key in raw:
                 shape, dtype = _parse_raw_spec(key, raw.pop(key), size, floc.url)
-                arrays[key] = ArrayInfo(key, shape, dtype, ContiguousLayout(floc, 0, shape, dtype),
+                arrays[key] = ArrayInfo(key, shape, dtype, ContiguousLayout(floc, 0, shape, dtype, file_stamp(floc)),
                                         stored_nbytes=size, attrs={"raw_memmap": True})
                 continue
             if not head.startswith(b"\x93NUMPY"):
@@ -120,7 +120,7 @@ class NpyFormat(Format):
                 data = np.load(io.BytesIO(retry_remote(lambda: floc.fs.cat_file(path), floc)), allow_pickle=False)
                 layout: Any = InMemoryLayout(np.ascontiguousarray(data))
             else:
-                layout = ContiguousLayout(floc, offset, shape, dtype)
+                layout = ContiguousLayout(floc, offset, shape, dtype, file_stamp(floc))
             arrays[key] = ArrayInfo(key, shape, dtype, layout, stored_nbytes=size)
         if raw:
             from unistore.errors import ArrayNotFoundError

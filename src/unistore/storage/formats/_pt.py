@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from unistore.errors import CorruptDataError, FormatError, TruncatedDataError, UnsafePickleError
+from unistore.errors import CorruptDataError, FormatError, RemoteError, TruncatedDataError, UnsafePickleError
 from unistore.storage.formats.base import (
     META_NAME,
     ArrayInfo,
@@ -36,7 +36,7 @@ from unistore.storage.formats.base import (
     loads_meta,
     read_dir_meta,
 )
-from unistore.storage.layout import ContiguousLayout, InMemoryLayout
+from unistore.storage.layout import ContiguousLayout, InMemoryLayout, file_stamp
 from unistore.storage.location import Location, retry_remote
 
 #: Key of the unistore metadata string inside a single-file ``.pt`` dict.
@@ -76,14 +76,12 @@ def _load(floc: Location, meta: bool) -> Any:
                 "re-save its tensors with torch.save(tensor) or safetensors"
             ) from e
         raise CorruptDataError(f"{floc.url} is not a readable .pt file ({e})") from e
+    except (FileNotFoundError, PermissionError, RemoteError):
+        raise
     except (RuntimeError, EOFError, ValueError, OSError) as e:
-        if isinstance(e, OSError) and not isinstance(e, EOFError) and "zip" not in str(e).lower():
-            raise
-        text = str(e)
-        cls = TruncatedDataError if any(w in text for w in ("central directory", "EOF", "truncat", "size")) else \
-            CorruptDataError
-        raise cls(f"{floc.url} is truncated or corrupt and cannot be read by torch.load ({text.splitlines()[0]}); "
-                  "re-create or re-download it") from e
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CorruptDataError(f"{floc.url} is truncated or corrupt: torch.load cannot read it ({text}); "
+                               "re-create or re-download it") from e
 
 
 def _tensor_info(key: str, t: Any, floc: Location, size: int) -> ArrayInfo | None:
@@ -99,7 +97,7 @@ def _tensor_info(key: str, t: Any, floc: Location, size: int) -> ArrayInfo | Non
     if start + nbytes > size:
         raise TruncatedDataError(f"{floc.url} is truncated: tensor {key!r} ends at byte {start + nbytes} of "
                                  f"{size}; re-create or re-download it")
-    return ArrayInfo(key, shape, dtype, ContiguousLayout(floc, start, shape, dtype), stored_nbytes=nbytes)
+    return ArrayInfo(key, shape, dtype, ContiguousLayout(floc, start, shape, dtype, file_stamp(floc)), stored_nbytes=nbytes)
 
 
 def _ragged_info(key: str, rows: list[Any]) -> RaggedInfo | ArrayInfo:

@@ -29,7 +29,7 @@ from unistore.storage.formats.base import (
     loads_meta,
     read_dir_meta,
 )
-from unistore.storage.layout import ContiguousLayout
+from unistore.storage.layout import ContiguousLayout, file_stamp
 from unistore.storage.location import Location, retry_remote
 
 _DTYPES: dict[str, Any] = {
@@ -60,7 +60,8 @@ def parse_header(head: bytes, size: int, where: str) -> tuple[dict[str, Any], in
     return header, 8 + n
 
 
-def _tensor_info(key: str, name: str, entry: Any, data_start: int, size: int, floc: Location) -> ArrayInfo:
+def _tensor_info(key: str, name: str, entry: Any, data_start: int, size: int, floc: Location,
+                 stamp: int) -> ArrayInfo:
     try:
         dtype = np.dtype(_DTYPES[entry["dtype"]])
         shape = tuple(int(s) for s in entry["shape"])
@@ -75,7 +76,7 @@ def _tensor_info(key: str, name: str, entry: Any, data_start: int, size: int, fl
     if data_start + end > size:
         raise TruncatedDataError(f"{floc.url} is truncated: tensor {name!r} ends at byte {data_start + end} "
                                  f"of a {size}-byte file; re-create or re-download it")
-    return ArrayInfo(key, shape, dtype, ContiguousLayout(floc, data_start + begin, shape, dtype),
+    return ArrayInfo(key, shape, dtype, ContiguousLayout(floc, data_start + begin, shape, dtype, stamp),
                      stored_nbytes=nbytes)
 
 
@@ -105,13 +106,14 @@ class SafetensorsFormat(Format):
                 end = min(size, 8 + int.from_bytes(head[:8], "little"))
                 head = retry_remote(lambda: floc.fs.cat_file(path, start=0, end=end), floc)
             header, data_start = parse_header(head, size, floc.url)
+            stamp = file_stamp(floc)
             file_meta = header.pop("__metadata__", None) or {}
             if not prefixed:
                 meta = loads_meta(file_meta.pop(META_KEY, None))
                 opened.attrs.update({k: v for k, v in file_meta.items()})
             for name, entry in header.items():
                 key = f"{stem}/{name}" if prefixed else name
-                opened.arrays[key] = _tensor_info(key, name, entry, data_start, size, floc)
+                opened.arrays[key] = _tensor_info(key, name, entry, data_start, size, floc, stamp)
         return apply_meta(opened, meta)
 
     def writer(self, path: str, **options: Any) -> FormatWriter:

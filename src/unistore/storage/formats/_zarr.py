@@ -119,7 +119,10 @@ class ZarrFormat(Format):
             raw_meta = attrs.pop(META_KEY, None)
             meta = raw_meta if isinstance(raw_meta, dict) else {}
             opened.attrs.update(attrs)
-            members = [(path, m, path) for path, m in node.members(max_depth=None) if isinstance(m, zarr.Array)]
+            try:
+                members = [(p, m, p) for p, m in node.members(max_depth=None) if isinstance(m, zarr.Array)]
+            except (ValueError, KeyError, TypeError) as e:
+                raise CorruptDataError(f"{location.url} has unreadable zarr metadata below the root ({e})") from e
         for key, arr, path in members:
             if arr.dtype.kind not in "biufc":
                 continue

@@ -1,0 +1,69 @@
+"""Shared fixtures: a real S3 protocol server (moto, over HTTP) and per-test locations."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+REQUIRE_SERVICES = os.environ.get("UNISTORE_REQUIRE_SERVICES") == "1"
+S3_SECRET = "s3cr3t-DO-NOT-PRINT-4242"
+
+
+def service_missing(reason: str) -> None:
+    """Skip locally, fail in CI (``UNISTORE_REQUIRE_SERVICES=1``)."""
+    if REQUIRE_SERVICES:
+        pytest.fail(f"required service missing: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """A moto S3 server on 127.0.0.1; yields its endpoint URL."""
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError as e:  # pragma: no cover - moto is a dev dependency
+        service_missing(f"moto[server] is not installed ({e})")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+def s3_options(endpoint: str) -> dict[str, Any]:
+    return {
+        "key": "testing",
+        "secret": S3_SECRET,
+        "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"},
+        "config_kwargs": {"retries": {"max_attempts": 2, "mode": "standard"}, "connect_timeout": 2,
+                          "read_timeout": 20},
+    }
+
+
+@pytest.fixture
+def s3(s3_server: str) -> dict[str, Any]:
+    """A fresh bucket: ``{"bucket", "options", "endpoint", "fs"}``."""
+    import boto3
+    import s3fs
+
+    bucket = f"t-{uuid.uuid4().hex[:16]}"
+    boto3.client("s3", endpoint_url=s3_server, aws_access_key_id="testing", aws_secret_access_key=S3_SECRET,
+                 region_name="us-east-1").create_bucket(Bucket=bucket)
+    options = s3_options(s3_server)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, **options)
+    return {"bucket": bucket, "options": options, "endpoint": s3_server, "fs": fs}
+
+
+@pytest.fixture
+def memory_root() -> Iterator[str]:
+    import fsspec
+
+    root = f"/t-{uuid.uuid4().hex[:12]}"
+    yield root
+    fs = fsspec.filesystem("memory")
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
