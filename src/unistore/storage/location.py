@@ -8,6 +8,7 @@ Local paths are recognised so the read engine can ``mmap`` real files.
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import time
@@ -193,15 +194,22 @@ class RetryPolicy:
         self.base_delay = base_delay
 
 
+# s3fs maps 503 SlowDown to EBUSY and throttling to EAGAIN
+_TRANSIENT_ERRNOS = {errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNABORTED,
+                     errno.ECONNREFUSED, errno.EPIPE}
+
+
 def _is_transient(exc: BaseException) -> bool:
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
     if isinstance(exc, (ConnectionError, TimeoutError, ShortReadError)):
         return True
     text = f"{type(exc).__name__} {exc}"
-    markers = ("SlowDown", "503", "500", "502", "504", "InternalError", "ServiceUnavailable", "Throttl",
+    markers = ("SlowDown", "reduce your request rate", "503", "500", "502", "504", "InternalError", "ServiceUnavailable", "Throttl",
                "ConnectionReset", "Connection reset", "EndpointConnectionError", "ReadTimeout",
                "IncompleteRead", "ResponseStreamingError", "ClientPayloadError", "ServerDisconnected")
+    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
+        return True
     return any(m in text for m in markers) or (isinstance(exc, OSError) and exc.errno is None)
 
 

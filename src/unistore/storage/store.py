@@ -30,14 +30,13 @@ from unistore.errors import (
 )
 from unistore.storage.array import Array, RaggedArray
 from unistore.storage.formats import detect_format, get_format
-from unistore.storage.formats.base import ArrayInfo, FormatWriter, OpenedStore, RaggedInfo, bfloat16
+from unistore.storage.formats.base import PENDING_NAME, ArrayInfo, FormatWriter, OpenedStore, RaggedInfo, bfloat16
 from unistore.storage.layout import IOStats
 from unistore.storage.location import Location, retry_remote, validate_key
 
 __all__ = ["TensorStore", "open_store", "create_store", "as_ragged", "checksum_of"]
 
 log = logging.getLogger("unistore")
-PENDING_MARKER = ".unistore-pending"
 _ALLOWED_KINDS = "biufc"
 
 
@@ -410,7 +409,7 @@ def _publish_remote(staging: str, location: Location, last: list[str], single_fi
     if single_file:
         retry_remote(lambda: fs.put_file(staging, dest), location)
         return
-    marker = f"{dest}/{PENDING_MARKER}"
+    marker = f"{dest}/{PENDING_NAME}"
     retry_remote(lambda: fs.pipe_file(marker, b"writing"), location)
     files = sorted(os.path.relpath(os.path.join(d, f), staging) for d, _, fs_ in os.walk(staging) for f in fs_)
     first = [f for f in files if f.replace(os.sep, "/") not in last]

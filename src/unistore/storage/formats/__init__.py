@@ -14,7 +14,7 @@ import warnings
 from typing import Any
 
 from unistore.errors import MissingDependencyError, StoreNotFoundError, UnknownFormatError
-from unistore.storage.formats.base import META_NAME, Format, loads_meta
+from unistore.storage.formats.base import META_NAME, PENDING_NAME, Format, incomplete_error, loads_meta
 from unistore.storage.location import Location, retry_remote
 
 __all__ = ["get_format", "available_formats", "detect_format", "register_format"]
@@ -116,6 +116,8 @@ def detect_format(location: Location) -> str:
                                                                          location)]
         if "zarr.json" in names or ".zgroup" in names or ".zarray" in names:
             return "zarr"
+        if PENDING_NAME in names and META_NAME not in names:
+            raise incomplete_error(location)
         if META_NAME in names:
             meta = loads_meta(retry_remote(lambda: fs.cat_file(posixpath.join(location.path, META_NAME)), location))
             if meta.get("format"):

@@ -13,14 +13,16 @@ from typing import Any
 
 import numpy as np
 
-from unistore.errors import CorruptDataError, IncompleteStoreError, StoreNotFoundError, UnsupportedError
+from unistore.errors import CorruptDataError, StoreNotFoundError, UnsupportedError
 from unistore.storage.formats.base import (
     META_KEY,
+    PENDING_NAME,
     ArrayInfo,
     Format,
     FormatWriter,
     OpenedStore,
     apply_meta,
+    incomplete_error,
 )
 from unistore.storage.layout import ChunkedLayout
 from unistore.storage.location import Location, retry_remote
@@ -44,10 +46,8 @@ def _open_node(location: Location) -> Any:
     try:
         return zarr.open(store=_zarr_store(location), mode="r")
     except FileNotFoundError as e:
-        pending = f"{location.path.rstrip('/')}/.unistore-pending"
-        if location.fs.exists(pending):
-            raise IncompleteStoreError(f"{location.url} is still being written or its writer died before "
-                                       "committing; wait for the writer, or delete it and write it again") from e
+        if location.fs.exists(f"{location.path.rstrip('/')}/{PENDING_NAME}"):
+            raise incomplete_error(location) from e
         raise StoreNotFoundError(f"no zarr group or array at {location.url} ({e})") from e
     except (ValueError, KeyError, TypeError) as e:
         raise CorruptDataError(f"{location.url} has unreadable zarr metadata ({e})") from e

@@ -35,6 +35,8 @@ __all__ = [
 
 #: Store-level metadata file of directory formats (written last on commit).
 META_NAME = "unistore.json"
+#: Marker object present while a remote store is being published.
+PENDING_NAME = ".unistore-pending"
 #: Attribute / metadata entry holding the same JSON inside single-file formats.
 META_KEY = "unistore"
 
@@ -230,21 +232,24 @@ def list_members(location: Location, extension: str) -> dict[str, tuple[str, int
 
 def read_dir_meta(location: Location) -> dict[str, Any]:
     """The ``unistore.json`` of a directory store, or ``{}`` for foreign directories."""
-    from unistore.errors import IncompleteStoreError
     from unistore.storage.location import retry_remote
 
     fs = location.fs
-    pending = f"{location.path.rstrip('/')}/.unistore-pending"
+    pending = f"{location.path.rstrip('/')}/{PENDING_NAME}"
     try:
         raw = retry_remote(lambda: fs.cat_file(f"{location.path.rstrip('/')}/{META_NAME}"), location)
     except FileNotFoundError:
         raw = None
     if raw is None and retry_remote(lambda: fs.exists(pending), location):
-        raise IncompleteStoreError(
-            f"{location.url} is still being written or its writer died before committing; "
-            "wait for the writer, or delete it and write it again"
-        )
+        raise incomplete_error(location)
     return loads_meta(raw)
+
+
+def incomplete_error(location: Location) -> Exception:
+    from unistore.errors import IncompleteStoreError
+
+    return IncompleteStoreError(f"{location.url} is still being written or its writer died before committing; "
+                                "wait for the writer, or delete it and write it again")
 
 
 def head_bytes(location: Location, paths: list[str], nbytes: int) -> list[bytes]:

@@ -1,0 +1,102 @@
+"""An HTTP proxy in front of the S3 server that injects cloud faults on demand.
+
+Real sockets and real HTTP on 127.0.0.1: s3fs talks to the proxy exactly as
+it would to a bucket that answers 503 SlowDown, 500, or drops connections.
+"""
+
+from __future__ import annotations
+
+import http.client
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+            b"<Message>Please reduce your request rate.</Message></Error>")
+
+
+class FaultyProxy:
+    """Forwards to ``upstream``; the next ``fail_next`` ranged GETs fail with ``mode``.
+
+    ``mode`` is ``"503"``, ``"500"``, ``"reset"`` (close without answering) or
+    ``"short"`` (send fewer body bytes than promised).  ``fail_always`` makes
+    every ranged GET fail.
+    """
+
+    def __init__(self, upstream: str):
+        parts = urlsplit(upstream)
+        self.upstream_host = parts.hostname or "127.0.0.1"
+        self.upstream_port = parts.port or 80
+        self.fail_next = 0
+        self.fail_always = False
+        self.mode = "503"
+        self.failures = 0
+        self.ranged_gets = 0
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def _forward(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                ranged = self.command == "GET" and "Range" in self.headers
+                fail = False
+                if ranged:
+                    with proxy._lock:
+                        proxy.ranged_gets += 1
+                        if proxy.fail_always or proxy.fail_next > 0:
+                            proxy.fail_next = max(0, proxy.fail_next - 1)
+                            proxy.failures += 1
+                            fail = True
+                if fail and proxy.mode in ("503", "500"):
+                    code = int(proxy.mode)
+                    payload = SLOWDOWN if code == 503 else b"<Error><Code>InternalError</Code></Error>"
+                    self.send_response(code)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                if fail and proxy.mode == "reset":
+                    self.close_connection = True
+                    self.connection.close()
+                    return
+                conn = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port, timeout=30)
+                headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+                headers["Host"] = f"{proxy.upstream_host}:{proxy.upstream_port}"
+                conn.request(self.command, self.path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if fail and proxy.mode == "short":
+                    self.wfile.write(data[: len(data) // 2])
+                    self.close_connection = True
+                    return
+                self.wfile.write(data)
+                conn.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def endpoint(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
