@@ -32,6 +32,8 @@ class FaultyProxy:
         self.mode = "503"
         self.failures = 0
         self.ranged_gets = 0
+        #: PUTs of objects whose path ends with this fail with 500 (the network dies there)
+        self.fail_put_suffix: str | None = None
         self._lock = threading.Lock()
         proxy = self
 
@@ -46,6 +48,10 @@ class FaultyProxy:
                 body = self.rfile.read(length) if length else None
                 ranged = self.command == "GET" and "Range" in self.headers
                 fail = False
+                if self.command == "PUT" and proxy.fail_put_suffix and \
+                        self.path.split("?")[0].endswith(proxy.fail_put_suffix):
+                    fail = True
+                    proxy.failures += 1
                 if ranged:
                     with proxy._lock:
                         proxy.ranged_gets += 1
@@ -53,8 +59,8 @@ class FaultyProxy:
                             proxy.fail_next = max(0, proxy.fail_next - 1)
                             proxy.failures += 1
                             fail = True
-                if fail and proxy.mode in ("503", "500"):
-                    code = int(proxy.mode)
+                if fail and (proxy.mode in ("503", "500") or self.command == "PUT"):
+                    code = 500 if self.command == "PUT" else int(proxy.mode)
                     payload = SLOWDOWN if code == 503 else b"<Error><Code>InternalError</Code></Error>"
                     self.send_response(code)
                     self.send_header("Content-Type", "application/xml")

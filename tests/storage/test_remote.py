@@ -141,31 +141,25 @@ def test_secrets_never_appear_in_reprs_logs_or_cli(s3: dict[str, Any], tmp_path:
         assert S3_SECRET not in text
 
 
-@pytest.mark.parametrize("fmt,name", [("npy", "run_npy"), ("zarr", "run.zarr"), ("pt", "run_pt")])
-def test_remote_store_is_invisible_until_root_metadata_lands(fmt: str, name: str, s3: dict[str, Any],
+@pytest.mark.parametrize("fmt,name,root_meta", [("npy", "run_npy", "unistore.json"),
+                                                ("zarr", "run.zarr", "zarr.json"), ("pt", "run_pt", "unistore.json")])
+def test_remote_store_is_invisible_until_root_metadata_lands(fmt: str, name: str, root_meta: str,
+                                                             s3: dict[str, Any], proxy: FaultyProxy,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    import s3fs
-
+    monkeypatch.setenv("UNISTORE_RETRY_ATTEMPTS", "1")
     url = f"s3://{s3['bucket']}/{name}"
-    real_put = s3fs.S3FileSystem.put
-    calls = {"n": 0}
-
-    def put_then_die(self: Any, lpath: Any, rpath: Any, *a: Any, **kw: Any) -> Any:
-        calls["n"] += 1
-        if calls["n"] == 2:  # the group holding the root metadata: the writer "dies" here
-            raise KeyboardInterrupt("killed")
-        return real_put(self, lpath, rpath, *a, **kw)
-
-    monkeypatch.setattr(s3fs.S3FileSystem, "put", put_then_die)
-    store = us.create_store(url, format=fmt, storage_options=s3["options"])
+    options = _proxied(s3, proxy)
+    proxy.fail_put_suffix = f"{name}/{root_meta}"  # the connection dies just before the root metadata
+    store = us.create_store(url, format=fmt, storage_options=options)
     store.write_array("emb", np.ones((10, 4), np.float32))
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(OSError):
         store.commit()
-    monkeypatch.setattr(s3fs.S3FileSystem, "put", real_put)
-    with pytest.raises((errors.IncompleteStoreError, errors.StoreNotFoundError)):
+    assert proxy.failures >= 1
+    assert s3["fs"].exists(f"{s3['bucket']}/{name}/{'emb' if fmt == 'zarr' else 'emb.' + fmt}")
+    with pytest.raises(errors.IncompleteStoreError):
         us.open_store(url, storage_options=s3["options"])
-    # a retry with overwrite publishes a complete store
-    with us.create_store(url, format=fmt, storage_options=s3["options"], overwrite=True) as again:
+    proxy.fail_put_suffix = None
+    with us.create_store(url, format=fmt, storage_options=options, overwrite=True) as again:
         again.write_array("emb", np.full((10, 4), 2, np.float32))
     np.testing.assert_array_equal(us.open_store(url, storage_options=s3["options"])["emb"][...], 2)
 

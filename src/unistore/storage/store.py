@@ -337,6 +337,10 @@ def open_store(url: str | os.PathLike[str], mode: str = "r", format: str = "auto
     if mode != "r":
         raise ValueError(f"open_store supports mode='r' only, got {mode!r}; use create_store to write")
     location = url if isinstance(url, Location) else Location(url, storage_options)
+    if not location.is_local:
+        # fsspec caches listings per filesystem instance; a store published since
+        # must not be judged by a stale listing
+        location.fs.invalidate_cache(location.path)
     if format == "auto":
         format = detect_format(location)
     elif not location.exists():

@@ -10,10 +10,12 @@ arrays.  Written with h5py.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import threading
 import uuid
+import weakref
 from typing import Any
 
 import numpy as np
@@ -35,15 +37,19 @@ from unistore.storage.location import Location, retry_remote
 _LOCK = threading.Lock()  # libhdf5 is not thread-safe across files opened from Python threads
 
 
-def _open_h5(location: Location) -> Any:
+def _open_h5(location: Location) -> tuple[Any, Any]:
+    """(h5py.File, the fsspec file object under it or None)."""
     import h5py
 
+    fileobj = None
     try:
         if location.is_local:
-            return h5py.File(location.path, "r")
-        f = location.fs.open(location.path, "rb", block_size=1 << 20, cache_type="readahead")
-        return h5py.File(f, "r")
+            return h5py.File(location.path, "r"), None
+        fileobj = location.fs.open(location.path, "rb", block_size=1 << 20, cache_type="readahead")
+        return h5py.File(fileobj, "r"), fileobj
     except OSError as e:
+        if fileobj is not None:
+            fileobj.close()
         text = str(e)
         if "truncated" in text.lower() or "eof" in text.lower():
             raise TruncatedDataError(f"{location.url} is a truncated HDF5 file ({text}); re-create or re-download it") \
@@ -51,6 +57,15 @@ def _open_h5(location: Location) -> Any:
         if "signature" in text.lower() or "not an hdf5" in text.lower() or "unable to open" in text.lower():
             raise CorruptDataError(f"{location.url} is not a readable HDF5 file ({text})") from e
         raise
+
+
+def _close_h5(h5: Any, fileobj: Any) -> None:
+    # h5py first, then the Python file it reads through: the other order (or
+    # leaving it to garbage collection at interpreter exit) can crash libhdf5
+    if h5 is not None:
+        h5.close()
+    if fileobj is not None:
+        fileobj.close()
 
 
 def _plain(value: Any) -> Any:
@@ -63,6 +78,18 @@ def _plain(value: Any) -> Any:
     return value
 
 
+_OPEN_READERS: weakref.WeakSet[Hdf5BlockReader] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_readers() -> None:
+    # Spawned DataLoader workers exit through full interpreter finalization; an
+    # h5py file still open on a Python file object then crashes libhdf5.
+    # atexit runs before module teardown, while closing is still safe.
+    for reader in list(_OPEN_READERS):
+        reader.close()
+
+
 class Hdf5BlockReader:
     """Reads rows of one chunked dataset through h5py; reopens lazily per process."""
 
@@ -72,6 +99,7 @@ class Hdf5BlockReader:
         self.location = location
         self.name = name
         self._file: Any = None
+        self._fileobj: Any = None
         self._pid = -1
 
     def __getstate__(self) -> tuple[Location, str]:
@@ -80,11 +108,17 @@ class Hdf5BlockReader:
     def __setstate__(self, state: tuple[Location, str]) -> None:
         self.__init__(*state)  # type: ignore[misc]
 
+    def close(self) -> None:
+        if self._pid == os.getpid():
+            _close_h5(self._file, self._fileobj)
+        self._file = self._fileobj = None
+
     def read(self, start: int, stop: int) -> np.ndarray:
         with _LOCK:
             if self._file is None or self._pid != os.getpid():
-                self._file = retry_remote(lambda: _open_h5(self.location), self.location)
+                self._file, self._fileobj = retry_remote(lambda: _open_h5(self.location), self.location)
                 self._pid = os.getpid()
+                _OPEN_READERS.add(self)
             ds = self._file[self.name]
             try:
                 return retry_remote(lambda: ds[start:stop], self.location)
@@ -108,7 +142,7 @@ class Hdf5Format(Format):
         opened = OpenedStore(self.name, {})
         size = int(retry_remote(lambda: location.fs.size(location.path), location))
         with _LOCK:
-            f = retry_remote(lambda: _open_h5(location), location)
+            f, fileobj = retry_remote(lambda: _open_h5(location), location)
             try:
                 meta = loads_meta(_plain(f.attrs.get(META_KEY)))
                 opened.attrs.update({k: _plain(v) for k, v in f.attrs.items() if k != META_KEY})
@@ -119,7 +153,7 @@ class Hdf5Format(Format):
                     if info is not None:
                         opened.arrays[name] = info
             finally:
-                f.close()
+                _close_h5(f, fileobj)
         return apply_meta(opened, meta)
 
     def _describe(self, location: Location, name: str, ds: Any, size: int) -> ArrayInfo | RaggedInfo | None:
