@@ -81,7 +81,7 @@ def convert(src_url: str | os.PathLike[str], dst_url: str | os.PathLike[str], fo
                 dst.write_array(key, arr, attrs=arr.attrs)
                 bar.update(arr.nbytes)
                 continue
-            key_chunks = chunks.get(key) if isinstance(chunks, Mapping) else chunks
+            key_chunks = chunks.get(key) if isinstance(chunks, Mapping) else _fit_chunks(chunks, arr.shape)
             dst.write_array(key, _read_blocks(arr, bar), chunks=key_chunks, compression=compression, attrs=arr.attrs)
         dst.attrs.update(src.attrs)
         dst.commit()
@@ -91,6 +91,13 @@ def convert(src_url: str | os.PathLike[str], dst_url: str | os.PathLike[str], fo
     finally:
         bar.close()
     return ConvertReport(len(src), total, store_size(src.location), store_size(dst.location))
+
+
+def _fit_chunks(chunks: tuple[int, ...] | None, shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """One chunk shape for every array: leading entries apply, missing axes are whole."""
+    if chunks is None or not shape:
+        return None
+    return tuple(max(1, min(chunks[i], s or 1)) if i < len(chunks) else max(s, 1) for i, s in enumerate(shape))
 
 
 def _read_blocks(arr: Array, bar: Any) -> np.ndarray:
