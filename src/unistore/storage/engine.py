@@ -265,17 +265,21 @@ def _gather_chunks(layout: ChunkedLayout, indices: np.ndarray, stats: IOStats) -
     if len(indices) == 0:
         return np.empty((0,) + layout.shape[1:], layout.dtype)
     chunk_of = indices // cr
-    needed = np.unique(chunk_of)
-    n_chunks = -(-layout.shape[0] // cr)
     nbytes = int(np.prod(layout.shape, dtype=np.int64)) * layout.dtype.itemsize
     if nbytes <= chunk_cache.max_bytes:
+        n_chunks = -(-layout.shape[0] // cr)
         buf, loaded = chunk_cache.dense(layout.token, layout.shape, layout.dtype, n_chunks)
+        if loaded[chunk_of].all():  # warm: one fancy index, nothing else
+            stats.add(cache_hits=1)
+            return buf[indices]
+        needed = np.unique(chunk_of)
         missing = needed[~loaded[needed]]
         stats.add(cache_hits=len(needed) - len(missing))
         for first, slab in _load_runs(layout, missing, stats):
             buf[first * cr:first * cr + len(slab)] = slab
             loaded[first:first + -(-len(slab) // cr)] = True
         return buf[indices]
+    needed = np.unique(chunk_of)
 
     blocks: dict[int, np.ndarray] = {}
     missing_ids = []
