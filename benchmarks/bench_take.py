@@ -137,7 +137,8 @@ def s3_table(workdir: str, rows: int, dim: int, n_batches: int) -> list[list[str
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
-    options = {"key": "bench", "secret": "bench", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+    options = {"key": "bench", "secret": "bench",
+               "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
     boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="bench", aws_secret_access_key="bench",
                  region_name="us-east-1").create_bucket(Bucket="bench")
     fs = s3fs.S3FileSystem(**options)

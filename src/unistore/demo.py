@@ -102,8 +102,8 @@ def run_demo(rows: int = 200_000, dim: int = 384, workdir: str = "demo-data", ba
 
     results = [{"format": "numpy memmap (baseline)", "bytes": disk_bytes(raw_path), "rows_s": baseline, "ratio": 1.0}]
     for label, _fmt, _name, _opts in DEMO_STORES:
-        raw = {"embeddings": ((-1, dim), "float32")} if label.startswith("raw") else {}
-        store = open_store(urls[label], **({"raw": raw} if raw else {}))
+        options: dict[str, Any] = {"raw": {"embeddings": ((-1, dim), "float32")}} if label.startswith("raw") else {}
+        store = open_store(urls[label], **options)
         arr = store["embeddings"]
         got = arr.take(index_batches[0])
         if not np.array_equal(got, data["embeddings"][index_batches[0]]):

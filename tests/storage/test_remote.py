@@ -131,8 +131,7 @@ def test_secrets_never_appear_in_reprs_logs_or_cli(s3: dict[str, Any], tmp_path:
     with pytest.raises(errors.ArrayNotFoundError) as info:
         store["missing"]
     texts.append(str(info.value))
-    args = ["info", url, "-o", f"key=testing", "-o", f"secret={S3_SECRET}",
-            "-o", '{"endpoint_url": "x"}'.replace('{"endpoint_url": "x"}', f"endpoint_url={s3['endpoint']}")]
+    args = ["info", url, "-o", "key=testing", "-o", f"secret={S3_SECRET}", "-o", f"endpoint_url={s3['endpoint']}"]
     assert main(args) == 0
     out = capsys.readouterr()
     texts += [out.out, out.err, caplog.text]

@@ -248,7 +248,8 @@ class RaggedArray:
         return self.shape[0]
 
     def __repr__(self) -> str:
-        return f"<unistore.RaggedArray {self.key!r} rows={len(self)} dtype={dtype_name(self.dtype)} format={self.format}>"
+        return (f"<unistore.RaggedArray {self.key!r} rows={len(self)} dtype={dtype_name(self.dtype)} "
+                f"format={self.format}>")
 
     @property
     def offsets(self) -> np.ndarray:

@@ -205,7 +205,8 @@ def _is_transient(exc: BaseException) -> bool:
     if isinstance(exc, (ConnectionError, TimeoutError, ShortReadError)):
         return True
     text = f"{type(exc).__name__} {exc}"
-    markers = ("SlowDown", "reduce your request rate", "503", "500", "502", "504", "InternalError", "ServiceUnavailable", "Throttl",
+    markers = ("SlowDown", "reduce your request rate", "503", "500", "502", "504", "InternalError",
+               "ServiceUnavailable", "Throttl",
                "ConnectionReset", "Connection reset", "EndpointConnectionError", "ReadTimeout",
                "IncompleteRead", "ResponseStreamingError", "ClientPayloadError", "ServerDisconnected")
     if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:

@@ -51,7 +51,7 @@ def checksum_of(parts: Sequence[np.ndarray]) -> str:
 def _bytes_view(data: np.ndarray) -> memoryview:
     """The raw bytes of ``data`` (works for extension dtypes such as bfloat16)."""
     flat = np.ascontiguousarray(data).reshape(-1)
-    return memoryview(flat.view(np.uint8) if flat.size else np.empty(0, np.uint8))
+    return (flat.view(np.uint8) if flat.size else np.empty(0, np.uint8)).data
 
 
 def _check_dtype(key: str, data: np.ndarray) -> None:
@@ -418,11 +418,12 @@ def _publish_remote(staging: str, location: Location, last: list[str], single_fi
     files = sorted(os.path.relpath(os.path.join(d, f), staging) for d, _, fs_ in os.walk(staging) for f in fs_)
     first = [f for f in files if f.replace(os.sep, "/") not in last]
     final = [f for f in files if f.replace(os.sep, "/") in last]
-    for group in (first, final):
-        if not group:
-            continue
-        lpaths = [os.path.join(staging, f) for f in group]
-        rpaths = [f"{dest}/{f.replace(os.sep, '/')}" for f in group]
-        retry_remote(lambda: fs.put(lpaths, rpaths), location)
+
+    def upload(group: list[str]) -> None:
+        if group:
+            fs.put([os.path.join(staging, f) for f in group], [f"{dest}/{f.replace(os.sep, '/')}" for f in group])
+
+    retry_remote(lambda: upload(first), location)
+    retry_remote(lambda: upload(final), location)
     retry_remote(lambda: fs.rm_file(marker), location)
     fs.invalidate_cache(dest)

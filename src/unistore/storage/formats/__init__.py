@@ -11,7 +11,6 @@ from __future__ import annotations
 import importlib
 import posixpath
 import warnings
-from typing import Any
 
 from unistore.errors import MissingDependencyError, StoreNotFoundError, UnknownFormatError
 from unistore.storage.formats.base import META_NAME, PENDING_NAME, Format, incomplete_error, loads_meta

@@ -22,11 +22,12 @@ from unistore.storage.formats.base import (
     Format,
     FormatWriter,
     OpenedStore,
-    file_location,
     apply_meta,
+    file_location,
     head_bytes,
     list_members,
     read_dir_meta,
+    read_range,
 )
 from unistore.storage.layout import ContiguousLayout, InMemoryLayout, file_stamp
 from unistore.storage.location import Location, retry_remote
@@ -109,7 +110,7 @@ class NpyFormat(Format):
                 raise FormatError(f"{floc.url} has no .npy header; if it is a raw np.memmap dump, pass "
                                   f"raw={{{key!r}: (shape, dtype)}} to open_store")
             if len(head) >= _HEAD and b"\n" not in head[10:]:
-                head = retry_remote(lambda: floc.fs.cat_file(path, start=0, end=1 << 20), floc)
+                head = read_range(floc, 0, 1 << 20)
             shape, dtype, fortran, offset = parse_npy_header(head, floc.url)
             nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
             if size < offset + nbytes:
@@ -117,7 +118,7 @@ class NpyFormat(Format):
                                          "re-create or re-download it")
             if fortran and len(shape) > 1:
                 # rows are not contiguous; such files are rare and read whole
-                data = np.load(io.BytesIO(retry_remote(lambda: floc.fs.cat_file(path), floc)), allow_pickle=False)
+                data = np.load(io.BytesIO(read_range(floc)), allow_pickle=False)
                 layout: Any = InMemoryLayout(np.ascontiguousarray(data))
             else:
                 layout = ContiguousLayout(floc, offset, shape, dtype, file_stamp(floc))

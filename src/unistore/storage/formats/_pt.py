@@ -21,7 +21,13 @@ from typing import Any
 
 import numpy as np
 
-from unistore.errors import CorruptDataError, FormatError, RemoteError, TruncatedDataError, UnsafePickleError
+from unistore.errors import (
+    CorruptDataError,
+    FormatError,
+    RemoteError,
+    TruncatedDataError,
+    UnsafePickleError,
+)
 from unistore.storage.formats.base import (
     META_NAME,
     ArrayInfo,
@@ -97,7 +103,8 @@ def _tensor_info(key: str, t: Any, floc: Location, size: int) -> ArrayInfo | Non
     if start + nbytes > size:
         raise TruncatedDataError(f"{floc.url} is truncated: tensor {key!r} ends at byte {start + nbytes} of "
                                  f"{size}; re-create or re-download it")
-    return ArrayInfo(key, shape, dtype, ContiguousLayout(floc, start, shape, dtype, file_stamp(floc)), stored_nbytes=nbytes)
+    layout = ContiguousLayout(floc, start, shape, dtype, file_stamp(floc))
+    return ArrayInfo(key, shape, dtype, layout, stored_nbytes=nbytes)
 
 
 def _ragged_info(key: str, rows: list[Any]) -> RaggedInfo | ArrayInfo:

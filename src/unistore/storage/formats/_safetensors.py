@@ -28,6 +28,7 @@ from unistore.storage.formats.base import (
     list_members,
     loads_meta,
     read_dir_meta,
+    read_range,
 )
 from unistore.storage.layout import ContiguousLayout, file_stamp
 from unistore.storage.location import Location, retry_remote
@@ -104,7 +105,7 @@ class SafetensorsFormat(Format):
             floc = file_location(location, path)
             if len(head) >= 8 and 8 + int.from_bytes(head[:8], "little") > len(head) and size > len(head):
                 end = min(size, 8 + int.from_bytes(head[:8], "little"))
-                head = retry_remote(lambda: floc.fs.cat_file(path, start=0, end=end), floc)
+                head = read_range(floc, 0, end)
             header, data_start = parse_header(head, size, floc.url)
             stamp = file_stamp(floc)
             file_meta = header.pop("__metadata__", None) or {}

@@ -252,6 +252,13 @@ def incomplete_error(location: Location) -> Exception:
                                 "wait for the writer, or delete it and write it again")
 
 
+def read_range(location: Location, start: int | None = None, end: int | None = None) -> bytes:
+    """Bytes ``[start, end)`` of the file at ``location`` (retried when remote)."""
+    from unistore.storage.location import retry_remote
+
+    return bytes(retry_remote(lambda: location.fs.cat_file(location.path, start=start, end=end), location))
+
+
 def head_bytes(location: Location, paths: list[str], nbytes: int) -> list[bytes]:
     """The first ``nbytes`` of several files, fetched concurrently."""
     from unistore.storage.location import retry_remote
