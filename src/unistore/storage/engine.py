@@ -251,12 +251,18 @@ def _load_runs(layout: ChunkedLayout, chunk_ids: np.ndarray, stats: IOStats) -> 
         return first, layout.reader.read(first * cr, min(stop * cr, n))
 
     runs = _runs(chunk_ids)
+    counter = getattr(layout.reader, "fetched", None)
+    before = counter() if counter else None
     if len(runs) > 1 and layout.reader.concurrent:
         with ThreadPoolExecutor(max_workers=min(16, len(runs))) as pool:
             slabs = list(pool.map(load, runs))
     else:
         slabs = [load(run) for run in runs]
-    stats.add(requests=len(runs), nbytes=sum(s.nbytes for _, s in slabs), chunks_decoded=len(chunk_ids))
+    after = counter() if counter else None
+    if before is not None and after is not None:  # the reader knows what it fetched from storage
+        stats.add(requests=after[0] - before[0], nbytes=after[1] - before[1], chunks_decoded=len(chunk_ids))
+    else:  # otherwise count one request per run and the decoded bytes
+        stats.add(requests=len(runs), nbytes=sum(s.nbytes for _, s in slabs), chunks_decoded=len(chunk_ids))
     return slabs
 
 

@@ -45,7 +45,7 @@ def _open_h5(location: Location) -> tuple[Any, Any]:
     try:
         if location.is_local:
             return h5py.File(location.path, "r"), None
-        fileobj = location.fs.open(location.path, "rb", block_size=1 << 20, cache_type="readahead")
+        fileobj = _CountingFile(location.fs.open(location.path, "rb", block_size=1 << 20, cache_type="readahead"))
         return h5py.File(fileobj, "r"), fileobj
     except OSError as e:
         if fileobj is not None:
@@ -57,6 +57,42 @@ def _open_h5(location: Location) -> tuple[Any, Any]:
         if "signature" in text.lower() or "not an hdf5" in text.lower() or "unable to open" in text.lower():
             raise CorruptDataError(f"{location.url} is not a readable HDF5 file ({text})") from e
         raise
+
+
+class _CountingFile:
+    """A read-only file object that counts the reads h5py makes through it."""
+
+    def __init__(self, f: Any):
+        self._f = f
+        self.requests = 0
+        self.nbytes = 0
+
+    def readinto(self, buf: Any) -> int:
+        n = self._f.readinto(buf)
+        self.requests += 1
+        self.nbytes += n or 0
+        return int(n or 0)
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._f.read(size)
+        self.requests += 1
+        self.nbytes += len(data)
+        return bytes(data)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return int(self._f.seek(offset, whence))
+
+    def tell(self) -> int:
+        return int(self._f.tell())
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self._f.close()
 
 
 def _close_h5(h5: Any, fileobj: Any) -> None:
@@ -107,6 +143,12 @@ class Hdf5BlockReader:
 
     def __setstate__(self, state: tuple[Location, str]) -> None:
         self.__init__(*state)  # type: ignore[misc]
+
+    def fetched(self) -> tuple[int, int] | None:
+        """Reads made through the remote file object (None for local files: h5py reads them itself)."""
+        if self._fileobj is None or self._pid != os.getpid():
+            return None
+        return (self._fileobj.requests, self._fileobj.nbytes)
 
     def close(self) -> None:
         if self._pid == os.getpid():

@@ -8,6 +8,7 @@ byte-bounded LRU.  Written with zarr-python as zarr v3.
 from __future__ import annotations
 
 import os
+import threading
 import uuid
 from typing import Any
 
@@ -40,11 +41,34 @@ def _zarr_store(location: Location) -> Any:
                                 read_only=True)
 
 
-def _open_node(location: Location) -> Any:
+def _counting_store(location: Location) -> Any:
+    """The zarr store for ``location`` wrapped so every object read is counted."""
+    from zarr.storage import WrapperStore
+
+    class CountingStore(WrapperStore[Any]):
+        requests = 0
+        nbytes = 0
+
+        async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+            buf = await self._store.get(key, prototype, byte_range)
+            self.requests += 1
+            self.nbytes += len(buf) if buf is not None else 0
+            return buf
+
+        async def get_partial_values(self, prototype: Any, key_ranges: Any) -> Any:
+            bufs = await self._store.get_partial_values(prototype, key_ranges)
+            self.requests += len(bufs)
+            self.nbytes += sum(len(b) for b in bufs if b is not None)
+            return bufs
+
+    return CountingStore(_zarr_store(location))
+
+
+def _open_node(location: Location, store: Any = None) -> Any:
     import zarr
 
     try:
-        return zarr.open(store=_zarr_store(location), mode="r")
+        return zarr.open(store=store if store is not None else _zarr_store(location), mode="r")
     except FileNotFoundError as e:
         if location.fs.exists(f"{location.path.rstrip('/')}/{PENDING_NAME}"):
             raise incomplete_error(location) from e
@@ -63,6 +87,9 @@ def _codec_names(arr: Any) -> str | None:
     return ",".join(names) or None
 
 
+_OPEN_LOCK = threading.Lock()
+
+
 class ZarrBlockReader:
     """Reads rows ``[start, stop)`` of one zarr array; reopens lazily per process."""
 
@@ -72,6 +99,7 @@ class ZarrBlockReader:
         self.location = location
         self.path = path
         self._array: Any = None
+        self._store: Any = None
         self._pid = -1
 
     def __getstate__(self) -> tuple[Location, str]:
@@ -81,11 +109,19 @@ class ZarrBlockReader:
         self.__init__(*state)  # type: ignore[misc]
 
     def _arr(self) -> Any:
-        if self._array is None or self._pid != os.getpid():
-            node = _open_node(self.location)
-            self._array = node[self.path] if self.path else node
-            self._pid = os.getpid()
-        return self._array
+        with _OPEN_LOCK:  # the engine's threads must share one handle (and its counters)
+            if self._array is None or self._pid != os.getpid():
+                self._store = _counting_store(self.location)
+                node = _open_node(self.location, self._store)
+                self._array = node[self.path] if self.path else node
+                self._pid = os.getpid()
+            return self._array
+
+    def fetched(self) -> tuple[int, int]:
+        """Objects read and bytes they held, in this process (before decoding)."""
+        if self._store is None or self._pid != os.getpid():
+            return (0, 0)
+        return (self._store.requests, self._store.nbytes)
 
     def read(self, start: int, stop: int) -> np.ndarray:
         arr = retry_remote(self._arr, self.location)
