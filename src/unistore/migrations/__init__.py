@@ -1,0 +1,117 @@
+"""Catalog migrations: Alembic inside the package, configured in code.
+
+>>> from unistore import migrations
+>>> migrations.upgrade("sqlite:///catalog.db")          # to head
+>>> migrations.current_revision(engine)
+>>> migrations.check(engine)                            # [] when models and migrations agree
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine
+
+__all__ = ["alembic_config", "upgrade", "downgrade", "current_revision", "head_revision", "history", "check",
+           "import_legacy"]
+
+HERE = Path(__file__).resolve().parent
+
+
+def alembic_config(connection: Any = None) -> Any:
+    """An ``alembic.config.Config`` pointing into this package (no alembic.ini)."""
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(HERE))
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
+def _engine(target: Engine | str | os.PathLike[str] | None) -> tuple[Engine, bool]:
+    if isinstance(target, Engine):
+        return target, False
+    from unistore.schemas.engine import make_engine
+
+    return make_engine(target), True
+
+
+def _run(target: Engine | str | os.PathLike[str] | None, action: str, revision: str) -> None:
+    from alembic import command
+
+    engine, owned = _engine(target)
+    try:
+        with engine.begin() as conn:
+            getattr(command, action)(alembic_config(conn), revision)
+    finally:
+        if owned:
+            engine.dispose()
+
+
+def upgrade(target: Engine | str | os.PathLike[str] | None = None, revision: str = "head") -> None:
+    """Migrate the catalog at ``target`` (engine, URL or SQLite path) up to ``revision``."""
+    _run(target, "upgrade", revision)
+
+
+def downgrade(target: Engine | str | os.PathLike[str] | None, revision: str) -> None:
+    """Migrate the catalog down to ``revision`` (``base`` removes every table)."""
+    _run(target, "downgrade", revision)
+
+
+def current_revision(target: Engine | str | os.PathLike[str] | None = None) -> str | None:
+    """The catalog's revision, or None for a database never migrated."""
+    from alembic.runtime.migration import MigrationContext
+
+    engine, owned = _engine(target)
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    finally:
+        if owned:
+            engine.dispose()
+
+
+def _script() -> Any:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config())
+
+
+def head_revision() -> str:
+    """The newest revision shipped with this unistore (exactly one head)."""
+    heads = _script().get_heads()
+    if len(heads) != 1:
+        raise RuntimeError(f"unistore migrations have {len(heads)} heads: {heads}")
+    return str(heads[0])
+
+
+def history() -> list[tuple[str, str | None, str]]:
+    """``(revision, down_revision, message)`` from newest to oldest."""
+    return [(s.revision, s.down_revision, s.doc) for s in _script().walk_revisions()]  # type: ignore[misc]
+
+
+def check(target: Engine | str | os.PathLike[str] | None = None) -> list[Any]:
+    """Differences between the models and the migrated database ([] when none)."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from unistore.schemas.models import Base
+
+    engine, owned = _engine(target)
+    try:
+        with engine.connect() as conn:
+            ctx = MigrationContext.configure(conn, opts={"compare_type": True, "compare_server_default": True})
+            return list(compare_metadata(ctx, Base.metadata))
+    finally:
+        if owned:
+            engine.dispose()
+
+
+def __getattr__(name: str) -> Any:
+    if name == "import_legacy":
+        from unistore.migrations.legacy import import_legacy
+
+        return import_legacy
+    raise AttributeError(name)

@@ -1,0 +1,44 @@
+"""The catalog: SQLAlchemy models, the NDArray column type and connections."""
+
+from unistore.schemas.engine import Catalog, CatalogOutdatedError, connect, make_engine, resolve_url, safe_url
+from unistore.schemas.models import (
+    LABEL_KINDS,
+    Base,
+    Dataset,
+    DatasetArray,
+    DatasetInfo,
+    DatasetUsage,
+    DeltaEmbeddingCache,
+    Experiment,
+    ExperimentMetric,
+    Label,
+    Sample,
+    Split,
+    TrainingHistoryRef,
+)
+from unistore.schemas.types import NDArray, decode_array, encode_array
+
+__all__ = [
+    "Catalog",
+    "CatalogOutdatedError",
+    "connect",
+    "make_engine",
+    "resolve_url",
+    "safe_url",
+    "Base",
+    "Dataset",
+    "DatasetArray",
+    "DatasetInfo",
+    "DatasetUsage",
+    "DeltaEmbeddingCache",
+    "Experiment",
+    "ExperimentMetric",
+    "Label",
+    "LABEL_KINDS",
+    "Sample",
+    "Split",
+    "TrainingHistoryRef",
+    "NDArray",
+    "encode_array",
+    "decode_array",
+]

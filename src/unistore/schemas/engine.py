@@ -1,0 +1,169 @@
+"""Connections to the catalog: SQLite by default, PostgreSQL for shared use.
+
+SQLite gets WAL, foreign keys, a busy timeout and ``BEGIN IMMEDIATE``
+transactions, so concurrent writers queue instead of failing with "database
+is locked".  PostgreSQL goes through psycopg 3.  After ``fork`` a child never
+reuses its parent's pooled connections.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from unistore.errors import UnistoreError
+
+__all__ = ["Catalog", "connect", "make_engine", "resolve_url", "safe_url", "CatalogOutdatedError",
+           "DEFAULT_CATALOG"]
+
+#: File name of the default SQLite catalog (in the working directory, or set UNISTORE_CATALOG_URL).
+DEFAULT_CATALOG = "catalog.db"
+SQLITE_BUSY_TIMEOUT_S = 60.0
+
+
+class CatalogOutdatedError(UnistoreError, RuntimeError):
+    """The catalog's schema is older (or newer) than this version of unistore."""
+
+
+_ENGINES: weakref.WeakSet[Engine] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # the parent's pooled connections belong to the parent: drop them unclosed
+    for engine in list(_ENGINES):
+        engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def resolve_url(url: str | os.PathLike[str] | None = None) -> str:
+    """A SQLAlchemy URL from a URL, a path to a SQLite file, or the default.
+
+    ``None`` means ``$UNISTORE_CATALOG_URL`` or ``sqlite:///catalog.db``;
+    ``postgresql://`` URLs use psycopg 3.
+    """
+    if url is None:
+        url = os.environ.get("UNISTORE_CATALOG_URL") or DEFAULT_CATALOG
+    url = os.fspath(url)
+    if "://" not in url:
+        return f"sqlite:///{os.path.abspath(url)}"
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        return "postgresql+psycopg://" + url.split("://", 1)[1]
+    return url
+
+
+def safe_url(url: str | Any) -> str:
+    """The URL with its password hidden, for messages and logs."""
+    return make_url(str(url)).render_as_string(hide_password=True)
+
+
+def make_engine(url: str | os.PathLike[str] | None = None, **kwargs: Any) -> Engine:
+    """An engine with unistore's connection settings (no schema check)."""
+    full = resolve_url(url)
+    is_sqlite = full.startswith("sqlite")
+    if is_sqlite:
+        kwargs.setdefault("connect_args", {}).setdefault("timeout", SQLITE_BUSY_TIMEOUT_S)
+    engine = create_engine(full, **kwargs)
+    if is_sqlite:
+        _configure_sqlite(engine)
+    _ENGINES.add(engine)
+    return engine
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None  # SQLAlchemy emits BEGIN itself, below
+        cursor = dbapi_conn.cursor()
+        if engine.url.database not in (None, "", ":memory:"):
+            cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        # take the write lock up front: a deferred transaction that later writes
+        # fails at once with "database is locked" instead of waiting its turn
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+class Catalog:
+    """An open catalog: an engine plus a session factory.
+
+    >>> catalog = unistore.schemas.connect("catalog.db")
+    >>> with catalog.session() as s:
+    ...     s.add(Dataset(name="run1", store_url="s3://bucket/run1.zarr"))
+    """
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    @property
+    def url(self) -> str:
+        return safe_url(self.engine.url)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session committed on success and rolled back on error."""
+        with self._sessions() as session, session.begin():
+            yield session
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __repr__(self) -> str:
+        return f"<unistore.Catalog {self.url}>"
+
+    def __enter__(self) -> Catalog:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def connect(url: str | os.PathLike[str] | None = None, upgrade: bool | None = None, **engine_kwargs: Any) -> Catalog:
+    """Open the catalog at ``url`` and check that its schema is current.
+
+    An empty database is migrated to the current schema (a new catalog);
+    ``upgrade=True`` also migrates an outdated one, ``upgrade=False`` never
+    migrates.
+
+    Raises:
+        CatalogOutdatedError: the schema is behind (or ahead of) this version,
+            naming the ``unistore db upgrade`` command that fixes it.
+    """
+    from unistore.migrations import current_revision, head_revision
+    from unistore.migrations import upgrade as run_upgrade
+
+    engine = make_engine(url, **engine_kwargs)
+    current = current_revision(engine)
+    head = head_revision()
+    if current != head:
+        if upgrade or (upgrade is None and current is None and _is_empty(engine)):
+            run_upgrade(engine, "head")
+        else:
+            shown = safe_url(engine.url)
+            engine.dispose()
+            raise CatalogOutdatedError(
+                f"the catalog at {shown} is at schema revision {current or 'none'}, this unistore needs {head}; "
+                f"run: unistore db upgrade --url '{shown}'"
+            )
+    return Catalog(engine)
+
+
+def _is_empty(engine: Engine) -> bool:
+    from sqlalchemy import inspect
+
+    with engine.connect() as conn:
+        return not [t for t in inspect(conn).get_table_names() if t != "alembic_version"]

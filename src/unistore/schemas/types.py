@@ -1,0 +1,87 @@
+"""Column types: :class:`NDArray` stores a numpy array as raw bytes + dtype + shape.
+
+Never pickle: the blob is ``b"UNDA"``, a 4-byte little-endian header length, a
+JSON header ``{"dtype": ..., "shape": [...]}`` and the C-ordered bytes.
+Every numeric dtype (bfloat16 included) round-trips exactly; object arrays
+are refused.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+from sqlalchemy import LargeBinary
+from sqlalchemy.types import TypeDecorator
+
+from unistore.errors import CorruptDataError, ShapeMismatchError
+
+__all__ = ["NDArray", "encode_array", "decode_array"]
+
+_MAGIC = b"UNDA"
+
+
+def _dtype_from_name(name: str) -> np.dtype[Any]:
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+def encode_array(value: Any) -> bytes:
+    """The blob for ``value`` (anything ``np.asarray`` accepts, numeric only).
+
+    Raises:
+        ShapeMismatchError: object, string or structured arrays.
+    """
+    from unistore.storage.formats.base import dtype_name
+
+    arr = np.asarray(value)
+    if arr.dtype.hasobject or arr.dtype.kind not in "biufcV" or arr.dtype.fields:
+        raise ShapeMismatchError(f"NDArray columns hold numeric arrays only, got dtype {arr.dtype}")
+    if arr.dtype.kind == "V" and dtype_name(arr.dtype) != "bfloat16":
+        raise ShapeMismatchError(f"NDArray columns hold numeric arrays only, got dtype {arr.dtype}")
+    arr = np.ascontiguousarray(arr)
+    if arr.dtype.byteorder == ">":
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    header = json.dumps({"dtype": dtype_name(arr.dtype), "shape": list(arr.shape)}).encode()
+    flat = arr.reshape(-1).view(np.uint8) if arr.size else np.empty(0, np.uint8)
+    return _MAGIC + len(header).to_bytes(4, "little") + header + flat.tobytes()
+
+
+def decode_array(blob: bytes) -> np.ndarray:
+    """The array stored by :func:`encode_array` (a fresh, writable copy).
+
+    Raises:
+        CorruptDataError: the blob is not an NDArray blob or is truncated.
+    """
+    blob = bytes(blob)
+    if not blob.startswith(_MAGIC) or len(blob) < 8:
+        raise CorruptDataError("catalog array blob has no NDArray header; the row is corrupt")
+    n = int.from_bytes(blob[4:8], "little")
+    try:
+        header = json.loads(blob[8:8 + n])
+        dtype = _dtype_from_name(header["dtype"])
+        shape = tuple(int(s) for s in header["shape"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CorruptDataError(f"catalog array blob has an unreadable header ({e})") from e
+    body = blob[8 + n:]
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(body) != expected:
+        raise CorruptDataError(f"catalog array blob holds {len(body)} bytes, shape {shape} {dtype} needs {expected}")
+    return np.frombuffer(body, dtype=dtype).reshape(shape).copy()
+
+
+class NDArray(TypeDecorator[np.ndarray]):
+    """A numpy array column: raw bytes + dtype + shape, never pickle."""
+
+    impl = LargeBinary
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Any) -> bytes | None:
+        return None if value is None else encode_array(value)
+
+    def process_result_value(self, value: Any, dialect: Any) -> np.ndarray | None:
+        return None if value is None else decode_array(value)
