@@ -1,4 +1,4 @@
-"""The ``unistore`` command line: ``info``, ``ls``, ``convert``, ``verify``, ``demo``.
+"""The ``unistore`` command line: ``info``, ``ls``, ``convert``, ``verify``, ``db ...``, ``demo``.
 
 Storage options are passed as ``-o key=value`` (values parsed as JSON when
 they can be), e.g. ``-o endpoint_url=http://127.0.0.1:9000 -o anon=true``;
@@ -108,6 +108,58 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_db(args: argparse.Namespace) -> int:
+    from unistore import migrations
+    from unistore.schemas.engine import make_engine, safe_url, unavailable_as_typed
+
+    if args.db_command == "history":
+        for rev, down, doc in migrations.history():
+            print(f"{down or 'base'} -> {rev}  {doc.splitlines()[0]}")
+        return 0
+    if args.db_command == "import-legacy":
+        from unistore.migrations.legacy import import_legacy
+
+        report = import_legacy(args.path, args.url, name=args.name, skip_bad=args.skip_bad, progress=not args.quiet)
+        print(report)
+        return 0
+    engine = make_engine(args.url)
+    shown = safe_url(engine.url)
+    try:
+        with unavailable_as_typed(engine):
+            return _db_on_engine(args, engine, shown)
+    finally:
+        engine.dispose()
+
+
+def _db_on_engine(args: argparse.Namespace, engine: Any, shown: str) -> int:
+    from unistore import migrations
+
+    if args.db_command == "upgrade":
+        migrations.upgrade(engine, args.revision)
+        print(f"{shown} is at revision {migrations.current_revision(engine)}")
+    elif args.db_command == "downgrade":
+        migrations.downgrade(engine, args.revision)
+        print(f"{shown} is at revision {migrations.current_revision(engine) or 'base'}")
+    elif args.db_command == "current":
+        current, head = migrations.current_revision(engine), migrations.head_revision()
+        state = "up to date" if current == head else f"behind head {head}: run unistore db upgrade"
+        print(f"{shown}: revision {current or 'none'} ({state})")
+    elif args.db_command == "check":
+        current, head = migrations.current_revision(engine), migrations.head_revision()
+        if current != head:
+            print(f"{shown} is at revision {current or 'none'}, head is {head}: run unistore db upgrade",
+                  file=sys.stderr)
+            return 1
+        diffs = migrations.check(engine)
+        if diffs:
+            print("the models and the migrated schema differ (a migration is missing):", file=sys.stderr)
+            for diff in diffs:
+                print(f"  {diff}", file=sys.stderr)
+            return 1
+        print(f"{shown}: models and migrations agree at revision {head}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unistore", description="One storage layer for ML training data.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -135,6 +187,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--src-option", action="append", metavar="KEY=VALUE")
     p.add_argument("--dst-option", action="append", metavar="KEY=VALUE")
     p.set_defaults(func=cmd_convert)
+
+    db = sub.add_parser("db", help="catalog migrations and the legacy importer")
+    dbsub = db.add_subparsers(dest="db_command", required=True)
+    url_help = "catalog URL or SQLite path (default: $UNISTORE_CATALOG_URL or ./catalog.db)"
+
+    def db_cmd(name: str, help: str) -> argparse.ArgumentParser:
+        p = dbsub.add_parser(name, help=help)
+        p.add_argument("--url", default=None, help=url_help)
+        p.set_defaults(func=cmd_db)
+        return p
+
+    db_cmd("upgrade", "migrate the catalog up (default: to head)").add_argument("revision", nargs="?", default="head")
+    db_cmd("downgrade", "migrate the catalog down to REVISION ('base' drops everything)").add_argument("revision")
+    db_cmd("current", "show the catalog's revision")
+    db_cmd("history", "list the migrations")
+    db_cmd("check", "exit non-zero when the models and the migrations differ")
+    p = db_cmd("import-legacy", "import a legacy dataset.db (pickled labels) into the catalog")
+    p.add_argument("path", help="the legacy dataset.db")
+    p.add_argument("--name", help="dataset name (default: the directory holding dataset.db)")
+    p.add_argument("--skip-bad", action="store_true", help="import good rows and report bad ones")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("demo", help="write an embedding dataset in every format and compare read speed")
     p.add_argument("--rows", type=int, default=200_000)

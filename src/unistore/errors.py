@@ -27,6 +27,7 @@ __all__ = [
     "ChecksumMismatchError",
     "UnsupportedError",
     "OutOfBoundsError",
+    "CatalogUnavailableError",
 ]
 
 
@@ -103,3 +104,7 @@ class UnsupportedError(UnistoreError, ValueError):
 
 class OutOfBoundsError(UnistoreError, IndexError):
     """A row index is outside the array."""
+
+
+class CatalogUnavailableError(UnistoreError, ConnectionError):
+    """The catalog database cannot be reached or opened."""

@@ -16,9 +16,10 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError, StatementError
 from sqlalchemy.orm import Session, sessionmaker
 
-from unistore.errors import UnistoreError
+from unistore.errors import CatalogUnavailableError, UnistoreError
 
 __all__ = ["Catalog", "connect", "make_engine", "resolve_url", "safe_url", "CatalogOutdatedError",
            "DEFAULT_CATALOG"]
@@ -115,9 +116,18 @@ class Catalog:
 
     @contextmanager
     def session(self) -> Iterator[Session]:
-        """A session committed on success and rolled back on error."""
-        with self._sessions() as session, session.begin():
-            yield session
+        """A session committed on success and rolled back on error.
+
+        A unistore error raised while binding a value (e.g. an object array for
+        an NDArray column) surfaces as itself, not wrapped by SQLAlchemy.
+        """
+        try:
+            with self._sessions() as session, session.begin():
+                yield session
+        except StatementError as e:
+            if isinstance(e.orig, UnistoreError):
+                raise e.orig from e
+            raise
 
     def close(self) -> None:
         self.engine.dispose()
@@ -147,7 +157,8 @@ def connect(url: str | os.PathLike[str] | None = None, upgrade: bool | None = No
     from unistore.migrations import upgrade as run_upgrade
 
     engine = make_engine(url, **engine_kwargs)
-    current = current_revision(engine)
+    with unavailable_as_typed(engine):
+        current = current_revision(engine)
     head = head_revision()
     if current != head:
         if upgrade or (upgrade is None and current is None and _is_empty(engine)):
@@ -160,6 +171,17 @@ def connect(url: str | os.PathLike[str] | None = None, upgrade: bool | None = No
                 f"run: unistore db upgrade --url '{shown}'"
             )
     return Catalog(engine)
+
+
+@contextmanager
+def unavailable_as_typed(engine: Engine) -> Iterator[None]:
+    """Turn a failure to reach the database into :class:`CatalogUnavailableError` (password hidden)."""
+    try:
+        yield
+    except OperationalError as e:
+        reason = str(e.orig or e).splitlines()[0]
+        raise CatalogUnavailableError(f"cannot open the catalog at {safe_url(engine.url)}: {reason}; check that the "
+                                      "server is running and the URL is right") from e
 
 
 def _is_empty(engine: Engine) -> bool:

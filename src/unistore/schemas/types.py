@@ -43,7 +43,8 @@ def encode_array(value: Any) -> bytes:
         raise ShapeMismatchError(f"NDArray columns hold numeric arrays only, got dtype {arr.dtype}")
     if arr.dtype.kind == "V" and dtype_name(arr.dtype) != "bfloat16":
         raise ShapeMismatchError(f"NDArray columns hold numeric arrays only, got dtype {arr.dtype}")
-    arr = np.ascontiguousarray(arr)
+    if not arr.flags.c_contiguous:  # (np.ascontiguousarray would turn 0-d into 1-d)
+        arr = arr.copy(order="C")
     if arr.dtype.byteorder == ">":
         arr = arr.astype(arr.dtype.newbyteorder("<"))
     header = json.dumps({"dtype": dtype_name(arr.dtype), "shape": list(arr.shape)}).encode()

@@ -1,0 +1,257 @@
+"""Import a legacy ``dataset.db`` (the ClusterLabeledDataset raw SQLite layout) into the catalog.
+
+The legacy file keeps labels as pickled numpy arrays.  They are read with
+:class:`NumpyOnlyUnpickler`, which admits exactly the globals numpy uses to
+rebuild an array (numpy 1.x and 2.x names, pickle protocols 2-5) and nothing
+else: a malicious blob raises :class:`~unistore.errors.UnsafePickleError`
+without running anything.  The legacy file is opened read-only.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from unistore.errors import CorruptDataError, ShapeMismatchError, StoreNotFoundError, UnistoreError, UnsafePickleError
+
+__all__ = ["NumpyOnlyUnpickler", "load_numpy_pickle", "import_legacy", "ImportReport", "LegacyImportError",
+           "LEGACY_KIND"]
+
+#: ``datasets.kind`` of datasets created by this importer.
+LEGACY_KIND = "cluster_labeled_legacy"
+LABEL_COLUMNS = ("source_label", "steering_label", "combined_label")
+
+
+class LegacyImportError(UnistoreError, ValueError):
+    """A legacy row is bad and ``skip_bad`` was not set: nothing was imported."""
+
+
+def _safe_dtype(spec: Any, align: bool = False, copy: bool = False) -> np.dtype[Any]:
+    dtype = np.dtype(spec, align=align, copy=copy)
+    if dtype.hasobject:
+        raise UnsafePickleError("pickled array has an object dtype; only numeric arrays are imported")
+    return dtype
+
+
+def _numpy_globals() -> dict[tuple[str, str], Any]:
+    try:
+        from numpy._core import multiarray, numeric
+    except ImportError:  # numpy 1.x
+        from numpy.core import multiarray, numeric  # type: ignore[no-redef]
+    table: dict[tuple[str, str], Any] = {}
+    for core in ("numpy.core", "numpy._core"):  # pickles name numpy 1.x or 2.x modules
+        table[(f"{core}.multiarray", "_reconstruct")] = multiarray._reconstruct
+        table[(f"{core}.numeric", "_frombuffer")] = numeric._frombuffer  # type: ignore[attr-defined]
+    table[("numpy", "ndarray")] = np.ndarray
+    table[("numpy", "dtype")] = _safe_dtype
+    return table
+
+
+_ALLOWED = _numpy_globals()
+
+
+class NumpyOnlyUnpickler(pickle.Unpickler):
+    """An unpickler that can build numeric numpy arrays and nothing else."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _ALLOWED[(module, name)]
+        except KeyError:
+            raise UnsafePickleError(
+                f"pickle refers to {module}.{name}; only numpy array pickles are accepted, so it was not run"
+            ) from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise UnsafePickleError("pickle uses persistent ids; only numpy array pickles are accepted")
+
+
+def load_numpy_pickle(blob: bytes) -> np.ndarray:
+    """The numeric ndarray in ``blob``; never runs code.
+
+    Raises:
+        UnsafePickleError: the pickle names anything but numpy's array builders, or holds objects.
+        CorruptDataError: the blob is truncated or not a pickle of an array.
+    """
+    try:
+        value = NumpyOnlyUnpickler(io.BytesIO(bytes(blob))).load()
+    except UnsafePickleError:
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            OverflowError, MemoryError) as e:
+        raise CorruptDataError(f"label blob is truncated or not a numpy pickle ({type(e).__name__}: {e})") from e
+    if type(value) is not np.ndarray:
+        raise CorruptDataError(f"label blob holds a {type(value).__name__}, not a numpy array")
+    if value.dtype.hasobject:
+        raise UnsafePickleError("label blob holds an object array; only numeric arrays are imported")
+    return value
+
+
+@dataclass
+class ImportReport:
+    """What an import did."""
+
+    dataset: str
+    imported: int = 0
+    already_present: int = 0
+    bad: list[tuple[int, str]] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        text = f"{self.dataset}: imported {self.imported} samples, {self.already_present} already present"
+        if self.bad:
+            text += f", skipped {len(self.bad)} bad: " + "; ".join(f"sample {i}: {r}" for i, r in self.bad[:20])
+            if len(self.bad) > 20:
+                text += f"; ... {len(self.bad) - 20} more"
+        return text
+
+
+def _open_readonly(path: str) -> sqlite3.Connection:
+    if not os.path.isfile(path):
+        raise StoreNotFoundError(f"no legacy database at {path}")
+    uri = "file:" + os.path.abspath(path).replace("?", "%3f").replace("#", "%23") + "?mode=ro"
+    conn = sqlite3.connect(uri, uri=True)
+    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    missing = {"samples", "dataset_info"} - tables
+    if missing:
+        conn.close()
+        raise LegacyImportError(f"{path} is not a legacy dataset.db: tables {sorted(missing)} are missing")
+    return conn
+
+
+def _info(conn: sqlite3.Connection, path: str) -> tuple[dict[str, str], int, int, int]:
+    info = {str(k): str(v) for k, v in conn.execute("SELECT key, value FROM dataset_info")}
+    try:
+        return info, int(info["n_clusters"]), int(info["embedding_dim"]), int(info["dataset_size"])
+    except (KeyError, ValueError) as e:
+        raise LegacyImportError(f"{path}: dataset_info needs integer n_clusters, embedding_dim and dataset_size "
+                                f"({e})") from e
+
+
+def _check_row(row: tuple[Any, ...], n_clusters: int, dataset_size: int) -> list[np.ndarray]:
+    sample_id, embedding_idx = row[0], row[1]
+    if not isinstance(sample_id, int) or not isinstance(embedding_idx, int):
+        raise ShapeMismatchError("sample_id and embedding_idx must be integers")
+    if not 0 <= embedding_idx < dataset_size:
+        raise ShapeMismatchError(f"embedding_idx {embedding_idx} is outside 0..{dataset_size - 1}")
+    labels = []
+    for column, blob in zip(LABEL_COLUMNS, row[7:10]):
+        if blob is None:
+            raise CorruptDataError(f"{column} is NULL")
+        try:
+            label = load_numpy_pickle(blob)
+        except UnistoreError as e:
+            raise type(e)(f"{column}: {e}") from e
+        if label.shape != (n_clusters,):
+            raise ShapeMismatchError(f"{column} has shape {label.shape}, dataset_info says ({n_clusters},)")
+        if label.dtype.kind != "f":
+            raise ShapeMismatchError(f"{column} has dtype {label.dtype}, expected a float vector")
+        labels.append(label)
+    return labels
+
+
+def _rows(conn: sqlite3.Connection, batch: int) -> Iterator[list[tuple[Any, ...]]]:
+    cursor = conn.execute(
+        "SELECT sample_id, embedding_idx, sample_type, text, chroma_id, suggestions, steering_mode, "
+        "source_label, steering_label, combined_label FROM samples ORDER BY sample_id"
+    )
+    while True:
+        rows = cursor.fetchmany(batch)
+        if not rows:
+            return
+        yield rows
+
+
+def import_legacy(db_path: str | os.PathLike[str], url: str | os.PathLike[str] | None = None, *,
+                  name: str | None = None, skip_bad: bool = False, progress: bool = False,
+                  batch_size: int = 5000) -> ImportReport:
+    """Import ``db_path`` (legacy ``dataset.db``) into the catalog at ``url``.
+
+    All-or-nothing by default: the first bad row raises
+    :class:`LegacyImportError` naming its ``sample_id`` and nothing is written.
+    With ``skip_bad=True`` good rows are imported and bad ones reported.
+    Running it again imports nothing new (samples are matched by
+    ``sample_id``).  The legacy file is opened read-only.
+    """
+    from sqlalchemy import insert, select
+
+    from unistore.schemas import DatasetArray, DatasetInfo, Label, Sample, connect
+    from unistore.schemas.models import Dataset
+
+    path = os.fspath(db_path)
+    legacy = _open_readonly(path)
+    try:
+        info, n_clusters, dim, size = _info(legacy, path)
+        total = int(legacy.execute("SELECT COUNT(*) FROM samples").fetchone()[0])
+        directory = os.path.dirname(os.path.abspath(path))
+        ds_name = name or os.path.basename(directory) or "legacy"
+        report = ImportReport(ds_name)
+        catalog = connect(url)
+        bar = _progress(total, f"import {ds_name}", progress)
+        try:
+            with catalog.session() as session:
+                dataset = session.scalar(select(Dataset).where(Dataset.name == ds_name))
+                if dataset is None:
+                    dataset = Dataset(name=ds_name, kind=LEGACY_KIND, store_url=directory, format="npy",
+                                      attrs={"legacy_db": os.path.abspath(path)})
+                    session.add(dataset)
+                    session.flush()
+                present_info = {i.key for i in dataset.info}
+                for key, value in info.items():
+                    if key not in present_info:
+                        session.add(DatasetInfo(dataset_id=dataset.id, key=key, value=value))
+                present_arrays = {a.key for a in dataset.arrays}
+                for key in ("base_embeddings", "steering_embeddings"):
+                    if key not in present_arrays and os.path.exists(os.path.join(directory, f"{key}.npy")):
+                        session.add(DatasetArray(dataset_id=dataset.id, key=key, shape=[size, dim], dtype="float32",
+                                                 format="npy", nbytes=size * dim * 4))
+                existing = set(session.scalars(select(Sample.sample_id).where(Sample.dataset_id == dataset.id)))
+                for rows in _rows(legacy, batch_size):
+                    samples, labels = [], []
+                    for row in rows:
+                        if row[0] in existing:
+                            report.already_present += 1
+                            continue
+                        try:
+                            vectors = _check_row(row, n_clusters, size)
+                        except UnistoreError as e:
+                            if not skip_bad:
+                                raise LegacyImportError(
+                                    f"sample_id {row[0]} in {path}: {e}; nothing was imported "
+                                    "(use --skip-bad to import the good rows)"
+                                ) from e
+                            report.bad.append((row[0], str(e)))
+                            continue
+                        samples.append({"dataset_id": dataset.id, "sample_id": row[0], "embedding_idx": row[1],
+                                        "sample_type": row[2], "text": row[3], "chroma_id": row[4],
+                                        "suggestions": row[5], "steering_mode": row[6]})
+                        labels.append(vectors)
+                    if samples:
+                        ids = session.execute(
+                            insert(Sample).returning(Sample.id, sort_by_parameter_order=True), samples
+                        ).scalars().all()
+                        session.execute(insert(Label), [
+                            {"sample_pk": pk, "kind": kind, "vector": vec, "provenance": "legacy-import",
+                             "version": 1}
+                            for pk, vectors in zip(ids, labels)
+                            for kind, vec in zip(("source", "steering", "combined"), vectors)
+                        ])
+                        report.imported += len(samples)
+                    bar.update(len(rows))
+        finally:
+            bar.close()
+            catalog.close()
+    finally:
+        legacy.close()
+    return report
+
+
+def _progress(total: int, desc: str, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="rows", disable=not enabled)
