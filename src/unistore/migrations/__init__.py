@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,9 @@ def current_revision(target: Engine | str | os.PathLike[str] | None = None) -> s
             engine.dispose()
 
 
+@functools.cache
 def _script() -> Any:
+    # the revision files ship with the package: parse them once per process
     from alembic.script import ScriptDirectory
 
     return ScriptDirectory.from_config(alembic_config())

@@ -27,6 +27,9 @@ __all__ = ["NumpyOnlyUnpickler", "load_numpy_pickle", "import_legacy", "ImportRe
 #: ``datasets.kind`` of datasets created by this importer.
 LEGACY_KIND = "cluster_labeled_legacy"
 LABEL_COLUMNS = ("source_label", "steering_label", "combined_label")
+_SAMPLE_COLUMNS = ("dataset_id", "sample_id", "embedding_idx", "sample_type", "text", "chroma_id", "suggestions",
+                   "steering_mode")
+_LABEL_COLUMNS = ("sample_pk", "kind", "vector", "provenance", "version")
 
 
 class LegacyImportError(UnistoreError, ValueError):
@@ -40,6 +43,13 @@ def _safe_dtype(spec: Any, align: bool = False, copy: bool = False) -> np.dtype[
     return dtype
 
 
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    # protocol 2 has no bytes type: Python pickles bytes as _codecs.encode(str, "latin1")
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise UnsafePickleError("pickle calls _codecs.encode with arguments numpy never writes")
+    return text.encode("latin1")
+
+
 def _numpy_globals() -> dict[tuple[str, str], Any]:
     try:
         from numpy._core import multiarray, numeric
@@ -51,6 +61,7 @@ def _numpy_globals() -> dict[tuple[str, str], Any]:
         table[(f"{core}.numeric", "_frombuffer")] = numeric._frombuffer  # type: ignore[attr-defined]
     table[("numpy", "ndarray")] = np.ndarray
     table[("numpy", "dtype")] = _safe_dtype
+    table[("_codecs", "encode")] = _latin1_encode
     return table
 
 
@@ -178,9 +189,9 @@ def import_legacy(db_path: str | os.PathLike[str], url: str | os.PathLike[str] |
     Running it again imports nothing new (samples are matched by
     ``sample_id``).  The legacy file is opened read-only.
     """
-    from sqlalchemy import insert, select
+    from sqlalchemy import select
 
-    from unistore.schemas import DatasetArray, DatasetInfo, Label, Sample, connect
+    from unistore.schemas import DatasetArray, DatasetInfo, Sample, connect
     from unistore.schemas.models import Dataset
 
     path = os.fspath(db_path)
@@ -211,8 +222,10 @@ def import_legacy(db_path: str | os.PathLike[str], url: str | os.PathLike[str] |
                         session.add(DatasetArray(dataset_id=dataset.id, key=key, shape=[size, dim], dtype="float32",
                                                  format="npy", nbytes=size * dim * 4))
                 existing = set(session.scalars(select(Sample.sample_id).where(Sample.dataset_id == dataset.id)))
+                conn = session.connection()
                 for rows in _rows(legacy, batch_size):
-                    samples, labels = [], []
+                    samples: list[tuple[Any, ...]] = []
+                    labels: list[list[np.ndarray]] = []
                     for row in rows:
                         if row[0] in existing:
                             report.already_present += 1
@@ -227,21 +240,11 @@ def import_legacy(db_path: str | os.PathLike[str], url: str | os.PathLike[str] |
                                 ) from e
                             report.bad.append((row[0], str(e)))
                             continue
-                        samples.append({"dataset_id": dataset.id, "sample_id": row[0], "embedding_idx": row[1],
-                                        "sample_type": row[2], "text": row[3], "chroma_id": row[4],
-                                        "suggestions": row[5], "steering_mode": row[6]})
+                        samples.append((dataset.id, *row[:7]))
                         labels.append(vectors)
                     if samples:
-                        ids = session.execute(
-                            insert(Sample).returning(Sample.id, sort_by_parameter_order=True), samples
-                        ).scalars().all()
-                        session.execute(insert(Label), [
-                            {"sample_pk": pk, "kind": kind, "vector": vec, "provenance": "legacy-import",
-                             "version": 1}
-                            for pk, vectors in zip(ids, labels)
-                            for kind, vec in zip(("source", "steering", "combined"), vectors)
-                        ])
-                        report.imported += len(samples)
+                        _write_batch(conn, dataset.id, samples, labels)
+                    report.imported += len(samples)
                     bar.update(len(rows))
         finally:
             bar.close()
@@ -249,6 +252,43 @@ def import_legacy(db_path: str | os.PathLike[str], url: str | os.PathLike[str] |
     finally:
         legacy.close()
     return report
+
+
+def _write_batch(conn: Any, dataset_id: int, samples: list[tuple[Any, ...]], labels: list[list[np.ndarray]]) -> None:
+    """Insert one batch of samples and their three labels each."""
+    from sqlalchemy import select
+
+    from unistore.schemas import Label, Sample, encode_array
+
+    # straight to the driver's executemany: the ORM's bulk path splits batches
+    # wherever a nullable column is None, and per-row parameter processing
+    # would cost more than the insert itself
+    _bulk_insert(conn, Sample.__table__, _SAMPLE_COLUMNS, samples)
+    batch_ids = [r[1] for r in samples]
+    pks = dict(conn.execute(
+        select(Sample.sample_id, Sample.id).where(Sample.dataset_id == dataset_id, Sample.sample_id.in_(batch_ids))
+    ).all())
+    _bulk_insert(conn, Label.__table__, _LABEL_COLUMNS, [
+        (pks[sid], kind, encode_array(vec), "legacy-import", 1)
+        for sid, vectors in zip(batch_ids, labels)
+        for kind, vec in zip(("source", "steering", "combined"), vectors)
+    ])
+
+
+def _bulk_insert(conn: Any, table: Any, columns: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
+    """INSERT ``rows`` (tuples of driver-ready values in ``columns`` order) with one DBAPI executemany."""
+    from sqlalchemy import bindparam, insert
+
+    compiled = insert(table).values({c: bindparam(c) for c in columns}).compile(dialect=conn.dialect)
+    params: list[Any]
+    if not compiled.positional:
+        params = [dict(zip(columns, r)) for r in rows]
+    elif tuple(compiled.positiontup or ()) == columns:
+        params = rows
+    else:
+        where = [columns.index(c) for c in compiled.positiontup or ()]
+        params = [tuple(r[i] for i in where) for r in rows]
+    conn.exec_driver_sql(str(compiled), params)
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:

@@ -44,7 +44,7 @@ def read_labels(catalog: Catalog, dataset: int, sample_ids: Sequence[int], kind:
     stmt = (select(Sample.sample_id, Label.vector).join(Label, Label.sample_pk == Sample.id)
             .where(Sample.dataset_id == dataset, Label.kind == kind, Sample.sample_id.in_(set(wanted))))
     with catalog.session() as session:
-        found: dict[int, np.ndarray] = dict(session.execute(stmt).tuples().all())
+        found: dict[int, np.ndarray] = {int(sid): vec for sid, vec in session.execute(stmt)}
     missing = [i for i in wanted if i not in found]
     if missing:
         raise ArrayNotFoundError(f"no {kind} label for sample_id(s) {missing[:10]} in dataset {dataset}")

@@ -30,26 +30,34 @@ def _dtype_from_name(name: str) -> np.dtype[Any]:
     return np.dtype(name)
 
 
+_HEADERS: dict[tuple[int, tuple[int, ...]], bytes] = {}
+
+
+def _header(dtype: np.dtype[Any], shape: tuple[int, ...]) -> bytes:
+    from unistore.storage.formats.base import dtype_name
+
+    if dtype.hasobject or dtype.fields or (dtype.kind not in "biufc" and dtype_name(dtype) != "bfloat16"):
+        raise ShapeMismatchError(f"NDArray columns hold numeric arrays only, got dtype {dtype}")
+    text = json.dumps({"dtype": dtype_name(dtype), "shape": list(shape)}).encode()
+    return _MAGIC + len(text).to_bytes(4, "little") + text
+
+
 def encode_array(value: Any) -> bytes:
     """The blob for ``value`` (anything ``np.asarray`` accepts, numeric only).
 
     Raises:
         ShapeMismatchError: object, string or structured arrays.
     """
-    from unistore.storage.formats.base import dtype_name
-
-    arr = np.asarray(value)
-    if arr.dtype.hasobject or arr.dtype.kind not in "biufcV" or arr.dtype.fields:
-        raise ShapeMismatchError(f"NDArray columns hold numeric arrays only, got dtype {arr.dtype}")
-    if arr.dtype.kind == "V" and dtype_name(arr.dtype) != "bfloat16":
-        raise ShapeMismatchError(f"NDArray columns hold numeric arrays only, got dtype {arr.dtype}")
-    if not arr.flags.c_contiguous:  # (np.ascontiguousarray would turn 0-d into 1-d)
-        arr = arr.copy(order="C")
+    arr = value if type(value) is np.ndarray else np.asarray(value)
     if arr.dtype.byteorder == ">":
         arr = arr.astype(arr.dtype.newbyteorder("<"))
-    header = json.dumps({"dtype": dtype_name(arr.dtype), "shape": list(arr.shape)}).encode()
-    flat = arr.reshape(-1).view(np.uint8) if arr.size else np.empty(0, np.uint8)
-    return _MAGIC + len(header).to_bytes(4, "little") + header + flat.tobytes()
+    key = (arr.dtype.num, arr.shape)  # dtype.num hashes far faster than the dtype
+    header = _HEADERS.get(key)
+    if header is None:
+        header = _header(arr.dtype, arr.shape)
+        if len(_HEADERS) < 4096:  # label vectors repeat a handful of (dtype, shape) pairs
+            _HEADERS[key] = header
+    return header + arr.tobytes(order="C")
 
 
 def decode_array(blob: bytes) -> np.ndarray:
