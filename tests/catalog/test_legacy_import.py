@@ -152,3 +152,25 @@ def test_not_a_legacy_database(tmp_path: Any, catalog_url: str) -> None:
         import_legacy(path, catalog_url)
     with pytest.raises(errors.StoreNotFoundError):
         import_legacy(tmp_path / "absent.db", catalog_url)
+
+
+@pytest.mark.parametrize("skip_bad", [True, False])
+def test_parallel_decoding_gives_the_same_outcome(catalog_url: str, tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
+                                                  skip_bad: bool) -> None:
+    import unistore.migrations.legacy as legacy
+
+    monkeypatch.setattr(legacy, "PARALLEL_DECODE_ROWS", 10)  # large-import path on a small file
+    db = str(tmp_path / "dataset.db")
+    expected = build_legacy_db(db, 60, n_clusters=4, first_id=1, overrides=_bad_rows(tmp_path))
+    if not skip_bad:
+        with pytest.raises(LegacyImportError, match="sample_id 3"):
+            import_legacy(db, catalog_url, name="par", batch_size=7)
+        return
+    report = import_legacy(db, catalog_url, name="par", skip_bad=True, batch_size=7)
+    assert report.imported == 56 and sorted(dict(report.bad)) == [3, 5, 7, 9]
+    catalog = connect(catalog_url)
+    ds = dataset_id(catalog, "par")
+    ids = sorted(expected)
+    got = read_labels(catalog, ds, ids, "combined")
+    np.testing.assert_array_equal(got, np.stack([expected[i][2] for i in ids]))
+    catalog.close()

@@ -30,6 +30,8 @@ LABEL_COLUMNS = ("source_label", "steering_label", "combined_label")
 _SAMPLE_COLUMNS = ("dataset_id", "sample_id", "embedding_idx", "sample_type", "text", "chroma_id", "suggestions",
                    "steering_mode")
 _LABEL_COLUMNS = ("sample_pk", "kind", "vector", "provenance", "version")
+#: Imports of at least this many new rows decode pickles in worker processes.
+PARALLEL_DECODE_ROWS = 20_000
 
 
 class LegacyImportError(UnistoreError, ValueError):
@@ -166,6 +168,56 @@ def _check_row(row: tuple[Any, ...], n_clusters: int, dataset_size: int) -> list
     return labels
 
 
+Decoded = tuple[tuple[Any, ...], tuple[bytes, bytes, bytes]] | tuple[int, str]
+
+
+def _decode_batch(rows: list[tuple[Any, ...]], n_clusters: int, dataset_size: int) -> list[Decoded]:
+    """Check and re-encode one batch: ``(sample columns, 3 NDArray blobs)`` or ``(sample_id, reason)``.
+
+    Pure and picklable, so it runs in worker processes for large imports.
+    """
+    from unistore.schemas.types import encode_array
+
+    out: list[Decoded] = []
+    for row in rows:
+        try:
+            vectors = _check_row(row, n_clusters, dataset_size)
+        except UnistoreError as e:
+            out.append((row[0], str(e)))
+            continue
+        out.append((row[:7], (encode_array(vectors[0]), encode_array(vectors[1]), encode_array(vectors[2]))))
+    return out
+
+
+def _decoded_batches(legacy: sqlite3.Connection, batch: int, n_clusters: int, dataset_size: int,
+                     existing: set[int], parallel: bool) -> Iterator[tuple[int, int, list[Decoded]]]:
+    """``(rows read, rows already present, decoded)`` per batch, decoded ahead in worker processes if ``parallel``."""
+
+    def fresh() -> Iterator[tuple[int, int, list[tuple[Any, ...]]]]:
+        for rows in _rows(legacy, batch):
+            todo = [r for r in rows if r[0] not in existing]
+            yield len(rows), len(rows) - len(todo), todo
+
+    if not parallel:
+        for n, present, todo in fresh():
+            yield n, present, _decode_batch(todo, n_clusters, dataset_size)
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    with ProcessPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)),
+                             mp_context=mp.get_context(method)) as pool:
+        pending = []
+        for n, present, todo in fresh():
+            pending.append((n, present, pool.submit(_decode_batch, todo, n_clusters, dataset_size)))
+            if len(pending) > 4:  # bounded read-ahead
+                n0, p0, fut = pending.pop(0)
+                yield n0, p0, fut.result()
+        for n0, p0, fut in pending:
+            yield n0, p0, fut.result()
+
+
 def _rows(conn: sqlite3.Connection, batch: int) -> Iterator[list[tuple[Any, ...]]]:
     cursor = conn.execute(
         "SELECT sample_id, embedding_idx, sample_type, text, chroma_id, suggestions, steering_mode, "
@@ -223,29 +275,25 @@ def import_legacy(db_path: str | os.PathLike[str], url: str | os.PathLike[str] |
                                                  format="npy", nbytes=size * dim * 4))
                 existing = set(session.scalars(select(Sample.sample_id).where(Sample.dataset_id == dataset.id)))
                 conn = session.connection()
-                for rows in _rows(legacy, batch_size):
-                    samples: list[tuple[Any, ...]] = []
-                    labels: list[list[np.ndarray]] = []
-                    for row in rows:
-                        if row[0] in existing:
-                            report.already_present += 1
-                            continue
-                        try:
-                            vectors = _check_row(row, n_clusters, size)
-                        except UnistoreError as e:
+                parallel = total - len(existing) >= PARALLEL_DECODE_ROWS
+                for n_read, present, decoded in _decoded_batches(legacy, batch_size, n_clusters, size, existing,
+                                                                 parallel):
+                    report.already_present += present
+                    good = []
+                    for item in decoded:
+                        if isinstance(item[1], str):
                             if not skip_bad:
                                 raise LegacyImportError(
-                                    f"sample_id {row[0]} in {path}: {e}; nothing was imported "
+                                    f"sample_id {item[0]} in {path}: {item[1]}; nothing was imported "
                                     "(use --skip-bad to import the good rows)"
-                                ) from e
-                            report.bad.append((row[0], str(e)))
-                            continue
-                        samples.append((dataset.id, *row[:7]))
-                        labels.append(vectors)
-                    if samples:
-                        _write_batch(conn, dataset.id, samples, labels)
-                    report.imported += len(samples)
-                    bar.update(len(rows))
+                                )
+                            report.bad.append((int(item[0]), item[1]))
+                        else:
+                            good.append(item)
+                    if good:
+                        _write_batch(conn, dataset.id, good)
+                    report.imported += len(good)
+                    bar.update(n_read)
         finally:
             bar.close()
             catalog.close()
@@ -254,24 +302,24 @@ def import_legacy(db_path: str | os.PathLike[str], url: str | os.PathLike[str] |
     return report
 
 
-def _write_batch(conn: Any, dataset_id: int, samples: list[tuple[Any, ...]], labels: list[list[np.ndarray]]) -> None:
-    """Insert one batch of samples and their three labels each."""
+def _write_batch(conn: Any, dataset_id: int, items: list[Any]) -> None:
+    """Insert one batch of samples and their three (already encoded) labels each."""
     from sqlalchemy import select
 
-    from unistore.schemas import Label, Sample, encode_array
+    from unistore.schemas import Label, Sample
 
     # straight to the driver's executemany: the ORM's bulk path splits batches
     # wherever a nullable column is None, and per-row parameter processing
     # would cost more than the insert itself
-    _bulk_insert(conn, Sample.__table__, _SAMPLE_COLUMNS, samples)
-    batch_ids = [r[1] for r in samples]
+    _bulk_insert(conn, Sample.__table__, _SAMPLE_COLUMNS, [(dataset_id, *columns) for columns, _ in items])
+    batch_ids = [columns[0] for columns, _ in items]
     pks = dict(conn.execute(
         select(Sample.sample_id, Sample.id).where(Sample.dataset_id == dataset_id, Sample.sample_id.in_(batch_ids))
     ).all())
     _bulk_insert(conn, Label.__table__, _LABEL_COLUMNS, [
-        (pks[sid], kind, encode_array(vec), "legacy-import", 1)
-        for sid, vectors in zip(batch_ids, labels)
-        for kind, vec in zip(("source", "steering", "combined"), vectors)
+        (pks[sid], kind, blob, "legacy-import", 1)
+        for sid, (_, blobs) in zip(batch_ids, items)
+        for kind, blob in zip(("source", "steering", "combined"), blobs)
     ])
 
 
