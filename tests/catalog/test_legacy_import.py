@@ -17,15 +17,8 @@ from unistore.migrations.legacy import LegacyImportError, import_legacy, load_nu
 from unistore.schemas import Dataset, DatasetArray, Label, Sample, connect
 from unistore.schemas.labels import dataset_id, read_labels
 
+from ..helpers import Sentinel as _Sentinel
 from .legacy_builder import build_legacy_db
-
-
-class _Sentinel:
-    def __init__(self, path: str):
-        self.path = path
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (open, (self.path, "w"))
 
 
 def _digest(path: str) -> str:

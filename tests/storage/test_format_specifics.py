@@ -13,15 +13,7 @@ import unistore as us
 from unistore import errors
 from unistore.storage.layout import ChunkedLayout, ContiguousLayout
 
-
-class _Sentinel:
-    """Unpickling this would create a file: proof that code ran."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (open, (self.path, "w"))
+from ..helpers import Sentinel as _Sentinel
 
 
 # ---------------------------------------------------------------- pt

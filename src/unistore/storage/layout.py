@@ -6,6 +6,7 @@ engine (:mod:`unistore.storage.engine`) dispatches on their type.
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -14,7 +15,8 @@ import numpy as np
 
 from unistore.storage.location import Location
 
-__all__ = ["file_stamp", "ContiguousLayout", "ChunkedLayout", "InMemoryLayout", "BlockReader", "IOStats", "Layout"]
+__all__ = ["file_stamp", "LazyBlockReader", "ContiguousLayout", "ChunkedLayout", "InMemoryLayout", "BlockReader",
+           "IOStats", "Layout"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,8 +45,6 @@ def file_stamp(location: Location) -> int:
     """Inode, size and mtime of a local file folded into one int (0 when remote)."""
     if not location.is_local:
         return 0
-    import os
-
     st = os.stat(location.path)
     return hash((st.st_ino, st.st_size, st.st_mtime_ns))
 
@@ -62,6 +62,45 @@ class BlockReader(Protocol):
     concurrent: bool
 
     def read(self, start: int, stop: int) -> np.ndarray: ...
+
+
+class LazyBlockReader:
+    """Base of block readers that hold a per-process handle (an open file, a zarr array).
+
+    Pickles as ``(location, name)`` only; the handle is (re)opened by
+    :meth:`handle` on first use in each process, under a lock so the engine's
+    threads share one.  Subclasses implement ``_open`` and ``read``.
+    """
+
+    concurrent = False
+
+    def __init__(self, location: Location, name: str):
+        self.location = location
+        self.name = name
+        self._handle: Any = None
+        self._pid = -1
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> tuple[Location, str]:
+        return (self.location, self.name)
+
+    def __setstate__(self, state: tuple[Location, str]) -> None:
+        self.__init__(*state)  # type: ignore[misc]
+
+    def _open(self) -> Any:
+        raise NotImplementedError
+
+    def handle(self) -> Any:
+        """This process's handle, opened on first use."""
+        with self._lock:
+            if self._handle is None or self._pid != os.getpid():
+                self._handle = self._open()
+                self._pid = os.getpid()
+            return self._handle
+
+    def current(self) -> Any:
+        """The handle if this process already opened it, else None."""
+        return self._handle if self._pid == os.getpid() else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,7 @@ from unistore.storage.formats.base import (
     apply_meta,
     loads_meta,
 )
-from unistore.storage.layout import ChunkedLayout, ContiguousLayout, InMemoryLayout, file_stamp
+from unistore.storage.layout import ChunkedLayout, ContiguousLayout, InMemoryLayout, LazyBlockReader, file_stamp
 from unistore.storage.location import Location, retry_remote
 
 _LOCK = threading.Lock()  # libhdf5 is not thread-safe across files opened from Python threads
@@ -126,42 +126,30 @@ def _close_open_readers() -> None:
         reader.close()
 
 
-class Hdf5BlockReader:
-    """Reads rows of one chunked dataset through h5py; reopens lazily per process."""
+class Hdf5BlockReader(LazyBlockReader):
+    """Reads rows of one chunked dataset through h5py; the handle is (file, remote file object)."""
 
-    concurrent = False
-
-    def __init__(self, location: Location, name: str):
-        self.location = location
-        self.name = name
-        self._file: Any = None
-        self._fileobj: Any = None
-        self._pid = -1
-
-    def __getstate__(self) -> tuple[Location, str]:
-        return (self.location, self.name)
-
-    def __setstate__(self, state: tuple[Location, str]) -> None:
-        self.__init__(*state)  # type: ignore[misc]
+    def _open(self) -> tuple[Any, Any]:
+        handle = retry_remote(lambda: _open_h5(self.location), self.location)
+        _OPEN_READERS.add(self)
+        return handle
 
     def fetched(self) -> tuple[int, int] | None:
         """Reads made through the remote file object (None for local files: h5py reads them itself)."""
-        if self._fileobj is None or self._pid != os.getpid():
+        handle = self.current()
+        if handle is None or handle[1] is None:
             return None
-        return (self._fileobj.requests, self._fileobj.nbytes)
+        return (handle[1].requests, handle[1].nbytes)
 
     def close(self) -> None:
-        if self._pid == os.getpid():
-            _close_h5(self._file, self._fileobj)
-        self._file = self._fileobj = None
+        handle = self.current()
+        if handle is not None:
+            _close_h5(*handle)
+        self._handle = None
 
     def read(self, start: int, stop: int) -> np.ndarray:
         with _LOCK:
-            if self._file is None or self._pid != os.getpid():
-                self._file, self._fileobj = retry_remote(lambda: _open_h5(self.location), self.location)
-                self._pid = os.getpid()
-                _OPEN_READERS.add(self)
-            ds = self._file[self.name]
+            ds = self.handle()[0][self.name]
             try:
                 return retry_remote(lambda: ds[start:stop], self.location)
             except OSError as e:

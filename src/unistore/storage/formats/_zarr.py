@@ -7,8 +7,6 @@ byte-bounded LRU.  Written with zarr-python as zarr v3.
 
 from __future__ import annotations
 
-import os
-import threading
 import uuid
 from typing import Any
 
@@ -25,7 +23,7 @@ from unistore.storage.formats.base import (
     apply_meta,
     incomplete_error,
 )
-from unistore.storage.layout import ChunkedLayout
+from unistore.storage.layout import ChunkedLayout, LazyBlockReader
 from unistore.storage.location import Location, retry_remote
 
 #: Default chunk size (bytes) for arrays written without explicit chunks.
@@ -87,48 +85,27 @@ def _codec_names(arr: Any) -> str | None:
     return ",".join(names) or None
 
 
-_OPEN_LOCK = threading.Lock()
-
-
-class ZarrBlockReader:
-    """Reads rows ``[start, stop)`` of one zarr array; reopens lazily per process."""
+class ZarrBlockReader(LazyBlockReader):
+    """Reads rows ``[start, stop)`` of one zarr array; the handle is (counting store, array)."""
 
     concurrent = True
 
-    def __init__(self, location: Location, path: str):
-        self.location = location
-        self.path = path
-        self._array: Any = None
-        self._store: Any = None
-        self._pid = -1
-
-    def __getstate__(self) -> tuple[Location, str]:
-        return (self.location, self.path)
-
-    def __setstate__(self, state: tuple[Location, str]) -> None:
-        self.__init__(*state)  # type: ignore[misc]
-
-    def _arr(self) -> Any:
-        with _OPEN_LOCK:  # the engine's threads must share one handle (and its counters)
-            if self._array is None or self._pid != os.getpid():
-                self._store = _counting_store(self.location)
-                node = _open_node(self.location, self._store)
-                self._array = node[self.path] if self.path else node
-                self._pid = os.getpid()
-            return self._array
+    def _open(self) -> tuple[Any, Any]:
+        store = _counting_store(self.location)
+        node = retry_remote(lambda: _open_node(self.location, store), self.location)
+        return store, (node[self.name] if self.name else node)
 
     def fetched(self) -> tuple[int, int]:
         """Objects read and bytes they held, in this process (before decoding)."""
-        if self._store is None or self._pid != os.getpid():
-            return (0, 0)
-        return (self._store.requests, self._store.nbytes)
+        handle = self.current()
+        return (0, 0) if handle is None else (handle[0].requests, handle[0].nbytes)
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        arr = retry_remote(self._arr, self.location)
+        arr = self.handle()[1]
         try:
             return np.asarray(retry_remote(lambda: arr[start:stop], self.location))
         except (ValueError, RuntimeError) as e:
-            raise CorruptDataError(f"{self.location.url}: cannot decode rows {start}:{stop} of {self.path!r} "
+            raise CorruptDataError(f"{self.location.url}: cannot decode rows {start}:{stop} of {self.name!r} "
                                    f"({e}); a chunk is corrupt") from e
 
 

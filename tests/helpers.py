@@ -1,0 +1,15 @@
+"""Small helpers shared by test modules."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Sentinel:
+    """Unpickling this creates a file: proof that a pickle ran code."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (self.path, "w"))
