@@ -24,6 +24,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_take.py
+	$(PY) benchmarks/bench_catalog.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
