@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from unistore.errors import InvalidKeyError, RemoteError
 
-__all__ = ["Location", "validate_key", "join_key", "retry_remote", "RetryPolicy"]
+__all__ = ["Location", "validate_key", "retry_remote", "RetryPolicy"]
 
 T = TypeVar("T")
 
@@ -54,11 +54,6 @@ def validate_key(key: str) -> str:
     if problem:
         raise InvalidKeyError(f"invalid array key {key!r}: {problem}")
     return key
-
-
-def join_key(root: str, key: str) -> str:
-    """Join a validated key under ``root`` (posix separators)."""
-    return posixpath.join(root, validate_key(key)) if root else validate_key(key)
 
 
 class Location:
@@ -125,8 +120,8 @@ class Location:
 
     @property
     def safe_options(self) -> dict[str, Any]:
-        """``storage_options`` with every secret-looking value replaced by ``'***'``."""
-        return {k: ("***" if any(h in k.lower() for h in _SECRET_HINTS) else v) for k, v in self._options.items()}
+        """``storage_options`` with every secret-looking value (nested ones too) replaced by ``'***'``."""
+        return _redact(self._options)
 
     @property
     def is_local(self) -> bool:
@@ -151,23 +146,6 @@ class Location:
             self._pid = os.getpid()
         return self._fs
 
-    def child(self, key: str) -> Location:
-        """The location of ``key`` below this one (key validated)."""
-        loc = Location.__new__(Location)
-        loc.__setstate__((self._join_url(key), self.protocol, join_key(self.path, key), self._options))
-        return loc
-
-    def sibling(self, name: str) -> Location:
-        """A location beside this one in the same directory or prefix."""
-        parent = posixpath.dirname(self.path.rstrip("/"))
-        loc = Location.__new__(Location)
-        url_parent = self.url.rstrip("/").rsplit("/", 1)[0]
-        loc.__setstate__((f"{url_parent}/{name}", self.protocol, posixpath.join(parent, name), self._options))
-        return loc
-
-    def _join_url(self, key: str) -> str:
-        return f"{self.url.rstrip('/')}/{validate_key(key)}"
-
     @property
     def name(self) -> str:
         return posixpath.basename(self.path.rstrip("/"))
@@ -177,6 +155,11 @@ class Location:
 
     def isdir(self) -> bool:
         return bool(retry_remote(lambda: self.fs.isdir(self.path), self))
+
+
+def _redact(options: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: ("***" if any(h in k.lower() for h in _SECRET_HINTS) else
+                _redact(v) if isinstance(v, Mapping) else v) for k, v in options.items()}
 
 
 class RetryPolicy:
@@ -252,8 +235,12 @@ def retry_remote(fn: Callable[[], T], where: Location, policy: RetryPolicy | Non
 
 
 def _scrub(text: str, where: Location) -> str:
-    """Remove any storage-option secret that a library echoed into ``text``."""
-    for k, v in where.storage_options.items():
-        if isinstance(v, str) and len(v) >= 4 and any(h in k.lower() for h in _SECRET_HINTS):
-            text = text.replace(v, "***")
+    """Remove any storage-option secret (nested ones too) that a library echoed into ``text``."""
+    stack: list[Mapping[str, Any]] = [where.storage_options]
+    while stack:
+        for k, v in stack.pop().items():
+            if isinstance(v, Mapping):
+                stack.append(v)
+            elif isinstance(v, str) and len(v) >= 4 and any(h in k.lower() for h in _SECRET_HINTS):
+                text = text.replace(v, "***")
     return text

@@ -100,13 +100,13 @@ class TensorStore:
     """
 
     def __init__(self, location: Location, format: str, mode: str, opened: OpenedStore | None = None,
-                 writer: FormatWriter | None = None, staging: str | None = None, overwrite: bool = False):
+                 writer: FormatWriter | None = None, staging_dir: str | None = None, overwrite: bool = False):
         self.location = location
         self.format = format
         self.mode = mode
         self._opened = opened or OpenedStore(format, {})
         self._writer = writer
-        self._staging = staging
+        self._staging_dir = staging_dir  # everything staged lives below it; removed after commit or abort
         self._overwrite = overwrite
         self._stats = IOStats()
         self._closed = False
@@ -258,7 +258,7 @@ class TensorStore:
             return
         writer = self._require_writable()
         last = writer.finish(self._attrs, self._opened.checksums)
-        _publish(self._staging or writer.path, self.location, last, self._overwrite)
+        _publish(writer.path, self.location, last, self._overwrite)
         self._closed = True
         self._cleanup()
 
@@ -269,13 +269,8 @@ class TensorStore:
             self._cleanup()
 
     def _cleanup(self) -> None:
-        root = self._staging_root
-        if root and os.path.exists(root):
-            shutil.rmtree(root, ignore_errors=True)
-
-    @property
-    def _staging_root(self) -> str | None:
-        return getattr(self, "_staging_dir", None)
+        if self._staging_dir and os.path.exists(self._staging_dir):
+            shutil.rmtree(self._staging_dir, ignore_errors=True)
 
     def close(self) -> None:
         """Commit a store open for writing; release nothing else (handles are per process)."""
@@ -370,11 +365,8 @@ def create_store(url: str | os.PathLike[str], format: str, storage_options: Mapp
     else:
         staging_dir = tempfile.mkdtemp(prefix="unistore-")
     os.makedirs(staging_dir, exist_ok=True)
-    staging = os.path.join(staging_dir, location.name or "store")
-    writer = fmt.writer(staging, **writer_options)
-    store = TensorStore(location, fmt.name, "w", None, writer, staging, overwrite)
-    store._staging_dir = staging_dir  # type: ignore[attr-defined]
-    return store
+    writer = fmt.writer(os.path.join(staging_dir, location.name or "store"), **writer_options)
+    return TensorStore(location, fmt.name, "w", None, writer, staging_dir, overwrite)
 
 
 def _publish(staging: str, location: Location, last: list[str], overwrite: bool) -> None:

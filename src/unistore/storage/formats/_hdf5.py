@@ -159,10 +159,7 @@ class Hdf5BlockReader(LazyBlockReader):
 
 class Hdf5Format(Format):
     name = "hdf5"
-    single_file = True
-    extensions = (".h5", ".hdf5", ".hdf")
     compressions = ("gzip", "lzf")
-    supports_chunks = True
 
     def open(self, location: Location, **options: Any) -> OpenedStore:
         import h5py

@@ -77,12 +77,6 @@ def _parse_raw_spec(key: str, spec: Any, size: int, where: str) -> tuple[tuple[i
 
 class NpyFormat(Format):
     name = "npy"
-    single_file = False
-    extensions = (".npy",)
-
-    @classmethod
-    def sniff_file(cls, head: bytes, name: str) -> bool:
-        return head.startswith(b"\x93NUMPY")
 
     def open(self, location: Location, raw: Mapping[str, Any] | None = None, **options: Any) -> OpenedStore:
         if options:

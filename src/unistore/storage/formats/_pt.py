@@ -144,8 +144,6 @@ def _to_plain(obj: Any) -> Any:
 
 class PtFormat(Format):
     name = "pt"
-    single_file = False
-    extensions = (".pt", ".pth")
 
     def open(self, location: Location, **options: Any) -> OpenedStore:
         if options:

@@ -83,8 +83,6 @@ def _tensor_info(key: str, name: str, entry: Any, data_start: int, size: int, fl
 
 class SafetensorsFormat(Format):
     name = "safetensors"
-    single_file = True
-    extensions = (".safetensors",)
 
     def open(self, location: Location, **options: Any) -> OpenedStore:
         if options:

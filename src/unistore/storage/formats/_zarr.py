@@ -111,10 +111,7 @@ class ZarrBlockReader(LazyBlockReader):
 
 class ZarrFormat(Format):
     name = "zarr"
-    single_file = False
-    extensions = (".zarr",)
     compressions = ("zstd", "gzip", "blosc", "lz4")
-    supports_chunks = True
 
     def open(self, location: Location, **options: Any) -> OpenedStore:
         import zarr

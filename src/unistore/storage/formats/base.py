@@ -162,24 +162,8 @@ class Format(ABC):
     """One storage format.  Capabilities are plain class attributes."""
 
     name: ClassVar[str]
-    #: True when a store is a single file (hdf5, safetensors, .pt dict), False for directories.
-    single_file: ClassVar[bool]
-    #: File extensions this format claims, for sniffing and for directory members.
-    extensions: ClassVar[tuple[str, ...]] = ()
     #: Compression codecs ``write_array`` accepts.
     compressions: ClassVar[tuple[str, ...]] = ()
-    #: Whether chunked writes are meaningful.
-    supports_chunks: ClassVar[bool] = False
-
-    @classmethod
-    def sniff_file(cls, head: bytes, name: str) -> bool:
-        """True if a file starting with ``head`` is this format (magic first)."""
-        return False
-
-    @classmethod
-    def sniff_dir(cls, names: list[str]) -> bool:
-        """True if a directory holding ``names`` (basenames) is this format."""
-        return False
 
     @abstractmethod
     def open(self, location: Location, **options: Any) -> OpenedStore:
