@@ -167,3 +167,11 @@ def test_parallel_decoding_gives_the_same_outcome(catalog_url: str, tmp_path: An
     got = read_labels(catalog, ds, ids, "combined")
     np.testing.assert_array_equal(got, np.stack([expected[i][2] for i in ids]))
     catalog.close()
+
+
+def test_embedding_file_size_is_checked_against_dataset_info(catalog_url: str, tmp_path: Any) -> None:
+    db = str(tmp_path / "dataset.db")
+    build_legacy_db(db, 10, n_clusters=3, dim=8)
+    np.zeros((9, 8), np.float32).tofile(tmp_path / "steering_embeddings.npy")  # one row short
+    with pytest.raises(LegacyImportError, match="steering_embeddings.npy"):
+        import_legacy(db, catalog_url)

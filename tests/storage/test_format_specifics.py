@@ -207,3 +207,13 @@ def test_format_sniffing_prefers_magic_bytes(tmp_path: Any) -> None:
         us.open_store(tmp_path / "junk.bin")
     with pytest.raises(errors.UnknownFormatError):
         us.create_store(tmp_path / "x", format="parquet")
+
+
+def test_file_urls_and_paths_name_the_same_store(tmp_path: Any) -> None:
+    data = np.arange(12, dtype=np.float32).reshape(4, 3)
+    with us.create_store(f"file://{tmp_path}/a.safetensors", format="safetensors") as store:
+        store.write_array("x", data)
+    for url in (f"file://{tmp_path}/a.safetensors", tmp_path / "a.safetensors", str(tmp_path / "a.safetensors")):
+        store = us.open_store(url)
+        assert store.location.is_local
+        np.testing.assert_array_equal(store["x"].take([3, 0]), data[[3, 0]])

@@ -270,7 +270,13 @@ def import_legacy(db_path: str | os.PathLike[str], url: str | os.PathLike[str] |
                         session.add(DatasetInfo(dataset_id=dataset.id, key=key, value=value))
                 present_arrays = {a.key for a in dataset.arrays}
                 for key in ("base_embeddings", "steering_embeddings"):
-                    if key not in present_arrays and os.path.exists(os.path.join(directory, f"{key}.npy")):
+                    emb_path = os.path.join(directory, f"{key}.npy")
+                    if os.path.exists(emb_path) and os.path.getsize(emb_path) != size * dim * 4:
+                        raise LegacyImportError(
+                            f"{emb_path} holds {os.path.getsize(emb_path)} bytes, but dataset_info says "
+                            f"{size} x {dim} float32 = {size * dim * 4}; fix dataset_info or the file"
+                        )
+                    if key not in present_arrays and os.path.exists(emb_path):
                         session.add(DatasetArray(dataset_id=dataset.id, key=key, shape=[size, dim], dtype="float32",
                                                  format="npy", nbytes=size * dim * 4))
                 existing = set(session.scalars(select(Sample.sample_id).where(Sample.dataset_id == dataset.id)))
