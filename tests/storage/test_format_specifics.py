@@ -217,3 +217,14 @@ def test_file_urls_and_paths_name_the_same_store(tmp_path: Any) -> None:
         store = us.open_store(url)
         assert store.location.is_local
         np.testing.assert_array_equal(store["x"].take([3, 0]), data[[3, 0]])
+
+
+def test_a_store_never_committed_warns_and_leaves_nothing(tmp_path: Any) -> None:
+    import gc
+
+    store = us.create_store(tmp_path / "x", format="npy")
+    store.write_array("a", np.ones(3))
+    with pytest.warns(ResourceWarning, match="never committed"):
+        del store
+        gc.collect()
+    assert os.listdir(tmp_path) == []

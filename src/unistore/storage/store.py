@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import uuid
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -280,6 +281,10 @@ class TensorStore:
 
     def __del__(self) -> None:
         if getattr(self, "mode", "r") != "r" and not getattr(self, "_closed", True):
+            if self._written:
+                warnings.warn(f"store {self.location.url} was never committed; its {len(self._written)} staged "
+                              "arrays are discarded (call commit() or use it as a context manager)",
+                              ResourceWarning, stacklevel=2)
             self.abort()
 
 
