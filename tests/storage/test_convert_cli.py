@@ -94,10 +94,10 @@ def test_kill_9_during_conversion_leaves_destination_absent(tmp_path: Any) -> No
         import sys, time
         import unistore.storage.convert as c
         real = c._read_blocks
-        def slow(arr, bar):
+        def slow(*args):
             print("COPYING", flush=True)
             time.sleep(0.5)
-            return real(arr, bar)
+            return real(*args)
         c._read_blocks = slow
         c.convert({str(src)!r}, {str(dst)!r}, format="zarr", compression="zstd")
         print("DONE", flush=True)
@@ -156,3 +156,16 @@ def test_cli_entry_point_runs(tmp_path: Any) -> None:
     exe = os.path.join(os.path.dirname(sys.executable), "unistore")
     result = subprocess.run([exe, "info", src], capture_output=True, text=True, check=True)
     assert "safetensors" in result.stdout
+
+
+@pytest.mark.parametrize("dst_fmt", FORMATS)
+def test_large_arrays_are_staged_on_disk_not_in_ram(dst_fmt: str, tmp_path: Any,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import unistore.storage.convert as conv
+
+    monkeypatch.setattr(conv, "IN_MEMORY_BYTES", 1000)  # every array here counts as large
+    monkeypatch.setattr(conv, "BLOCK_BYTES", 4096)  # and is copied in many blocks
+    src, data = _source(tmp_path, "npy")
+    dst = str(tmp_path / f"dst-{STORE_NAME[dst_fmt]}")
+    us.convert(src, dst, format=dst_fmt)
+    _check(dst, data)

@@ -9,6 +9,7 @@ conversion leaves the source untouched and the destination absent (or, with
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,8 @@ __all__ = ["convert", "ConvertReport", "store_size"]
 
 #: Rows are copied in blocks of about this many bytes.
 BLOCK_BYTES = 64 << 20
+#: Arrays larger than this are staged in a temporary file-backed memmap, not in RAM.
+IN_MEMORY_BYTES = 256 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +77,7 @@ def convert(src_url: str | os.PathLike[str], dst_url: str | os.PathLike[str], fo
     dst = create_store(dst_url, format=format, storage_options=dst_opts, overwrite=overwrite)
     total = sum(src[k].nbytes for k in src.keys())
     bar = _progress(total, f"convert -> {format}", progress)
+    spill = tempfile.TemporaryDirectory(prefix="unistore-convert-")
     try:
         for key in src.keys():
             arr = src[key]
@@ -82,7 +86,8 @@ def convert(src_url: str | os.PathLike[str], dst_url: str | os.PathLike[str], fo
                 bar.update(arr.nbytes)
                 continue
             key_chunks = chunks.get(key) if isinstance(chunks, Mapping) else _fit_chunks(chunks, arr.shape)
-            dst.write_array(key, _read_blocks(arr, bar), chunks=key_chunks, compression=compression, attrs=arr.attrs)
+            data = _read_blocks(arr, bar, spill.name)
+            dst.write_array(key, data, chunks=key_chunks, compression=compression, attrs=arr.attrs)
         dst.attrs.update(src.attrs)
         dst.commit()
     except BaseException:
@@ -90,6 +95,7 @@ def convert(src_url: str | os.PathLike[str], dst_url: str | os.PathLike[str], fo
         raise
     finally:
         bar.close()
+        spill.cleanup()
     return ConvertReport(len(src), total, store_size(src.location), store_size(dst.location))
 
 
@@ -100,13 +106,21 @@ def _fit_chunks(chunks: tuple[int, ...] | None, shape: tuple[int, ...]) -> tuple
     return tuple(max(1, min(chunks[i], s or 1)) if i < len(chunks) else max(s, 1) for i, s in enumerate(shape))
 
 
-def _read_blocks(arr: Array, bar: Any) -> np.ndarray:
-    """The whole array, read in bounded row blocks so progress is visible."""
+def _read_blocks(arr: Array, bar: Any, spill_dir: str) -> np.ndarray:
+    """The whole array, read in bounded row blocks so progress is visible.
+
+    Large arrays land in a file-backed memmap under ``spill_dir``: the pages
+    are the kernel's to write back, so converting an array bigger than RAM works.
+    """
     if not arr.shape or arr.shape[0] == 0:
         out = arr.read()
         bar.update(out.nbytes)
         return out
-    out = np.empty(arr.shape, arr.dtype)
+    if arr.nbytes > IN_MEMORY_BYTES:
+        path = os.path.join(spill_dir, f"{len(os.listdir(spill_dir))}.bin")
+        out = np.memmap(path, dtype=arr.dtype, mode="w+", shape=arr.shape)
+    else:
+        out = np.empty(arr.shape, arr.dtype)
     row = max(1, arr.nbytes // arr.shape[0])
     step = max(1, BLOCK_BYTES // row)
     for start in range(0, arr.shape[0], step):

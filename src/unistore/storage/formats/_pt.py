@@ -224,7 +224,7 @@ class _PtWriter(FormatWriter):
 
         self.check_compression(compression)
         self.keep_attrs(key, attrs)
-        self._put(key, to_tensor(np.array(data, copy=True)))
+        self._put(key, to_tensor(data))  # shares memory (a memmap stays on disk)
 
     def write_ragged(self, key: str, values: np.ndarray, offsets: np.ndarray, attrs: dict[str, Any]) -> None:
         self.keep_attrs(key, attrs)
