@@ -300,6 +300,11 @@ def import_legacy(db_path: str | os.PathLike[str], url: str | os.PathLike[str] |
                         _write_batch(conn, dataset.id, good)
                     report.imported += len(good)
                     bar.update(n_read)
+                if report.imported:
+                    # fresh planner statistics: right after a bulk load PostgreSQL would
+                    # otherwise scan every sample of the dataset for a batch of labels
+                    for table in ("samples", "labels"):
+                        conn.exec_driver_sql(f"ANALYZE {table}")
         finally:
             bar.close()
             catalog.close()
