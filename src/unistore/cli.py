@@ -47,6 +47,7 @@ def _table(rows: list[list[str]]) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from unistore.storage.array import RaggedArray
     from unistore.storage.formats.base import dtype_name
     from unistore.storage.store import open_store
 
@@ -57,7 +58,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     rows = [["key", "shape", "dtype", "chunks", "compression", "stored", "bytes", "format"]]
     for key in store.keys():
         a = store[key]
-        shape = f"ragged[{len(a)}]" if a.chunks is None and type(a).__name__ == "RaggedArray" else str(a.shape)
+        shape = f"ragged[{len(a)}]" if isinstance(a, RaggedArray) else str(a.shape)
         rows.append([key, shape, dtype_name(a.dtype), str(a.chunks or "-"), a.compression or "-",
                      _human(a.stored_nbytes), _human(a.nbytes), a.format])
     print(_table(rows))

@@ -13,7 +13,7 @@ import numpy as np
 from unistore.errors import OutOfBoundsError, ShapeMismatchError
 from unistore.storage.engine import gather, read_rows
 from unistore.storage.formats.base import ArrayInfo, RaggedInfo, bfloat16, dtype_name
-from unistore.storage.layout import IOStats
+from unistore.storage.layout import InMemoryLayout, IOStats
 
 __all__ = ["Array", "RaggedArray", "to_tensor", "normalize_indices"]
 
@@ -154,7 +154,7 @@ class Array:
         from dataclasses import replace
 
         layout = self._info.layout
-        if hasattr(layout, "data"):
+        if isinstance(layout, InMemoryLayout):
             return np.asarray(layout.data)
         return read_rows(replace(layout, shape=(1,)), 0, 1, self._stats).reshape(())
 

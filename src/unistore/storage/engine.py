@@ -25,7 +25,7 @@ from unistore.storage.layout import (
     IOStats,
     Layout,
 )
-from unistore.storage.location import ShortReadError, retry_remote
+from unistore.storage.location import Location, ShortReadError, retry_remote
 
 __all__ = ["gather", "read_rows", "ChunkCache", "chunk_cache", "MERGE_GAP_BYTES"]
 
@@ -121,9 +121,8 @@ def _merge(starts: np.ndarray, ends: np.ndarray, gap: int) -> tuple[np.ndarray, 
     return starts[firsts], ends[lasts], run_id
 
 
-def fetch_ranges(layout_location: Any, starts: np.ndarray, ends: np.ndarray, stats: IOStats) -> list[bytes]:
+def fetch_ranges(loc: Location, starts: np.ndarray, ends: np.ndarray, stats: IOStats) -> list[bytes]:
     """Fetch byte ranges of one remote object concurrently, with retries and length checks."""
-    loc = layout_location
     n = len(starts)
     if n == 0:
         return []
@@ -139,10 +138,7 @@ def fetch_ranges(layout_location: Any, starts: np.ndarray, ends: np.ndarray, sta
                 raise ShortReadError(f"asked {e - s} bytes at {s}, got {len(blob)}")
         return list(blobs)
 
-    try:
-        blobs = retry_remote(attempt, loc)
-    except ShortReadError as e:  # only reachable for local-like fs without retries
-        raise TruncatedDataError(f"{loc.url} is shorter than its header promises ({e})") from e
+    blobs = retry_remote(attempt, loc)  # a short read is retried like any transient failure
     stats.add(requests=n, nbytes=sum(len(b) for b in blobs))
     return blobs
 

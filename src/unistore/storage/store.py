@@ -240,18 +240,14 @@ class TensorStore:
             values, offsets = as_ragged(data)
             _check_dtype(key, values)
             writer.write_ragged(key, values, offsets, attrs)
-            self._checksums[key] = checksum_of([values, offsets])
+            self._opened.checksums[key] = checksum_of([values, offsets])
             self._written[key] = RaggedInfo(key, _stub(f"{key}/values", values), _stub(f"{key}/offsets", offsets))
             return
         arr = _to_numpy(data)
         _check_dtype(key, arr)
         writer.write_array(key, arr, tuple(int(c) for c in chunks) if chunks else None, compression, attrs)
-        self._checksums[key] = checksum_of([arr])
+        self._opened.checksums[key] = checksum_of([arr])
         self._written[key] = _stub(key, arr)
-
-    @property
-    def _checksums(self) -> dict[str, str]:
-        return self._opened.checksums
 
     def commit(self) -> None:
         """Publish every staged array atomically (idempotent)."""
