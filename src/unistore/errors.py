@@ -28,6 +28,8 @@ __all__ = [
     "UnsupportedError",
     "OutOfBoundsError",
     "CatalogUnavailableError",
+    "DatasetNotFoundError",
+    "IntegrityError",
 ]
 
 
@@ -108,3 +110,15 @@ class OutOfBoundsError(UnistoreError, IndexError):
 
 class CatalogUnavailableError(UnistoreError, ConnectionError):
     """The catalog database cannot be reached or opened."""
+
+
+class DatasetNotFoundError(StoreNotFoundError, ValueError):
+    """A dataset directory, or a file, split or array a dataset class needs, is missing.
+
+    Both a ``FileNotFoundError`` and a ``ValueError``: the seed dataset classes
+    documented either for this case.
+    """
+
+
+class IntegrityError(UnistoreError, ValueError):
+    """Arrays of one dataset disagree: an index points outside the array it refers to."""

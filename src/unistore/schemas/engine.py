@@ -66,20 +66,25 @@ def safe_url(url: str | Any) -> str:
     return make_url(str(url)).render_as_string(hide_password=True)
 
 
-def make_engine(url: str | os.PathLike[str] | None = None, **kwargs: Any) -> Engine:
-    """An engine with unistore's connection settings (no schema check)."""
+def make_engine(url: str | os.PathLike[str] | None = None, *, write_lock: bool = True, **kwargs: Any) -> Engine:
+    """An engine with unistore's connection settings (no schema check).
+
+    ``write_lock=False`` suits an engine that only reads: on SQLite its
+    transactions do not take the write lock up front, so many readers
+    (DataLoader workers) never queue behind each other or behind a writer.
+    """
     full = resolve_url(url)
     is_sqlite = full.startswith("sqlite")
     if is_sqlite:
         kwargs.setdefault("connect_args", {}).setdefault("timeout", SQLITE_BUSY_TIMEOUT_S)
     engine = create_engine(full, **kwargs)
     if is_sqlite:
-        _configure_sqlite(engine)
+        _configure_sqlite(engine, write_lock)
     _ENGINES.add(engine)
     return engine
 
 
-def _configure_sqlite(engine: Engine) -> None:
+def _configure_sqlite(engine: Engine, write_lock: bool) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # SQLAlchemy emits BEGIN itself, below
@@ -95,7 +100,7 @@ def _configure_sqlite(engine: Engine) -> None:
     def _on_begin(conn: Any) -> None:
         # take the write lock up front: a deferred transaction that later writes
         # fails at once with "database is locked" instead of waiting its turn
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write_lock else "BEGIN")
 
 
 class Catalog:
@@ -142,7 +147,8 @@ class Catalog:
         self.close()
 
 
-def connect(url: str | os.PathLike[str] | None = None, upgrade: bool | None = None, **engine_kwargs: Any) -> Catalog:
+def connect(url: str | os.PathLike[str] | None = None, upgrade: bool | None = None, *, write_lock: bool = True,
+            **engine_kwargs: Any) -> Catalog:
     """Open the catalog at ``url`` and check that its schema is current.
 
     An empty database is migrated to the current schema (a new catalog);
@@ -156,7 +162,7 @@ def connect(url: str | os.PathLike[str] | None = None, upgrade: bool | None = No
     from unistore.migrations import current_revision, head_revision
     from unistore.migrations import upgrade as run_upgrade
 
-    engine = make_engine(url, **engine_kwargs)
+    engine = make_engine(url, write_lock=write_lock, **engine_kwargs)
     with unavailable_as_typed(engine):
         current = current_revision(engine)
     head = head_revision()

@@ -6,13 +6,25 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select, update
+from sqlalchemy import Connection, bindparam, select, text, update
 
 from unistore.errors import ArrayNotFoundError, ShapeMismatchError
 from unistore.schemas.engine import Catalog
 from unistore.schemas.models import LABEL_KINDS, Dataset, Label, Sample
+from unistore.schemas.types import decode_stack
 
-__all__ = ["dataset_id", "read_labels", "update_labels"]
+__all__ = ["dataset_id", "read_labels", "update_labels", "labels_by_pk", "samples_by_pk", "SAMPLE_FIELDS"]
+
+#: The sample columns :func:`samples_by_pk` returns, in order.
+SAMPLE_FIELDS = ("sample_id", "embedding_idx", "sample_type", "text", "chroma_id", "suggestions", "steering_mode")
+
+# plain SQL with an expanding IN: compiled once, no ORM per row; the hot path of a DataLoader batch
+_LABELS_BY_PK = text("SELECT sample_pk, vector FROM labels WHERE kind = :kind AND sample_pk IN :pks").bindparams(
+    bindparam("pks", expanding=True))
+_SAMPLES_BY_PK = text(
+    "SELECT s.id, " + ", ".join(f"s.{c}" for c in SAMPLE_FIELDS) + ", l.kind, l.vector "
+    "FROM samples s JOIN labels l ON l.sample_pk = s.id WHERE s.id IN :pks"
+).bindparams(bindparam("pks", expanding=True))
 
 
 def dataset_id(catalog: Catalog, name: str) -> int:
@@ -82,3 +94,59 @@ def update_labels(catalog: Catalog, dataset: int, sample_id: int, labels: Mappin
                 update(Label).where(Label.sample_pk == sample_pk, Label.kind == kind)
                 .values(vector=vec, provenance=provenance, version=Label.version + 1)
             )
+
+
+def _gather_order(uniq: np.ndarray, got: np.ndarray, what: str) -> np.ndarray:
+    """Positions in ``got`` of each of ``uniq`` (both unique), or ArrayNotFoundError naming what is missing."""
+    order = np.argsort(got, kind="stable")
+    found = got[order]
+    pos = np.searchsorted(found, uniq)
+    pos = np.minimum(pos, max(len(found) - 1, 0))
+    ok = found[pos] == uniq if len(found) else np.zeros(len(uniq), dtype=bool)
+    if not ok.all():
+        raise ArrayNotFoundError(f"no {what} for sample row(s) {uniq[~ok][:10].tolist()} in the catalog")
+    return order[pos]
+
+
+def labels_by_pk(conn: Connection, sample_pks: Any, kind: str = "combined", dtype: Any = np.float32) -> np.ndarray:
+    """Label vectors of ``kind`` for catalog sample rows ``sample_pks`` (any order, repeats allowed), in that order.
+
+    One query for the whole batch; the vectors come back stacked as
+    ``(len(sample_pks), n_clusters)`` in ``dtype``.
+
+    Raises:
+        ArrayNotFoundError: a sample has no label of ``kind``.
+    """
+    _check_kind(kind)
+    uniq, inverse = np.unique(np.asarray(sample_pks, dtype=np.int64), return_inverse=True)
+    rows = conn.execute(_LABELS_BY_PK, {"kind": kind, "pks": uniq.tolist()}).all()
+    got = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+    where = _gather_order(uniq, got, f"{kind} label")
+    return decode_stack([rows[i][1] for i in where], dtype)[inverse.reshape(-1)]
+
+
+def samples_by_pk(conn: Connection, sample_pks: Any,
+                  dtype: Any = np.float32) -> tuple[list[tuple[Any, ...]], dict[str, np.ndarray]]:
+    """Sample columns (:data:`SAMPLE_FIELDS`) and every kind of label for ``sample_pks``, in that order.
+
+    One query.  Returns ``(rows, {kind: (n, n_clusters) array})``.
+
+    Raises:
+        ArrayNotFoundError: a sample row or one of its labels is missing.
+    """
+    uniq, inverse = np.unique(np.asarray(sample_pks, dtype=np.int64), return_inverse=True)
+    inverse = inverse.reshape(-1)
+    fields: dict[int, tuple[Any, ...]] = {}
+    blobs: dict[str, dict[int, bytes]] = {kind: {} for kind in LABEL_KINDS}
+    for row in conn.execute(_SAMPLES_BY_PK, {"pks": uniq.tolist()}):
+        pk = int(row[0])
+        fields[pk] = tuple(row[1:1 + len(SAMPLE_FIELDS)])
+        blobs[row[-2]][pk] = row[-1]
+    labels = {}
+    for kind, by_pk in blobs.items():
+        got = np.fromiter(by_pk, dtype=np.int64, count=len(by_pk))
+        where = _gather_order(uniq, got, f"{kind} label")
+        values = list(by_pk.values())
+        labels[kind] = decode_stack([values[i] for i in where], dtype)[inverse]
+    ordered = [fields[int(uniq[i])] for i in inverse]
+    return ordered, labels

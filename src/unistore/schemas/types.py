@@ -17,7 +17,7 @@ from sqlalchemy.types import TypeDecorator
 
 from unistore.errors import CorruptDataError, ShapeMismatchError
 
-__all__ = ["NDArray", "encode_array", "decode_array"]
+__all__ = ["NDArray", "encode_array", "decode_array", "decode_stack"]
 
 _MAGIC = b"UNDA"
 
@@ -81,6 +81,35 @@ def decode_array(blob: bytes) -> np.ndarray:
     if len(body) != expected:
         raise CorruptDataError(f"catalog array blob holds {len(body)} bytes, shape {shape} {dtype} needs {expected}")
     return np.frombuffer(body, dtype=dtype).reshape(shape).copy()
+
+
+def decode_stack(blobs: list[bytes], dtype: Any = None) -> np.ndarray:
+    """Blobs of arrays of one shape, stacked into ``(len(blobs),) + shape`` (cast to ``dtype`` if given).
+
+    Blobs that share one header (the usual case: label vectors of a dataset)
+    are decoded with one ``frombuffer``; mixed ones one at a time.
+
+    Raises:
+        CorruptDataError: a blob is corrupt.
+        ShapeMismatchError: the arrays differ in shape.
+    """
+    if not blobs:
+        return np.empty((0,), dtype=dtype or np.float32)
+    first = bytes(blobs[0])
+    size = len(first)
+    if first.startswith(_MAGIC) and size >= 8:
+        start = 8 + int.from_bytes(first[4:8], "little")
+        head = first[:start]
+        if all(len(b) == size and bytes(b[:start]) == head for b in blobs):
+            one = decode_array(first)  # validates the header and the length
+            body = b"".join(bytes(b[start:]) for b in blobs)
+            out = np.frombuffer(body, dtype=one.dtype).reshape((len(blobs),) + one.shape)
+            return out.astype(dtype) if dtype is not None else out.copy()
+    arrays = [decode_array(b) for b in blobs]
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:
+        raise ShapeMismatchError(f"catalog arrays to stack differ in shape: {sorted(shapes)}")
+    return np.stack([a.astype(dtype) if dtype is not None else a for a in arrays])
 
 
 class NDArray(TypeDecorator[np.ndarray]):

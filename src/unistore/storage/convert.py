@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,16 +56,24 @@ def convert(src_url: str | os.PathLike[str], dst_url: str | os.PathLike[str], fo
             storage_options: Mapping[str, Any] | None = None,
             src_storage_options: Mapping[str, Any] | None = None,
             dst_storage_options: Mapping[str, Any] | None = None, src_format: str = "auto",
-            overwrite: bool = False, progress: bool = False, **src_options: Any) -> ConvertReport:
+            overwrite: bool = False, progress: bool = False, keys: Sequence[str] | None = None,
+            rename: Mapping[str, str] | None = None, on_array: Callable[[str], None] | None = None,
+            **src_options: Any) -> ConvertReport:
     """Copy every array and attr of the store at ``src_url`` into a new ``format`` store at ``dst_url``.
 
     ``storage_options`` apply to both ends unless ``src_storage_options`` /
     ``dst_storage_options`` are given.  ``chunks`` is one chunk shape for all
-    arrays or a ``{key: chunks}`` mapping; ``compression`` applies to every
+    arrays or a ``{key: chunks}`` mapping (source keys); ``compression`` applies to every
     dense array (zarr: ``zstd``, ``gzip``, ``blosc``, ``lz4``; hdf5: ``gzip``, ``lzf``).
+
+    ``keys`` copies only those arrays, in that order; ``rename`` maps source keys
+    to destination keys (``{"question_embs": "embeddings/questions"}``; keys not
+    in it keep their name); ``on_array(key)`` is called before each array is copied.
 
     Raises:
         StoreNotFoundError: the source does not exist.
+        ArrayNotFoundError: a key in ``keys`` is not in the source.
+        InvalidKeyError: a ``rename`` target is not a valid key.
         StoreExistsError: the destination exists and ``overwrite`` is false.
         UnsupportedError: the destination format cannot hold some array as asked.
 
@@ -74,20 +82,25 @@ def convert(src_url: str | os.PathLike[str], dst_url: str | os.PathLike[str], fo
     src_opts = src_storage_options if src_storage_options is not None else storage_options
     dst_opts = dst_storage_options if dst_storage_options is not None else storage_options
     src = open_store(src_url, format=src_format, storage_options=src_opts, **src_options)
+    copy = list(keys) if keys is not None else src.keys()
+    arrays = {key: src[key] for key in copy}  # a missing key fails here, before anything is staged
+    rename = dict(rename or {})
     dst = create_store(dst_url, format=format, storage_options=dst_opts, overwrite=overwrite)
-    total = sum(src[k].nbytes for k in src.keys())
+    total = sum(a.nbytes for a in arrays.values())
     bar = _progress(total, f"convert -> {format}", progress)
     spill = tempfile.TemporaryDirectory(prefix="unistore-convert-")
     try:
-        for key in src.keys():
-            arr = src[key]
+        for key, arr in arrays.items():
+            if on_array is not None:
+                on_array(key)
+            target = rename.get(key, key)
             if isinstance(arr, RaggedArray):
-                dst.write_array(key, arr, attrs=arr.attrs)
+                dst.write_array(target, arr, attrs=arr.attrs)
                 bar.update(arr.nbytes)
                 continue
             key_chunks = chunks.get(key) if isinstance(chunks, Mapping) else _fit_chunks(chunks, arr.shape)
             data = _read_blocks(arr, bar, spill.name)
-            dst.write_array(key, data, chunks=key_chunks, compression=compression, attrs=arr.attrs)
+            dst.write_array(target, data, chunks=key_chunks, compression=compression, attrs=arr.attrs)
         dst.attrs.update(src.attrs)
         dst.commit()
     except BaseException:
@@ -96,7 +109,7 @@ def convert(src_url: str | os.PathLike[str], dst_url: str | os.PathLike[str], fo
     finally:
         bar.close()
         spill.cleanup()
-    return ConvertReport(len(src), total, store_size(src.location), store_size(dst.location))
+    return ConvertReport(len(arrays), total, store_size(src.location), store_size(dst.location))
 
 
 def _fit_chunks(chunks: tuple[int, ...] | None, shape: tuple[int, ...]) -> tuple[int, ...] | None:

@@ -1,0 +1,30 @@
+"""Training datasets over the storage layer and the catalog.
+
+>>> from unistore.datasets import ClusterLabeledDataset, JASPERSteeringDataset, create_loader, set_epoch
+>>> loader = create_loader("output/dataset", "train", batch_size=32, num_workers=4)
+
+Every class reads through :class:`~unistore.TensorStore` (one ``take`` per
+array per batch) and the catalog; :class:`StoreDataset` and
+:class:`StoreSampler` are the pieces to build your own on.
+"""
+
+from unistore.datasets.base import Batch, StoreDataset, collate
+from unistore.datasets.cluster_labeled import ClusterLabeledDataset
+from unistore.datasets.jasper import JASPERSteeringDataset, compute_steering_probs, convert_pt_to_hdf5
+from unistore.datasets.loader import create_loader, make_loader, set_epoch, validate_first_batch
+from unistore.datasets.sampler import StoreSampler
+
+__all__ = [
+    "Batch",
+    "StoreDataset",
+    "StoreSampler",
+    "collate",
+    "ClusterLabeledDataset",
+    "JASPERSteeringDataset",
+    "compute_steering_probs",
+    "convert_pt_to_hdf5",
+    "create_loader",
+    "make_loader",
+    "set_epoch",
+    "validate_first_batch",
+]

@@ -1,0 +1,192 @@
+"""Loader utilities: ``create_loader``, ``set_epoch`` and ``validate_first_batch``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+from unistore.datasets.base import collate
+from unistore.datasets.sampler import StoreSampler, dist_rank_and_world
+
+__all__ = ["create_loader", "set_epoch", "validate_first_batch", "make_loader"]
+
+try:
+    from torch.utils.data import DataLoader as _TorchLoader
+except ImportError:  # pragma: no cover
+    _TorchLoader = object  # type: ignore[assignment,misc]
+
+
+class _Loader(_TorchLoader):  # type: ignore[misc,valid-type]
+    """A ``DataLoader`` that knows its dataset object and where it stands in the epoch.
+
+    ``state_dict()`` counts batches actually handed to the training loop (not
+    those the workers prefetched), so ``load_state_dict`` resumes at the first
+    sample the loop has not seen.
+    """
+
+    dataset_obj: Any
+
+    def __iter__(self) -> Iterator[Any]:
+        sampler: StoreSampler = self.sampler
+        self._start = sampler._resume
+        self._delivered = 0
+        for batch in super().__iter__():
+            self._delivered += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sampler's state with ``consumed`` = samples this loader delivered in the current epoch."""
+        sampler: StoreSampler = self.sampler
+        state = sampler.state_dict()
+        delivered = getattr(self, "_start", 0) + getattr(self, "_delivered", 0) * int(self.batch_size or 1)
+        state["consumed"] = min(delivered, len(sampler))
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume: the next iteration starts at the first sample not delivered before ``state`` was taken."""
+        self.sampler.load_state_dict(state)
+
+
+def make_loader(dataset: Any, batch_size: int, *, shuffle: bool = True, seed: int = 0, distributed: bool = False,
+                rank: int | None = None, world_size: int | None = None, drop_last: bool = False,
+                num_workers: int = 0, **loader_kwargs: Any) -> Any:
+    """A DataLoader over any unistore dataset with a :class:`StoreSampler` and batch collation.
+
+    ``distributed=True`` takes rank and world size from ``torch.distributed``
+    (initialise the process group first) unless they are given.
+    """
+    if distributed and (rank is None or world_size is None):
+        d_rank, d_world = dist_rank_and_world()
+        rank = d_rank if rank is None else rank
+        world_size = d_world if world_size is None else world_size
+    sampler = StoreSampler(dataset, shuffle=shuffle, seed=seed, rank=rank if distributed else 0,
+                           world_size=world_size if distributed else 1, drop_last=drop_last and distributed)
+    loader_kwargs.setdefault("collate_fn", collate)
+    loader = _Loader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+                     drop_last=drop_last, **loader_kwargs)
+    loader.dataset_obj = dataset
+    return loader
+
+
+def create_loader(dataset_dir: str | os.PathLike[str] | Any, split: str = "train", batch_size: int = 32,
+                  num_workers: int = 0, distributed: bool = False, *, shuffle: bool | None = None, seed: int = 0,
+                  epoch: int = 0, drop_last: bool = False, pin_memory: bool = False,
+                  storage_format: str = "auto", use_mmap: bool | None = None, device: Any = None,
+                  storage_options: Mapping[str, Any] | None = None, rank: int | None = None,
+                  world_size: int | None = None, **loader_kwargs: Any) -> Any:
+    """A DataLoader over a JASPER dataset (or any unistore dataset object), ready to train.
+
+    ``loader.dataset_obj`` is the dataset; ``set_epoch(loader, epoch)`` moves
+    both its curriculum and the sampler.  Shuffles the train split (not val or
+    test) unless ``shuffle`` says otherwise; ``distributed=True`` gives each
+    rank of the initialised ``torch.distributed`` group a disjoint shard.
+
+    >>> loader = create_loader("output/dataset", "train", batch_size=32, num_workers=4)
+    >>> for epoch in range(100):
+    ...     set_epoch(loader, epoch)
+    ...     for batch in loader: ...
+    """
+    from unistore.datasets.jasper import JASPERSteeringDataset
+
+    if isinstance(dataset_dir, (str, os.PathLike)):
+        dataset = JASPERSteeringDataset(dataset_dir, split, epoch=epoch, device=device, storage_format=storage_format,
+                                        use_mmap=use_mmap, storage_options=storage_options, seed=seed)
+    else:
+        dataset = dataset_dir
+    shuffle = split == "train" if shuffle is None else shuffle
+    loader = make_loader(dataset, batch_size, shuffle=shuffle, seed=seed, distributed=distributed, rank=rank,
+                         world_size=world_size, drop_last=drop_last, num_workers=num_workers,
+                         pin_memory=pin_memory, **loader_kwargs)
+    set_epoch(loader, epoch)
+    return loader
+
+
+def set_epoch(loader: Any, epoch: int) -> None:
+    """Set ``epoch`` on the loader's dataset (curriculum) and on its sampler (shuffle order).
+
+    Takes effect for iterations started afterwards, as with torch's ``DistributedSampler``.
+    """
+    dataset = getattr(loader, "dataset_obj", None) or loader.dataset
+    for target in (dataset, getattr(dataset, "dataset", None), loader.sampler,
+                   getattr(loader.batch_sampler, "sampler", None)):
+        if target is not None and hasattr(target, "set_epoch"):
+            target.set_epoch(epoch)
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise AssertionError(f"validate_first_batch: {message}")
+
+
+def _finite(name: str, tensor: Any) -> None:
+    import torch
+
+    if tensor.is_floating_point():
+        bad = ~torch.isfinite(tensor)
+        _check(not bool(bad.any()), f"{name} has {int(bad.sum())} NaN/Inf values")
+
+
+def _within(name: str, tensor: Any, lo: float, hi: float) -> None:
+    if tensor.numel():
+        low, high = float(tensor.min()), float(tensor.max())
+        _check(lo <= low and high <= hi, f"{name} values span [{low:g}, {high:g}], expected within [{lo:g}, {hi:g}]")
+
+
+JASPER_KEYS = ("question_emb", "target_source_emb", "steering", "negative_embs", "cluster_id", "relevance",
+               "centroid_distance", "steering_variant", "negative_tiers")
+
+
+def validate_first_batch(loader: Any) -> Any:
+    """Check the loader's first batch and return it.
+
+    JASPER batches: every documented key present, shapes consistent
+    (``[B, D]``, ``[B, n_neg, D]``, ``[B]``, ``[B, n_neg]``), no NaN/Inf, cluster
+    ids within the number of clusters, relevance in [0, 1], centroid distance
+    in [0, 2], steering variant in 0-3 and tiers in 0-2.  ClusterLabeled
+    batches ``(base, steering, label[, metadata])``: matching ``[B, D]``
+    embeddings, ``[B, n_clusters]`` labels in [0, 1], no NaN/Inf.
+
+    Raises:
+        AssertionError: saying which check failed and with what values.
+    """
+    batch = next(iter(loader))
+    dataset = getattr(loader, "dataset_obj", None) or loader.dataset
+    n_clusters = getattr(dataset, "n_clusters", None) or getattr(getattr(dataset, "dataset", None), "n_clusters", None)
+    if isinstance(batch, dict):
+        missing = [k for k in JASPER_KEYS if k not in batch]
+        _check(not missing, f"batch lacks keys {missing}")
+        q = batch["question_emb"]
+        _check(q.ndim == 2, f"question_emb has shape {tuple(q.shape)}, expected [B, D]")
+        b, d = q.shape
+        neg = batch["negative_embs"]
+        _check(neg.ndim == 3 and neg.shape[0] == b and neg.shape[2] == d,
+               f"negative_embs has shape {tuple(neg.shape)}, expected [{b}, n_neg, {d}]")
+        for key in ("target_source_emb", "steering"):
+            _check(tuple(batch[key].shape) == (b, d), f"{key} has shape {tuple(batch[key].shape)}, expected [{b}, {d}]")
+        for key in ("cluster_id", "relevance", "centroid_distance", "steering_variant"):
+            _check(tuple(batch[key].shape) == (b,), f"{key} has shape {tuple(batch[key].shape)}, expected [{b}]")
+        _check(tuple(batch["negative_tiers"].shape) == tuple(neg.shape[:2]),
+               f"negative_tiers has shape {tuple(batch['negative_tiers'].shape)}, expected {tuple(neg.shape[:2])}")
+        for key in JASPER_KEYS:
+            _finite(key, batch[key])
+        _within("cluster_id", batch["cluster_id"], 0, (n_clusters or 1 << 62) - 1)
+        _within("relevance", batch["relevance"], 0.0, 1.0)
+        _within("centroid_distance", batch["centroid_distance"], 0.0, 2.0)
+        _within("steering_variant", batch["steering_variant"], 0, 3)
+        _within("negative_tiers", batch["negative_tiers"], 0, 2)
+        return batch
+    _check(isinstance(batch, (tuple, list)) and len(batch) in (3, 4),
+           f"expected a JASPER dict or a (base, steering, label[, metadata]) batch, got {type(batch).__name__}")
+    base, steering, label = batch[0], batch[1], batch[2]
+    _check(base.ndim == 2 and tuple(steering.shape) == tuple(base.shape),
+           f"base {tuple(base.shape)} and steering {tuple(steering.shape)} embeddings must both be [B, D]")
+    _check(label.ndim == 2 and label.shape[0] == base.shape[0], f"label has shape {tuple(label.shape)}, expected "
+           f"[{base.shape[0]}, n_clusters]")
+    if n_clusters:
+        _check(label.shape[1] == n_clusters, f"label has {label.shape[1]} columns, the dataset has {n_clusters} "
+               "clusters")
+    for name, tensor in (("base", base), ("steering", steering), ("label", label)):
+        _finite(name, tensor)
+    _within("label", label, 0.0, 1.0)
+    return batch

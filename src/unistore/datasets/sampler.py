@@ -1,0 +1,122 @@
+"""One sampler for every unistore dataset: deterministic, rank-aware and resumable.
+
+The order of an epoch is a function of ``(seed, epoch)`` alone, so every rank
+computes the same permutation and takes its own stride of it; a run stopped
+mid-epoch resumes from ``state_dict()`` at the next sample it had not drawn.
+The sampler follows torch's ``Stateful`` contract (``state_dict`` /
+``load_state_dict``), which ``torchdata``'s ``StatefulDataLoader`` uses where
+it is installed; nothing here needs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sized
+from typing import Any
+
+import numpy as np
+
+from unistore.errors import ShapeMismatchError
+
+__all__ = ["StoreSampler", "dist_rank_and_world"]
+
+try:
+    from torch.utils.data import Sampler as _TorchSampler
+except ImportError:  # pragma: no cover
+    _TorchSampler = object  # type: ignore[assignment,misc]
+
+
+def dist_rank_and_world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the initialised ``torch.distributed`` group, else ``(0, 1)``."""
+    try:
+        import torch.distributed as dist
+    except ImportError:  # pragma: no cover
+        return 0, 1
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class StoreSampler(_TorchSampler):  # type: ignore[misc,valid-type]
+    """Indices of one rank's shard of an epoch.
+
+    - ``shuffle=True``: a permutation drawn from ``numpy.random.default_rng([seed, epoch])``;
+      ``set_epoch`` changes it, the same ``(seed, epoch)`` gives it back.
+    - ``rank`` / ``world_size`` (taken from ``torch.distributed`` when it is
+      initialised and they are not given): rank ``r`` takes positions
+      ``r, r + world_size, ...`` of the epoch's order.  Shards are disjoint and
+      of equal length.  Their union is the whole dataset: when the length does
+      not divide evenly, the order is padded with its own first few indices
+      (as torch's ``DistributedSampler`` does), or, with ``drop_last=True``,
+      cut to a multiple of ``world_size``.
+    - ``state_dict()`` records the epoch and how many indices were drawn;
+      after ``load_state_dict`` the next iteration yields exactly the rest.
+
+    >>> sampler = StoreSampler(dataset, seed=0)          # rank/world from torch.distributed
+    >>> loader = DataLoader(dataset, batch_size=256, sampler=sampler)
+    >>> for epoch in range(10):
+    ...     sampler.set_epoch(epoch)
+    """
+
+    def __init__(self, data_source: Sized | int, *, shuffle: bool = True, seed: int = 0, rank: int | None = None,
+                 world_size: int | None = None, drop_last: bool = False):
+        self.n = data_source if isinstance(data_source, int) else len(data_source)
+        if rank is None or world_size is None:
+            d_rank, d_world = dist_rank_and_world()
+            rank = d_rank if rank is None else rank
+            world_size = d_world if world_size is None else world_size
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+        self.shuffle = shuffle
+        self.seed = int(seed)
+        self.rank = rank
+        self.world_size = world_size
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.num_samples = self.n // world_size if drop_last else -(-self.n // world_size)
+        self._resume = 0  # where the next iteration starts (set by load_state_dict)
+        self._drawn = 0  # indices drawn by the current iteration
+
+    def order(self, epoch: int | None = None) -> np.ndarray:
+        """This rank's indices for ``epoch`` (default: the current one), in order."""
+        epoch = self.epoch if epoch is None else epoch
+        if self.shuffle:
+            full = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        else:
+            full = np.arange(self.n)
+        total = self.num_samples * self.world_size
+        full = full[:total] if total <= self.n else np.resize(full, total)  # resize repeats from the start
+        return full[self.rank:total:self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        order = self.order()
+        start, self._resume = self._resume, 0
+        self._drawn = start
+        for i in order[start:].tolist():
+            self._drawn += 1
+            yield i
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the order of ``epoch`` from the next iteration on."""
+        self.epoch = int(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where this rank stands: epoch, indices drawn in it, and what the order depends on."""
+        return {"epoch": self.epoch, "consumed": self._drawn, "seed": self.seed, "shuffle": self.shuffle,
+                "rank": self.rank, "world_size": self.world_size, "n": self.n, "drop_last": self.drop_last}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume: the next iteration yields the indices of ``state``'s epoch not yet drawn.
+
+        Raises:
+            ShapeMismatchError: the state belongs to another dataset length, seed or world size.
+        """
+        for key in ("seed", "shuffle", "world_size", "n", "drop_last"):
+            if key in state and state[key] != getattr(self, key):
+                raise ShapeMismatchError(f"sampler state has {key}={state[key]!r}, this sampler has "
+                                         f"{getattr(self, key)!r}; it was saved for another run")
+        self.epoch = int(state["epoch"])
+        self._resume = min(int(state["consumed"]), self.num_samples)
+        self._drawn = self._resume
