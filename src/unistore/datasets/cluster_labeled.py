@@ -115,9 +115,9 @@ def import_seed_layout(dataset_dir: str, catalog_url: str | None = None, name: s
 
     db_path = os.path.join(os.path.abspath(dataset_dir), "dataset.db")
     if not os.path.isfile(db_path):
-        raise DatasetNotFoundError(f"dataset.db not found in {dataset_dir}: a ClusterLabeled dataset directory needs "
-                                   "dataset.db, base_embeddings.npy and steering_embeddings.npy (for a store whose samples are "
-                                   "in a catalog, pass catalog_url=)")
+        raise DatasetNotFoundError(f"dataset.db not found in {dataset_dir}: a ClusterLabeled dataset directory "
+                                   "needs dataset.db, base_embeddings.npy and steering_embeddings.npy (for a store "
+                                   "whose samples are in a catalog, pass catalog_url=)")
     catalog_url = catalog_url or default_catalog_path(dataset_dir)
     name = name or os.path.basename(os.path.abspath(dataset_dir)) or "dataset"
     sqlite_file = _sqlite_path(catalog_url)
@@ -231,7 +231,8 @@ class ClusterLabeledDataset(StoreDataset):
 
         if not location.exists():
             raise DatasetNotFoundError(f"the embeddings store {location.url} does not exist")
-        store = open_store(location, format="npy" if raw else (fmt or "auto"), **({"raw": raw} if raw else {}))
+        options: dict[str, Any] = {"raw": raw} if raw else {}
+        store = open_store(location, format="npy" if raw else (fmt or "auto"), **options)
         missing = [k for k in EMBEDDING_KEYS if k not in store]
         if missing:
             raise DatasetNotFoundError(f"{location.url} lacks {', '.join(missing)}: a ClusterLabeled store needs "
@@ -448,11 +449,12 @@ class ClusterLabeledDataset(StoreDataset):
         name = name or f"{self.dataset_name}-{format}"
         catalog_url = catalog_url or self.catalog_url
         src = self.store.location
-        raw = {k: (self.arrays[k].shape, "float32") for k in EMBEDDING_KEYS} if self.store.format == "npy" and \
-            self.arrays["base_embeddings"].attrs.get("raw_memmap") else None
+        src_options: dict[str, Any] = {}
+        if self.arrays["base_embeddings"].attrs.get("raw_memmap"):  # the seed layout's headerless files
+            src_options["raw"] = {k: (self.arrays[k].shape, "float32") for k in EMBEDDING_KEYS}
         convert(src.url, store_url, format, compression=compression, chunks=chunks, keys=list(EMBEDDING_KEYS),
                 src_storage_options=src.storage_options, dst_storage_options=storage_options,
-                src_format=self.store.format, overwrite=overwrite, **({"raw": raw} if raw else {}))
+                src_format=self.store.format, overwrite=overwrite, **src_options)
         with self._conn_catalog().engine.connect() as conn:
             from unistore.schemas.labels import samples_by_pk
 
@@ -498,10 +500,10 @@ def register_cluster_labeled(catalog_url: str | None, name: str, store_url: str,
                                      format=format, nbytes=n_rows * embedding_dim * 4))
         conn = session.connection()
         if fields:
-            conn.execute(insert(Sample.__table__), [{"dataset_id": ds.id, **dict(zip(SAMPLE_FIELDS, f))}
+            conn.execute(insert(Sample), [{"dataset_id": ds.id, **dict(zip(SAMPLE_FIELDS, f))}
                                                     for f in fields])
             pk_of = dict(conn.execute(select(Sample.sample_id, Sample.id).where(Sample.dataset_id == ds.id)).all())
-            conn.execute(insert(Label.__table__), [
+            conn.execute(insert(Label), [
                 {"sample_pk": pk_of[f[0]], "kind": kind, "vector": labels[kind][j], "provenance": "export",
                  "version": 1}
                 for j, f in enumerate(fields) for kind in LABEL_TYPES

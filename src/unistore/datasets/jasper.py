@@ -334,11 +334,13 @@ class JASPERSteeringDataset(StoreDataset):
             self._variants = np.full(len(self), self._forced, dtype=np.int8)
             return
         rng = np.random.default_rng([self.seed, self.epoch])
-        self._variants = rng.choice(len(STEERING_VARIANTS), size=len(self), p=compute_steering_probs(epoch))
-        self._variants = self._variants.astype(np.int8)
+        drawn = rng.choice(len(STEERING_VARIANTS), size=len(self), p=compute_steering_probs(epoch))
+        self._variants = drawn.astype(np.int8)
 
     def force_steering(self, variant: str | None) -> None:
-        """Always serve ``variant`` (``"none"``, ``"centroid"``, ``"keyword_weighted"``, ``"residual"``); ``None`` resumes the curriculum.
+        """Always serve ``variant``; ``None`` resumes the curriculum.
+
+        Variants: ``"none"``, ``"centroid"``, ``"keyword_weighted"``, ``"residual"``.
 
         Raises:
             ValueError: an unknown variant.

@@ -27,8 +27,8 @@ class _Loader(_TorchLoader):  # type: ignore[misc,valid-type]
 
     dataset_obj: Any
 
-    def __iter__(self) -> Iterator[Any]:
-        sampler: StoreSampler = self.sampler
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        sampler: Any = self.sampler
         self._start = sampler._resume
         self._delivered = 0
         for batch in super().__iter__():
@@ -37,7 +37,7 @@ class _Loader(_TorchLoader):  # type: ignore[misc,valid-type]
 
     def state_dict(self) -> dict[str, Any]:
         """The sampler's state with ``consumed`` = samples this loader delivered in the current epoch."""
-        sampler: StoreSampler = self.sampler
+        sampler: Any = self.sampler
         state = sampler.state_dict()
         delivered = getattr(self, "_start", 0) + getattr(self, "_delivered", 0) * int(self.batch_size or 1)
         state["consumed"] = min(delivered, len(sampler))
@@ -45,7 +45,8 @@ class _Loader(_TorchLoader):  # type: ignore[misc,valid-type]
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume: the next iteration starts at the first sample not delivered before ``state`` was taken."""
-        self.sampler.load_state_dict(state)
+        sampler: Any = self.sampler
+        sampler.load_state_dict(state)
 
 
 def make_loader(dataset: Any, batch_size: int, *, shuffle: bool = True, seed: int = 0, distributed: bool = False,

@@ -51,7 +51,7 @@ def store_size(location: Location) -> int:
     return int(fs.size(location.path))
 
 
-def convert(src_url: str | os.PathLike[str], dst_url: str | os.PathLike[str], format: str,
+def convert(src_url: str | os.PathLike[str] | Location, dst_url: str | os.PathLike[str] | Location, format: str,
             compression: str | None = None, chunks: Mapping[str, tuple[int, ...]] | tuple[int, ...] | None = None,
             storage_options: Mapping[str, Any] | None = None,
             src_storage_options: Mapping[str, Any] | None = None,

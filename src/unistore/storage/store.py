@@ -316,7 +316,7 @@ def _stream_checksum(arr: Array, block_rows: int | None) -> str:
 
 
 # ------------------------------------------------------------------- open
-def open_store(url: str | os.PathLike[str], mode: str = "r", format: str = "auto",
+def open_store(url: str | os.PathLike[str] | Location, mode: str = "r", format: str = "auto",
                storage_options: Mapping[str, Any] | None = None, **format_options: Any) -> TensorStore:
     """Open the store at ``url`` for reading.  Reads metadata only.
 
@@ -346,7 +346,7 @@ def open_store(url: str | os.PathLike[str], mode: str = "r", format: str = "auto
     return TensorStore(location, fmt.name, "r", opened)
 
 
-def create_store(url: str | os.PathLike[str], format: str, storage_options: Mapping[str, Any] | None = None,
+def create_store(url: str | os.PathLike[str] | Location, format: str, storage_options: Mapping[str, Any] | None = None,
                  overwrite: bool = False, **writer_options: Any) -> TensorStore:
     """A new, empty store at ``url`` for writing; published on ``commit()``/``close()``.
 
