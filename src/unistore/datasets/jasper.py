@@ -102,6 +102,8 @@ def _find_store(dataset_dir: Location, storage_format: str) -> tuple[Location, s
     """Where the dataset's arrays are and in which format."""
     if storage_format not in _FORMATS:
         raise ValueError(f"storage_format must be one of {_FORMATS}, got {storage_format!r}")
+    if not dataset_dir.is_local:  # listings are cached per filesystem; the dataset may be newer than the cache
+        dataset_dir.fs.invalidate_cache(dataset_dir.path)
     if not dataset_dir.exists():
         raise DatasetNotFoundError(f"dataset directory {dataset_dir.url} does not exist")
     if not dataset_dir.isdir():  # the dataset is one file store (dataset.h5 or a .safetensors)
