@@ -263,8 +263,8 @@ class ClusterLabeledDataset(StoreDataset):
                                                f"(datasets there: {', '.join(known) or 'none'})")
             self.dataset_name = ds.name
             self._dataset_id = ds.id
-            info = dict(session.execute(select(DatasetInfo.key, DatasetInfo.value)
-                                        .where(DatasetInfo.dataset_id == ds.id)).tuples().all())
+            info = {key: value for key, value in session.execute(
+                select(DatasetInfo.key, DatasetInfo.value).where(DatasetInfo.dataset_id == ds.id))}
             rows = session.execute(select(Sample.id, Sample.sample_id, Sample.embedding_idx)
                                    .where(Sample.dataset_id == ds.id).order_by(Sample.sample_id)).all()
             store_url, store_format = ds.store_url, ds.format
