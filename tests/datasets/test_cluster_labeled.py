@@ -221,7 +221,7 @@ def test_workers_return_the_same_batches(context: str, seed_dir: tuple[str, dict
     seed = ClusterLabeledDataset(path)
     seed.export(str(tmp_path / "z.zarr"), "zarr", compression="zstd", chunks=(8,))
     for ds in (seed, ClusterLabeledDataset(str(tmp_path / "z.zarr"), catalog_url=os.path.join(path, "catalog.db"))):
-        def batches(workers: int) -> list[Any]:
+        def batches(workers: int, ds: Any = ds) -> list[Any]:
             g = torch.Generator().manual_seed(3)
             loader = DataLoader(ds, batch_size=8, shuffle=True, generator=g, num_workers=workers,
                                 multiprocessing_context=context if workers else None)
@@ -242,13 +242,14 @@ def test_bad_arguments(seed_dir: tuple[str, dict[str, Any]], tmp_path: Any) -> N
     with pytest.raises(ValueError, match="mmap_mode"):
         ClusterLabeledDataset(path, mmap_mode="w+")
     assert len(ClusterLabeledDataset(path, mmap_mode="c")) == 60
+    catalog = os.path.join(path, "catalog.db")
     os.makedirs(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="dataset.db not found"):
         ClusterLabeledDataset(str(tmp_path / "empty"))
     with pytest.raises(DatasetNotFoundError, match="no dataset 'nope'"):
-        ClusterLabeledDataset(str(tmp_path / "x.zarr"), dataset_name="nope", catalog_url=os.path.join(path, "catalog.db"))
+        ClusterLabeledDataset(str(tmp_path / "x.zarr"), dataset_name="nope", catalog_url=catalog)
     with pytest.raises(DatasetNotFoundError, match="has its store at"):
-        ClusterLabeledDataset(str(tmp_path / "x.zarr"), catalog_url=os.path.join(path, "catalog.db"))
+        ClusterLabeledDataset(str(tmp_path / "x.zarr"), catalog_url=catalog)
 
 
 def _assert_untouched(path: str, before: dict[str, str]) -> None:

@@ -177,7 +177,8 @@ def test_use_mmap_auto_and_memory_report(jasper_root: str, monkeypatch: pytest.M
     assert large.use_mmap is True
     assert large._compute_memory_usage() < small._compute_memory_usage()
     report = small.memory_report()
-    assert report["mode"] == "preloaded" and report["bytes"]["steering"] == 3 * 80 * 16 * 4 + 80 * 4  # three variants + distances
+    assert report["mode"] == "preloaded"
+    assert report["bytes"]["steering"] == 3 * 80 * 16 * 4 + 80 * 4  # three variants + distances
     assert large.memory_report()["bytes"]["steering"] == 0
     with pytest.raises(UnsupportedError, match="use_mmap"):
         JASPERSteeringDataset(url, "train", use_mmap=True, device="cuda")

@@ -6,7 +6,6 @@ import json
 import os
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
