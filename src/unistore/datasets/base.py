@@ -20,7 +20,7 @@ from unistore.errors import ShapeMismatchError
 from unistore.storage.array import Array, RaggedArray
 from unistore.storage.store import TensorStore, open_store
 
-__all__ = ["Batch", "StoreDataset", "collate", "row_of", "as_index_array"]
+__all__ = ["Batch", "SampleTuple", "SampleDict", "StoreDataset", "collate", "row_of", "as_index_array"]
 
 try:  # a Dataset subclass when torch is there, so isinstance checks and Subset work
     from torch.utils.data import Dataset as _TorchDataset
@@ -28,12 +28,32 @@ except ImportError:  # pragma: no cover - torch is optional for the storage laye
     _TorchDataset = object  # type: ignore[assignment,misc]
 
 
+class SampleTuple(tuple):  # type: ignore[type-arg]
+    """One sample of a :class:`Batch` (a plain tuple to its users; torch's collate recognises it)."""
+
+    __slots__ = ()
+
+
+class SampleDict(dict):  # type: ignore[type-arg]
+    """One sample of a :class:`Batch` (a plain dict to its users; torch's collate recognises it)."""
+
+    __slots__ = ()
+
+
 def row_of(collated: Any, j: int) -> Any:
     """Sample ``j`` of an assembled batch (tensors, arrays, tuples, dicts and lists of them)."""
     if isinstance(collated, tuple):
-        return tuple(row_of(c, j) for c in collated)
+        return SampleTuple(_row(c, j) for c in collated)
     if isinstance(collated, dict):
-        return {k: row_of(v, j) for k, v in collated.items()}
+        return SampleDict((k, _row(v, j)) for k, v in collated.items())
+    return collated[j]
+
+
+def _row(collated: Any, j: int) -> Any:
+    if isinstance(collated, tuple):
+        return tuple(_row(c, j) for c in collated)
+    if isinstance(collated, dict):
+        return {k: _row(v, j) for k, v in collated.items()}
     return collated[j]
 
 
@@ -68,6 +88,10 @@ class Batch(Sequence[Any]):
 def collate(batch: Any) -> Any:
     """``collate_fn`` for unistore datasets: an assembled :class:`Batch` as is, anything else by torch.
 
+    A plain ``DataLoader`` (torch's ``default_collate``) does the same, through
+    the hook registered below; pass this where another collate function is
+    the default.
+
     >>> DataLoader(dataset, batch_size=256, collate_fn=unistore.datasets.collate)
     """
     if isinstance(batch, Batch):
@@ -75,6 +99,25 @@ def collate(batch: Any) -> Any:
     from torch.utils.data import default_collate
 
     return default_collate(batch)
+
+
+def _collate_samples(batch: Any, *, collate_fn_map: Any = None) -> Any:
+    """torch collate hook for :class:`SampleTuple` / :class:`SampleDict`: a whole :class:`Batch` needs no work."""
+    if isinstance(batch, Batch):
+        return batch.collated
+    from torch.utils.data._utils.collate import collate as torch_collate
+
+    plain = [tuple(s) if isinstance(s, tuple) else dict(s) for s in batch]  # samples gathered one by one
+    return torch_collate(plain, collate_fn_map=collate_fn_map)
+
+
+try:  # torch documents extending default_collate by adding to this map
+    from torch.utils.data._utils.collate import default_collate_fn_map
+
+    default_collate_fn_map.setdefault(SampleTuple, _collate_samples)
+    default_collate_fn_map.setdefault(SampleDict, _collate_samples)
+except ImportError:  # pragma: no cover - torch absent
+    pass
 
 
 def as_index_array(indices: Any) -> np.ndarray:
