@@ -105,7 +105,7 @@ def bench_cluster(workdir: str, rows: int, batches: int) -> list[tuple[str, floa
                ("ClusterLabeledDataset, collate_fn=unistore.datasets.collate",
                 samples_per_second(loader(ours, collate_fn=collate), batches))]
     print(f"\nClusterLabeledDataset, {rows} x 384, 50 clusters, batch 256 shuffled, {batches} batches")
-    print(f"| loop | samples/s | vs seed |\n|---|---|---|")
+    print("| loop | samples/s | vs seed |\n|---|---|---|")
     for name, speed in results:
         print(f"| {name} | {speed:,.0f} | {speed / base:.1f}x |")
     return results
