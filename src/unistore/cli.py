@@ -104,9 +104,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from unistore.demo import run_demo
+    from unistore.demo_training import run_training_demo
 
-    run_demo(rows=args.rows, dim=args.dim, workdir=args.dir, batches=args.batches)
-    return 0
+    if not args.skip_read_table:
+        run_demo(rows=args.rows, dim=args.dim, workdir=args.dir, batches=args.batches)
+    results = run_training_demo(args.dir, rows=args.train_rows, pairs=args.train_rows, steps=args.steps,
+                                s3_endpoint=args.s3_endpoint)
+    return 0 if all(r["last"] < r["first"] for r in results) else 1
 
 
 def cmd_db(args: argparse.Namespace) -> int:
@@ -210,11 +214,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-bad", action="store_true", help="import good rows and report bad ones")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("demo", help="write an embedding dataset in every format and compare read speed")
+    p = sub.add_parser("demo", help="write an embedding dataset in every format, compare read speed, and train "
+                                    "the same models from every backend")
     p.add_argument("--rows", type=int, default=200_000)
     p.add_argument("--dim", type=int, default=384)
     p.add_argument("--batches", type=int, default=200)
     p.add_argument("--dir", default="demo-data", help="working directory (default: ./demo-data)")
+    p.add_argument("--train-rows", type=int, default=20_000, help="samples/pairs of the training datasets")
+    p.add_argument("--steps", type=int, default=300, help="training steps per backend")
+    p.add_argument("--s3-endpoint", help="also train from a bucket on this S3 server "
+                                         "(default: $UNISTORE_DEMO_S3_ENDPOINT; skipped when unset)")
+    p.add_argument("--skip-read-table", action="store_true", help="only the training part")
     p.set_defaults(func=cmd_demo)
     return parser
 

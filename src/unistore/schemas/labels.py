@@ -18,9 +18,7 @@ __all__ = ["dataset_id", "read_labels", "update_labels", "labels_by_pk", "sample
 #: The sample columns :func:`samples_by_pk` returns, in order.
 SAMPLE_FIELDS = ("sample_id", "embedding_idx", "sample_type", "text", "chroma_id", "suggestions", "steering_mode")
 
-# plain SQL with an expanding IN: compiled once, no ORM per row; the hot path of a DataLoader batch
-_LABELS_BY_PK = text("SELECT sample_pk, vector FROM labels WHERE kind = :kind AND sample_pk IN :pks").bindparams(
-    bindparam("pks", expanding=True))
+_PLACEHOLDER = {"qmark": "?", "format": "%s", "pyformat": "%s"}
 _SAMPLES_BY_PK = text(
     "SELECT s.id, " + ", ".join(f"s.{c}" for c in SAMPLE_FIELDS) + ", l.kind, l.vector "
     "FROM samples s JOIN labels l ON l.sample_pk = s.id WHERE s.id IN :pks"
@@ -119,7 +117,16 @@ def labels_by_pk(conn: Connection, sample_pks: Any, kind: str = "combined", dtyp
     """
     _check_kind(kind)
     uniq, inverse = np.unique(np.asarray(sample_pks, dtype=np.int64), return_inverse=True)
-    rows = conn.execute(_LABELS_BY_PK, {"kind": kind, "pks": uniq.tolist()}).all()
+    # the hot path of every DataLoader batch: SQL straight to the driver, no statement compilation per call
+    mark = _PLACEHOLDER.get(conn.dialect.paramstyle)
+    if mark is None:  # a driver with named parameters: let SQLAlchemy render the IN list
+        stmt = text("SELECT sample_pk, vector FROM labels WHERE kind = :kind AND sample_pk IN :pks").bindparams(
+            bindparam("pks", expanding=True))
+        rows = conn.execute(stmt, {"kind": kind, "pks": uniq.tolist()}).all()
+    else:
+        marks = ", ".join([mark] * len(uniq))
+        sql = f"SELECT sample_pk, vector FROM labels WHERE kind = {mark} AND sample_pk IN ({marks})"
+        rows = conn.exec_driver_sql(sql, (kind, *uniq.tolist())).fetchall()
     got = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
     where = _gather_order(uniq, got, f"{kind} label")
     return decode_stack([rows[i][1] for i in where], dtype)[inverse.reshape(-1)]
