@@ -78,7 +78,8 @@ class SeedClusterLabeledDataset(Dataset):  # type: ignore[type-arg]
 
 def samples_per_second(loader: Any, batches: int) -> float:
     it = iter(loader)
-    next(it)  # warm up: handles, page cache, catalog connection
+    for _ in range(batches):  # warm up the same way for every loop: handles, page cache, catalog connection
+        next(it)
     start = time.perf_counter()
     seen = 0
     for _ in range(batches):

@@ -177,7 +177,7 @@ def _s3_target(endpoint: str | None) -> tuple[str | None, dict[str, Any] | None,
 
     options = {"key": os.environ.get("AWS_ACCESS_KEY_ID", "testing"),
                "secret": os.environ.get("AWS_SECRET_ACCESS_KEY", "testing"),
-               "client_kwargs": {"endpoint_url": endpoint, "region_name": os.environ.get("AWS_REGION", "us-east-1")},
+               "client_kwargs": {"endpoint_url": endpoint},
                "config_kwargs": {"connect_timeout": 3, "retries": {"max_attempts": 2}}}
     bucket = f"unistore-demo-{uuid.uuid4().hex[:8]}"
     try:
