@@ -264,3 +264,13 @@ def test_validate_first_batch(tmp_path: Any, jasper_root: str) -> None:
         loader.dataset_obj.force_steering("centroid")
         with pytest.raises(AssertionError, match=message):
             validate_first_batch(loader)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CI has none)")
+def test_device_preloading_on_gpu(jasper_root: str, jasper_data: dict[str, Any]) -> None:
+    ds = JASPERSteeringDataset(os.path.join(jasper_root, "hdf5"), "train", device=torch.device("cuda:0"))
+    positions = np.array([4, 1, 4])
+    batch = ds.__getitems__(positions).collated
+    assert all(t.device.type == "cuda" for t in batch.values())
+    assert_batch({k: v.cpu() for k, v in batch.items()}, jasper_data, "train", positions)
+    assert ds.memory_report()["device"] == "cuda:0"
