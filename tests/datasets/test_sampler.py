@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -58,6 +59,23 @@ def test_resume_mid_epoch_yields_exactly_the_rest() -> None:
         StoreSampler(50, seed=9, rank=1, world_size=2).load_state_dict(state)
 
 
+def assert_resumes_exactly(make: Callable[[], Any], key: str, taken: int) -> dict[str, Any]:
+    """Stop a loader after ``taken`` batches, resume a new one from its state: together they give one epoch."""
+    reference = [b[key] for b in make()]
+    first = make()
+    it = iter(first)
+    seen = [next(it)[key] for _ in range(taken)]
+    state = first.state_dict()
+    del it
+    second = make()
+    second.load_state_dict(state)
+    rest = [b[key] for b in second]
+    assert len(seen) + len(rest) == len(reference)
+    for a, b in zip(seen + rest, reference):
+        torch.testing.assert_close(a, b)
+    return state
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_loader_state_counts_delivered_batches(workers: int, jasper_root: str) -> None:
     url = os.path.join(jasper_root, "pt")
@@ -65,18 +83,8 @@ def test_loader_state_counts_delivered_batches(workers: int, jasper_root: str) -
     def loader() -> Any:
         return create_loader(url, "train", batch_size=5, num_workers=workers, seed=11, epoch=2)
 
-    reference = [b["question_emb"] for b in loader()]
-    first = loader()
-    it = iter(first)
-    taken = [next(it)["question_emb"] for _ in range(4)]  # workers have prefetched more than this
-    state = first.state_dict()
+    state = assert_resumes_exactly(loader, "question_emb", taken=4)  # workers have prefetched more than 4
     assert state["consumed"] == 20
-    second = loader()
-    second.load_state_dict(state)
-    rest = [b["question_emb"] for b in second]
-    assert len(taken) + len(rest) == len(reference)
-    for a, b in zip(taken + rest, reference):
-        torch.testing.assert_close(a, b)
 
 
 def test_stateful_dataloader_contract(jasper_root: str) -> None:
@@ -90,18 +98,7 @@ def test_stateful_dataloader_contract(jasper_root: str) -> None:
         return StatefulDataLoader(dataset, batch_size=4, sampler=StoreSampler(dataset, seed=5), num_workers=2,
                                   collate_fn=collate)
 
-    reference = [b["target_source_emb"] for b in loader()]
-    first = loader()
-    it = iter(first)
-    taken = [next(it)["target_source_emb"] for _ in range(5)]
-    state = first.state_dict()
-    del it
-    second = loader()
-    second.load_state_dict(state)
-    rest = [b["target_source_emb"] for b in second]
-    assert len(taken) + len(rest) == len(reference)
-    for a, b in zip(taken + rest, reference):
-        torch.testing.assert_close(a, b)
+    assert_resumes_exactly(loader, "target_source_emb", taken=5)
 
 
 def test_two_process_gloo(jasper_root: str, tmp_path: Any) -> None:
