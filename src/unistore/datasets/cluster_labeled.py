@@ -212,6 +212,7 @@ class ClusterLabeledDataset(StoreDataset):
             catalog_url, dataset_name = import_seed_layout(location.path, catalog_url, dataset_name)
         self.catalog_url = catalog_url
         self._catalog: Any = None
+        self._writer: Any = None
         self._pid = -1
         info, store_url, store_format = self._load_catalog(location, dataset_name)
         self.n_clusters = int(info["n_clusters"])
@@ -298,24 +299,27 @@ class ClusterLabeledDataset(StoreDataset):
         self._hits = 0
         self._misses = 0
 
-    def _conn_catalog(self) -> Any:
-        """This process's catalog connection (opened again after fork or in a spawned worker)."""
-        if self._catalog is None or self._pid != os.getpid():
+    def _conn_catalog(self, write: bool = False) -> Any:
+        """This process's catalog for reading (or writing), opened again after fork or in a spawned worker."""
+        if self._pid != os.getpid():
+            self._catalog = self._writer = None
+            self._pid = os.getpid()
+        attr = "_writer" if write else "_catalog"
+        if getattr(self, attr) is None:
             from unistore.schemas import connect
 
-            self._catalog = connect(self.catalog_url, write_lock=False)
-            self._pid = os.getpid()
-        return self._catalog
+            setattr(self, attr, connect(self.catalog_url, write_lock=write))
+        return getattr(self, attr)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for key in ("_catalog", "_sample_cache", "_cache_lock"):
+        for key in ("_catalog", "_writer", "_sample_cache", "_cache_lock"):
             state.pop(key, None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._catalog = None
+        self._catalog = self._writer = None
         self._pid = -1
         self._init_cache()
 
@@ -417,7 +421,6 @@ class ClusterLabeledDataset(StoreDataset):
             ArrayNotFoundError (a ``KeyError``): no such sample.
             ShapeMismatchError (a ``ValueError``): a label of another shape than ``(n_clusters,)``.
         """
-        from unistore.schemas import connect
         from unistore.schemas.labels import update_labels
 
         position = self._position.get(int(sample_id))
@@ -428,8 +431,7 @@ class ClusterLabeledDataset(StoreDataset):
             if value is not None and np.asarray(value).shape != (self.n_clusters,):
                 raise ShapeMismatchError(f"{kind}_label for sample_id {sample_id} has shape "
                                          f"{np.asarray(value).shape}, expected ({self.n_clusters},)")
-        with connect(self.catalog_url) as catalog:
-            update_labels(catalog, self._dataset_id, int(sample_id), new, provenance="manual")
+        update_labels(self._conn_catalog(write=True), self._dataset_id, int(sample_id), new, provenance="manual")
         with self._cache_lock:
             self._sample_cache.pop(position, None)
 
