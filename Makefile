@@ -1,5 +1,6 @@
 # Two commands set everything up on a fresh machine:
-#   make demo   - the main job: one embedding dataset in every format, read speed table
+#   make demo   - the main job: one embedding dataset in every format, read speed table, then the same
+#                 training loops (ClusterLabeled and JASPER) from every backend
 #   make test   - the test suite (needs PostgreSQL only for catalog tests; S3 runs on moto)
 PYTHON ?= python3
 VENV   := .venv
@@ -25,6 +26,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_take.py
 	$(PY) benchmarks/bench_catalog.py
+	$(PY) benchmarks/bench_datasets.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
