@@ -222,8 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dir", default="demo-data", help="working directory (default: ./demo-data)")
     p.add_argument("--train-rows", type=int, default=20_000, help="samples/pairs of the training datasets")
     p.add_argument("--steps", type=int, default=300, help="training steps per backend")
-    p.add_argument("--s3-endpoint", help="also train from a bucket on this S3 server "
-                                         "(default: $UNISTORE_DEMO_S3_ENDPOINT; skipped when unset)")
+    p.add_argument("--s3-endpoint", help="also train from a bucket on this S3 server (default: "
+                                         "$UNISTORE_DEMO_S3_ENDPOINT or $AWS_ENDPOINT_URL; skipped when unset)")
     p.add_argument("--skip-read-table", action="store_true", help="only the training part")
     p.set_defaults(func=cmd_demo)
     return parser

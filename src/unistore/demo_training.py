@@ -105,7 +105,10 @@ def write_jasper_pt_layout(path: str, n_pairs: int, dim: int, n_neg: int = 4, n_
 
 
 def train(loader: Any, step: Callable[[Any], float], steps: int) -> tuple[float, float, float]:
-    """Run ``steps`` optimisation steps over ``loader`` (cycling epochs); returns (samples/s, first loss, last loss)."""
+    """Run ``steps`` optimisation steps over ``loader`` (cycling epochs).
+
+    Returns samples/s, the mean loss of the first 3 steps and of the last tenth.
+    """
     losses: list[float] = []
     seen = 0
     start = time.perf_counter()
@@ -121,7 +124,7 @@ def train(loader: Any, step: Callable[[Any], float], steps: int) -> tuple[float,
         epoch += 1
     elapsed = time.perf_counter() - start
     window = max(1, steps // 10)
-    return seen / elapsed, float(np.mean(losses[:window])), float(np.mean(losses[-window:]))
+    return seen / elapsed, float(np.mean(losses[:3])), float(np.mean(losses[-window:]))
 
 
 def domain_classifier_step(dim: int, n_clusters: int) -> Callable[[Any], float]:
@@ -172,7 +175,7 @@ def _s3_target(endpoint: str | None) -> tuple[str | None, dict[str, Any] | None,
     """``(bucket URL, storage options, note)`` for the demo's S3 copies, or ``(None, None, why not)``."""
     if not endpoint:
         return None, None, ("S3: skipped - no S3 endpoint given (pass --s3-endpoint http://127.0.0.1:PORT or set "
-                            "UNISTORE_DEMO_S3_ENDPOINT to also train from a bucket)")
+                            "UNISTORE_DEMO_S3_ENDPOINT or AWS_ENDPOINT_URL to also train from a bucket)")
     import uuid
 
     options = {"key": os.environ.get("AWS_ACCESS_KEY_ID", "testing"),
@@ -200,7 +203,9 @@ def run_training_demo(workdir: str, rows: int = 20_000, pairs: int = 20_000, dim
     from unistore.storage.location import Location
 
     os.makedirs(workdir, exist_ok=True)
-    s3_root, s3_options, note = _s3_target(s3_endpoint or os.environ.get("UNISTORE_DEMO_S3_ENDPOINT"))
+    endpoint = s3_endpoint or next((os.environ[v] for v in ("UNISTORE_DEMO_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3",
+                                                            "AWS_ENDPOINT_URL") if os.environ.get(v)), None)
+    s3_root, s3_options, note = _s3_target(endpoint)
     print(f"\nTraining from every backend ({rows} ClusterLabeled samples, {pairs} JASPER pairs, D={dim}, "
           f"{steps} steps of {batch_size})")
     print(note)
