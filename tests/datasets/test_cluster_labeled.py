@@ -113,6 +113,12 @@ def test_import_reused_and_redone_when_db_changes(seed_dir: tuple[str, dict[str,
     again = ClusterLabeledDataset(path)
     np.testing.assert_allclose(again[1][2].numpy(), np.full(5, 0.2))
     np.testing.assert_array_equal(again[5][2].numpy(), src["labels"]["combined"][5])
+    # the correction made through the catalog is not lost: the previous import is kept under another name
+    with connect(catalog) as c, c.session() as s:
+        names = sorted(s.scalars(select(Dataset.name)))
+    assert names[0] == "clusters" and names[1].startswith("clusters@replaced-") and len(names) == 2
+    kept = ClusterLabeledDataset(path, dataset_name=names[1], catalog_url=catalog)
+    np.testing.assert_array_equal(kept[5][2].numpy(), np.eye(5)[2])
 
 
 def test_update_labels_seen_here_and_in_fresh_workers(seed_dir: tuple[str, dict[str, Any]]) -> None:

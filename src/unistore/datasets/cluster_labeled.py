@@ -96,19 +96,50 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
+def _retire_import(catalog: Any, dataset_id: int, name: str, db_path: str) -> None:
+    """Make room for a new import of a changed ``dataset.db``.
+
+    An import that holds label corrections made through the catalog is kept
+    under another name (nothing a user wrote is lost); one that holds only
+    what ``dataset.db`` still has is dropped.
+    """
+    import uuid
+
+    from sqlalchemy import delete, func, select
+
+    from unistore.schemas import Dataset, Label, Sample
+
+    with catalog.session() as session:
+        manual = session.scalar(select(func.count()).select_from(Label).join(Sample, Label.sample_pk == Sample.id)
+                                .where(Sample.dataset_id == dataset_id, Label.provenance == "manual"))
+        if manual:
+            kept = f"{name}@replaced-{uuid.uuid4().hex[:8]}"
+            row = session.get(Dataset, dataset_id)
+            assert row is not None
+            row.name = kept
+            row.attrs = {**(row.attrs or {}), "replaced": True}  # opened as it is, never imported into again
+            log.warning("%s changed since it was imported; importing it again. The previous import holds %d label "
+                        "corrections made through the catalog and is kept as dataset %r in %s", db_path, manual, kept,
+                        catalog.url)
+        else:
+            session.execute(delete(Dataset).where(Dataset.id == dataset_id))
+            log.info("%s changed since it was imported; importing it again into %s", db_path, catalog.url)
+
+
 def import_seed_layout(dataset_dir: str, catalog_url: str | None = None, name: str | None = None) -> tuple[str, str]:
     """Make sure the catalog holds the current ``dataset_dir/dataset.db``; returns ``(catalog_url, name)``.
 
     Imports on first use, reuses the import while ``dataset.db`` is unchanged
-    (same size and mtime, or same SHA-256), and replaces it when the file
-    changed.  ``dataset.db`` is only ever opened read-only.  A failed first
+    (same size and mtime, or same SHA-256), and imports it again when the file
+    changed (keeping the previous import under another name if it holds label
+    corrections).  ``dataset.db`` is only ever opened read-only.  A failed first
     import leaves no catalog file behind.
 
     Raises:
         DatasetNotFoundError: no ``dataset.db`` in ``dataset_dir``.
         LegacyImportError / UnsafePickleError / CorruptDataError: a bad row (nothing imported).
     """
-    from sqlalchemy import delete, select
+    from sqlalchemy import select
 
     from unistore.migrations.legacy import import_legacy
     from unistore.schemas import Dataset, connect
@@ -135,15 +166,12 @@ def import_seed_layout(dataset_dir: str, catalog_url: str | None = None, name: s
                         f"the catalog at {catalog.url} already has a dataset {name!r} imported from "
                         f"{attrs.get('legacy_db') or 'elsewhere'}; pass dataset_name= to import {db_path} under "
                         "another name")
-                if ds is not None and attrs.get("legacy_stamp") == stamp:
+                if ds is not None and (attrs.get("legacy_stamp") == stamp or attrs.get("replaced")):
                     return catalog_url, name
                 digest = _sha256(db_path)
                 if ds is None or attrs.get("legacy_sha256") != digest:
                     if ds is not None:
-                        log.warning("%s changed since it was imported; importing it again into %s (label "
-                                    "corrections made through the catalog are replaced)", db_path, catalog.url)
-                        with catalog.session() as session:
-                            session.execute(delete(Dataset).where(Dataset.id == ds.id))
+                        _retire_import(catalog, ds.id, name, db_path)
                     import_legacy(db_path, catalog_url, name=name)
                 with catalog.session() as session:
                     row = session.scalar(select(Dataset).where(Dataset.name == name))
