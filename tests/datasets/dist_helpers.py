@@ -1,4 +1,4 @@
-"""The body of one rank of the two-process gloo test (importable by spawned processes)."""
+"""Bodies of multi-process tests (importable by spawned processes)."""
 
 from __future__ import annotations
 
@@ -34,3 +34,12 @@ def run_rank(rank: int, world_size: int, dataset_dir: str, rendezvous: str, out_
             json.dump(result, f, default=lambda o: o.tolist() if isinstance(o, np.ndarray) else o)
     finally:
         dist.destroy_process_group()
+
+
+def open_cluster_dataset(path: str) -> tuple[int, float]:
+    """Open a seed-layout directory (importing it if nobody has yet); its length and a label checksum."""
+    from unistore.datasets import ClusterLabeledDataset
+
+    ds = ClusterLabeledDataset(path)
+    labels = ds.__getitems__(list(range(len(ds)))).collated[2]
+    return len(ds), float(labels.sum())

@@ -342,3 +342,21 @@ def test_unwritable_directory_uses_a_per_user_catalog(seed_dir: tuple[str, dict[
     assert not os.path.exists(os.path.join(path, "catalog.db"))
     assert ds.catalog_url.startswith(str(tmp_path / "cache" / "unistore" / "catalogs"))
     np.testing.assert_array_equal(ds[2][0].numpy(), src["base"][src["rows"][2]])
+
+
+def test_ranks_opening_a_new_seed_dir_at_once_import_it_once(seed_dir: tuple[str, dict[str, Any]]) -> None:
+    import multiprocessing as mp
+
+    from sqlalchemy import func, select
+
+    from unistore.schemas import Dataset, Sample, connect
+
+    from .dist_helpers import open_cluster_dataset
+
+    path, src = seed_dir
+    with mp.get_context("spawn").Pool(3) as pool:
+        results = pool.map(open_cluster_dataset, [path] * 3)
+    assert results == [(60, pytest.approx(float(src["labels"]["combined"].sum()), rel=1e-6))] * 3
+    with connect(os.path.join(path, "catalog.db")) as c, c.session() as s:
+        assert s.scalar(select(func.count()).select_from(Dataset)) == 1
+        assert s.scalar(select(func.count()).select_from(Sample)) == 60
