@@ -15,6 +15,7 @@ from unistore.schemas.models import (
     Sample,
     Split,
     TrainingHistoryRef,
+    TrainingHistorySegment,
 )
 from unistore.schemas.types import NDArray, decode_array, encode_array
 
@@ -38,6 +39,7 @@ __all__ = [
     "Sample",
     "Split",
     "TrainingHistoryRef",
+    "TrainingHistorySegment",
     "NDArray",
     "encode_array",
     "decode_array",

@@ -44,6 +44,7 @@ __all__ = [
     "ExperimentMetric",
     "DatasetUsage",
     "TrainingHistoryRef",
+    "TrainingHistorySegment",
     "DeltaEmbeddingCache",
 ]
 
@@ -213,9 +214,15 @@ class DatasetUsage(Base):
 
 
 class TrainingHistoryRef(Base):
-    """Where an experiment's (large) training history lives: a store URL and key."""
+    """Where an experiment's (large) training history lives: a store URL and key.
+
+    ``summary`` holds per-metric statistics kept up to date at write time;
+    ``meta`` the user's metadata (migration 0003); the rows themselves are in
+    the segment stores listed by :class:`TrainingHistorySegment`.
+    """
 
     __tablename__ = "training_history_refs"
+    __table_args__ = (UniqueConstraint("key"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     experiment_id: Mapped[int] = mapped_column(ForeignKey("experiments.id", ondelete="CASCADE"), index=True)
@@ -223,6 +230,24 @@ class TrainingHistoryRef(Base):
     key: Mapped[str] = mapped_column(String(512))
     n_epochs: Mapped[int] = mapped_column(Integer, default=0)
     summary: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    meta: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = _created()
+
+    segments: Mapped[list[TrainingHistorySegment]] = relationship(
+        cascade="all, delete-orphan", order_by="TrainingHistorySegment.first_row")
+
+
+class TrainingHistorySegment(Base):
+    """One immutable store holding rows ``[first_row, first_row + n_rows)`` of a training history (0003)."""
+
+    __tablename__ = "training_history_segments"
+    __table_args__ = (UniqueConstraint("ref_id", "first_row"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ref_id: Mapped[int] = mapped_column(ForeignKey("training_history_refs.id", ondelete="CASCADE"))
+    store_url: Mapped[str] = mapped_column(Text)
+    first_row: Mapped[int] = mapped_column(BigInteger)
+    n_rows: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = _created()
 
 
