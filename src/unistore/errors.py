@@ -30,6 +30,7 @@ __all__ = [
     "CatalogUnavailableError",
     "DatasetNotFoundError",
     "IntegrityError",
+    "NonFiniteMetricError",
 ]
 
 
@@ -122,3 +123,7 @@ class DatasetNotFoundError(StoreNotFoundError, ValueError):
 
 class IntegrityError(UnistoreError, ValueError):
     """Arrays of one dataset disagree: an index points outside the array it refers to."""
+
+
+class NonFiniteMetricError(UnistoreError, ValueError):
+    """A metric is NaN or +/-inf where a finite number is needed."""

@@ -1,13 +1,34 @@
-"""Experiments: training-history time series (and, next, search over the catalog's experiments).
+"""Experiments: search over the catalog's experiments (ChromaDB), training-history time series, and both together.
 
->>> from unistore.experiments import TimeSeriesConfig, TimeSeriesStorage
+>>> from unistore.experiments import ChromaConfig, ExperimentSearcher, TimeSeriesConfig, TimeSeriesStorage
+
+chromadb is imported only when a search index is first used (``pip install 'unistore[experiments]'``).
 """
 
-from unistore.experiments.timeseries import (
-    HistoryNotFoundError,
-    NonFiniteMetricError,
-    TimeSeriesConfig,
-    TimeSeriesStorage,
+from unistore.errors import NonFiniteMetricError
+from unistore.experiments.search import (
+    ChromaConfig,
+    ExperimentFeaturizer,
+    ExperimentNotFoundError,
+    ExperimentSearcher,
+    InvalidFilterError,
+    SearchIndexUnavailableError,
+    get_chroma_client,
+    reset_chroma_client,
 )
+from unistore.experiments.timeseries import HistoryNotFoundError, TimeSeriesConfig, TimeSeriesStorage
 
-__all__ = ["TimeSeriesConfig", "TimeSeriesStorage", "HistoryNotFoundError", "NonFiniteMetricError"]
+__all__ = [
+    "ChromaConfig",
+    "ExperimentSearcher",
+    "ExperimentFeaturizer",
+    "ExperimentNotFoundError",
+    "InvalidFilterError",
+    "SearchIndexUnavailableError",
+    "NonFiniteMetricError",
+    "get_chroma_client",
+    "reset_chroma_client",
+    "TimeSeriesConfig",
+    "TimeSeriesStorage",
+    "HistoryNotFoundError",
+]

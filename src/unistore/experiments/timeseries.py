@@ -29,7 +29,13 @@ from typing import Any
 
 import numpy as np
 
-from unistore.errors import ArrayNotFoundError, InvalidKeyError, ShapeMismatchError, StoreExistsError, UnistoreError
+from unistore.errors import (
+    ArrayNotFoundError,
+    InvalidKeyError,
+    NonFiniteMetricError,
+    ShapeMismatchError,
+    StoreExistsError,
+)
 from unistore.storage.location import Location, validate_key
 
 __all__ = ["TimeSeriesConfig", "TimeSeriesStorage", "HistoryNotFoundError", "NonFiniteMetricError",
@@ -45,10 +51,6 @@ EPOCH = "epoch"
 
 class HistoryNotFoundError(ArrayNotFoundError):
     """No training history is stored under that key."""
-
-
-class NonFiniteMetricError(UnistoreError, ValueError):
-    """A metric value is +/-inf (NaN is allowed: it means "not logged at this epoch")."""
 
 
 @dataclass
