@@ -6,6 +6,13 @@ chromadb is imported only when a search index is first used (``pip install 'unis
 """
 
 from unistore.errors import NonFiniteMetricError
+from unistore.experiments.hybrid import (
+    HybridExperimentStorage,
+    LabConfig,
+    NALChromaIntegration,
+    ReferenceLab,
+    create_memory_efficient_nal,
+)
 from unistore.experiments.search import (
     ChromaConfig,
     ExperimentFeaturizer,
@@ -31,4 +38,9 @@ __all__ = [
     "TimeSeriesConfig",
     "TimeSeriesStorage",
     "HistoryNotFoundError",
+    "HybridExperimentStorage",
+    "LabConfig",
+    "ReferenceLab",
+    "NALChromaIntegration",
+    "create_memory_efficient_nal",
 ]
