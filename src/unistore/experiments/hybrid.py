@@ -222,6 +222,6 @@ def create_memory_efficient_nal(nal_config: Any = None, chroma_config: ChromaCon
     :class:`ReferenceLab` is built from ``nal_config`` (a :class:`LabConfig`).
     Returns ``(lab, integration)``.
     """
-    lab = lab if lab is not None else ReferenceLab(nal_config if isinstance(nal_config, LabConfig) else None)
+    the_lab: Any = lab if lab is not None else ReferenceLab(nal_config if isinstance(nal_config, LabConfig) else None)
     storage = HybridExperimentStorage(chroma_config, timeseries_config, catalog_url=catalog_url)
-    return lab, NALChromaIntegration(lab, storage)
+    return the_lab, NALChromaIntegration(the_lab, storage)
