@@ -1,4 +1,4 @@
-"""The ``unistore`` command line: ``info``, ``ls``, ``convert``, ``verify``, ``db ...``, ``demo``.
+"""The ``unistore`` command line: ``info``, ``ls``, ``convert``, ``verify``, ``db ...``, ``experiments ...``, ``demo``.
 
 Storage options are passed as ``-o key=value`` (values parsed as JSON when
 they can be), e.g. ``-o endpoint_url=http://127.0.0.1:9000 -o anon=true``;
@@ -165,6 +165,82 @@ def _db_on_engine(args: argparse.Namespace, engine: Any, shown: str) -> int:
     return 0
 
 
+def _searcher(args: argparse.Namespace) -> Any:
+    from unistore.experiments import ChromaConfig, ExperimentSearcher
+
+    config = ChromaConfig(persist_directory=args.chroma_dir, collection_name=args.collection, host=args.host,
+                          port=args.port)
+    return ExperimentSearcher(config, catalog_url=args.url)
+
+
+def cmd_experiments(args: argparse.Namespace) -> int:
+    searcher = _searcher(args)
+    try:
+        if args.exp_command == "reindex":
+            count = searcher.reindex(progress=not args.quiet)
+            print(f"reindexed {count} experiments from {searcher.catalog.url} into {searcher.config.where}")
+        elif args.exp_command == "show":
+            print(json.dumps(searcher.get_experiment(args.experiment_id), indent=2, sort_keys=True))
+        elif args.exp_command == "export":
+            out = open(args.output, "w") if args.output else sys.stdout
+            try:
+                count = 0
+                for eid, data in searcher.iter_experiments():
+                    out.write(json.dumps({"experiment_id": eid, "experiment_data": data}, sort_keys=True) + "\n")
+                    count += 1
+            finally:
+                if args.output:
+                    out.close()
+            print(f"exported {count} experiments", file=sys.stderr)
+        else:
+            _print_results(_search(searcher, args))
+    finally:
+        searcher.close()
+    return 0
+
+
+def _json_arg(text: str | None, option: str) -> Any:
+    from unistore.experiments import InvalidFilterError
+
+    try:
+        return json.loads(text) if text else {}
+    except ValueError as e:
+        raise InvalidFilterError(f"{option} is not valid JSON ({e})") from e
+
+
+def _search(searcher: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
+    filters = _json_arg(args.filter, "--filter")
+    if args.similar or args.architecture:
+        query = _json_arg(args.similar, "--similar")
+        if args.architecture:
+            try:
+                query["architecture"] = [int(w) for w in args.architecture.split(",")]
+            except ValueError as e:
+                raise SystemExit(f"error: --architecture needs comma-separated integers ({e})") from e
+        if args.dataset:
+            filters["dataset"] = args.dataset
+        if args.min_accuracy is not None:
+            filters["accuracy"] = {"$gte": args.min_accuracy}
+        if args.max_parameters is not None:
+            filters["parameters"] = {"$lte": args.max_parameters}
+        return list(searcher.search_similar_experiments(query, n_results=args.n, filters=filters or None))
+    if args.hypothesis:
+        return list(searcher.search_by_hypothesis(args.hypothesis, n_results=args.n))
+    return list(searcher.search_by_performance(min_accuracy=args.min_accuracy, max_parameters=args.max_parameters,
+                                               dataset=args.dataset, n_results=args.n, filters=filters or None))
+
+
+def _print_results(results: list[dict[str, Any]]) -> None:
+    rows = [["experiment", "distance", "accuracy", "parameters", "depth", "dataset"]]
+    for r in results:
+        m = r["metadata"]
+        rows.append([r["experiment_id"], "-" if r["distance"] is None else f"{r['distance']:.3f}",
+                     f"{m['accuracy']:.4f}" if "accuracy" in m else "-", f"{m.get('parameters', 0):,}",
+                     str(m.get("depth", "-")), str(m.get("dataset", "-"))])
+    print(_table(rows))
+    print(f"{len(results)} experiments")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unistore", description="One storage layer for ML training data.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -213,6 +289,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="dataset name (default: the directory holding dataset.db)")
     p.add_argument("--skip-bad", action="store_true", help="import good rows and report bad ones")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    exp = sub.add_parser("experiments", help="search, show, export and reindex experiments")
+    expsub = exp.add_subparsers(dest="exp_command", required=True)
+
+    def exp_cmd(name: str, help: str) -> argparse.ArgumentParser:
+        p = expsub.add_parser(name, help=help)
+        p.add_argument("--url", default=None, help="catalog URL (default: $UNISTORE_CATALOG_URL or "
+                                                   "CHROMA_DIR/catalog.db)")
+        p.add_argument("--chroma-dir", default="chroma", help="embedded index directory (default: ./chroma)")
+        p.add_argument("--host", help="a Chroma server instead of the embedded index")
+        p.add_argument("--port", type=int, default=8000)
+        p.add_argument("--collection", default="experiments")
+        p.set_defaults(func=cmd_experiments)
+        return p
+
+    p = exp_cmd("search", "similar experiments (--similar/--architecture), by hypothesis, or by performance")
+    p.add_argument("--similar", metavar="JSON",
+                   help='an experiment to compare with, e.g. \'{"architecture": [784, 10]}\'')
+    p.add_argument("--architecture", metavar="W1,W2,...", help="layer widths to compare with")
+    p.add_argument("--hypothesis")
+    p.add_argument("--min-accuracy", type=float)
+    p.add_argument("--max-parameters", type=int)
+    p.add_argument("--dataset")
+    p.add_argument("--filter", metavar="JSON", help='more filters, e.g. \'{"depth": {"$lte": 4}}\'')
+    p.add_argument("-n", type=int, default=10, help="at most this many results")
+    exp_cmd("show", "one experiment's record as JSON").add_argument("experiment_id")
+    exp_cmd("export", "every experiment as JSON lines").add_argument("--output", "-O", help="file (default: stdout)")
+    exp_cmd("reindex", "rebuild the search index from the catalog").add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("demo", help="write an embedding dataset in every format, compare read speed, and train "
                                     "the same models from every backend")

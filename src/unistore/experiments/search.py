@@ -447,7 +447,7 @@ class ExperimentSearcher:
 
     def reindex(self, batch_size: int = 2000, progress: bool = False) -> int:
         """Rebuild the Chroma collection from the catalog; returns the number of experiments indexed."""
-        from sqlalchemy import select
+        from sqlalchemy import func, select
         from tqdm.auto import tqdm
 
         from unistore.schemas import Experiment
@@ -462,14 +462,40 @@ class ExperimentSearcher:
         self._guard(drop)
         self._collection = None
         with self.catalog.session() as session:
-            rows = session.execute(select(Experiment.name, Experiment.config).order_by(Experiment.id)).all()
-        bar = tqdm(total=len(rows), desc="reindex", unit="exp", disable=not progress)
-        for start in range(0, len(rows), batch_size):
-            batch = [(eid, dict(data or {})) for eid, data in rows[start:start + batch_size]]
+            total = session.scalar(select(func.count()).select_from(Experiment)) or 0
+        bar = tqdm(total=total, desc="reindex", unit="exp", disable=not progress)
+        batch: list[tuple[str, dict[str, Any]]] = []
+        done = 0
+        for item in self.iter_experiments():
+            batch.append(item)
+            if len(batch) == batch_size:
+                self._upsert(batch)
+                done += len(batch)
+                bar.update(len(batch))
+                batch = []
+        if batch:
             self._upsert(batch)
+            done += len(batch)
             bar.update(len(batch))
         bar.close()
-        return len(rows)
+        return done
+
+    def iter_experiments(self, page: int = 5000) -> Iterable[tuple[str, dict[str, Any]]]:
+        """Every ``(experiment_id, experiment_data)`` recorded in the catalog, in insertion order, a page at a time."""
+        from sqlalchemy import select
+
+        from unistore.schemas import Experiment
+
+        last = 0
+        while True:
+            with self.catalog.session() as session:
+                rows = session.execute(select(Experiment.id, Experiment.name, Experiment.config)
+                                       .where(Experiment.id > last).order_by(Experiment.id).limit(page)).all()
+            if not rows:
+                return
+            for _, name, data in rows:
+                yield name, dict(data or {})
+            last = rows[-1][0]
 
     # ------------------------------------------------------------- searching
     def _results(self, ids: list[str], metadatas: list[Any], documents: list[Any],
