@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_take.py
 	$(PY) benchmarks/bench_catalog.py
 	$(PY) benchmarks/bench_datasets.py
+	$(PY) benchmarks/bench_experiments.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
