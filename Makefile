@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml
 	# the CPU build of torch first, so nothing pulls a CUDA build
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip check
 	touch $(STAMP)
 
 demo: $(STAMP)
