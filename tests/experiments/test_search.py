@@ -139,3 +139,25 @@ def test_server_down_names_the_host_and_keeps_the_catalog_row(tmp_path: Any) -> 
         s.index_experiment("exp", EXPERIMENTS["mlp-a"])
     assert isinstance(info.value, ConnectionError) and "reindex" in str(info.value)
     assert s.get_experiment("exp") == EXPERIMENTS["mlp-a"]  # the record was committed first
+
+
+class WidestLayer:
+    """A user's own embedding function: experiments are close when their widest layers are."""
+
+    def __call__(self, input: list[str]) -> list[Any]:
+        import json
+
+        import numpy as np
+
+        return [np.array([max(json.loads(doc).get("architecture") or [0]), 0.0], dtype=np.float32) for doc in input]
+
+
+def test_own_embedding_function(chroma_config: ChromaConfig, tmp_path: Any) -> None:
+    from dataclasses import replace
+
+    s = ExperimentSearcher(replace(chroma_config, embedding_function=WidestLayer()), catalog_url=str(tmp_path / "c.db"))
+    s.index_experiments(EXPERIMENTS)
+    got = s.search_similar_experiments({"architecture": [3000, 10]}, n_results=2)
+    assert sorted(ids(got)) == ["cifar-small", "cifar-wide"]  # widest layer 3072 in both, 784 elsewhere
+    assert got[0]["distance"] == pytest.approx(72.0 ** 2)
+    s.close()

@@ -320,9 +320,10 @@ class ExperimentSearcher:
         """The Chroma collection (created on first use, with this searcher's embedding function)."""
         if self._collection is None:
             client = get_chroma_client(self.config)
+            # vectors are always computed here and passed explicitly, so Chroma needs no embedding
+            # function of its own (and never reaches for its default, which downloads a model)
             self._collection = self._guard(lambda: client.get_or_create_collection(
-                self.config.collection_name, embedding_function=self.embedding_function,
-                metadata={"hnsw:space": "l2"}))
+                self.config.collection_name, embedding_function=None, metadata={"hnsw:space": "l2"}))
         return self._collection
 
     def _guard(self, fn: Any) -> Any:
