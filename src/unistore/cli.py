@@ -104,12 +104,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from unistore.demo import run_demo
+    from unistore.demo_experiments import run_experiments_demo
     from unistore.demo_training import run_training_demo
 
     if not args.skip_read_table:
         run_demo(rows=args.rows, dim=args.dim, workdir=args.dir, batches=args.batches)
     results = run_training_demo(args.dir, rows=args.train_rows, pairs=args.train_rows, steps=args.steps,
                                 s3_endpoint=args.s3_endpoint)
+    run_experiments_demo(args.dir)
     return 0 if all(r["last"] < r["first"] for r in results) else 1
 
 
