@@ -50,11 +50,11 @@ def test_routing_by_size_and_reassembly(hybrid: HybridExperimentStorage) -> None
         hybrid.retrieve_experiment("missing")
 
 
-def test_memory_efficient_lab_offloads_results(chroma_config: ChromaConfig, tmp_path: Any) -> None:
+def test_memory_efficient_lab_offloads_results(chroma_config: ChromaConfig, catalog_url: str, tmp_path: Any) -> None:
     lab, integration = create_memory_efficient_nal(
         LabConfig(epochs=3000, results_dir=str(tmp_path / "nal")), chroma_config,
         TimeSeriesConfig(storage_dir=str(tmp_path / "ts"), use_hdf5=True, compression="gzip"),
-        catalog_url=str(tmp_path / "catalog.db"))
+        catalog_url=catalog_url)
     assert isinstance(lab, ReferenceLab)
     ids = asyncio.run(lab.test_hypothesis("width", architectures=[(784, 32, 10), (784, 512, 10), (784, 64, 64, 10)]))
     assert integration.offloaded == 3 and lab.results == {}  # nothing accumulates in the lab

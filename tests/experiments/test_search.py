@@ -120,8 +120,8 @@ def test_catalog_is_the_record_and_reindex_rebuilds(searcher: ExperimentSearcher
     fresh.close()
 
 
-def test_non_finite_metrics_write_nothing(chroma_config: ChromaConfig, tmp_path: Any) -> None:
-    s = ExperimentSearcher(chroma_config, catalog_url=str(tmp_path / "c.db"))
+def test_non_finite_metrics_write_nothing(chroma_config: ChromaConfig, catalog_url: str) -> None:
+    s = ExperimentSearcher(chroma_config, catalog_url=catalog_url)
     with pytest.raises(NonFiniteMetricError, match="final_performance.accuracy"):
         s.index_experiments({"ok": EXPERIMENTS["mlp-a"],
                              "bad": {"architecture": [2, 2], "final_performance": {"accuracy": float("nan")}}})
@@ -130,11 +130,11 @@ def test_non_finite_metrics_write_nothing(chroma_config: ChromaConfig, tmp_path:
         s.get_experiment("ok")
 
 
-def test_server_down_names_the_host_and_keeps_the_catalog_row(tmp_path: Any) -> None:
+def test_server_down_names_the_host_and_keeps_the_catalog_row(catalog_url: str) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # nothing listens here once the socket is closed
-    s = ExperimentSearcher(ChromaConfig(host="127.0.0.1", port=port), catalog_url=str(tmp_path / "c.db"))
+    s = ExperimentSearcher(ChromaConfig(host="127.0.0.1", port=port), catalog_url=catalog_url)
     with pytest.raises(SearchIndexUnavailableError, match=f"127.0.0.1:{port}") as info:
         s.index_experiment("exp", EXPERIMENTS["mlp-a"])
     assert isinstance(info.value, ConnectionError) and "reindex" in str(info.value)

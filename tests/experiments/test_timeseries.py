@@ -84,10 +84,11 @@ def test_last_epochs_read_only_their_rows(tmp_path: Any) -> None:
     assert 0 < read < 0.01 * history_bytes, read
 
 
-def test_many_appends_merge_segments(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_many_appends_merge_segments(tmp_path: Any, catalog_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ts_module, "MAX_SEGMENTS", 6)
     monkeypatch.setattr(ts_module, "MERGE_SEGMENTS", 4)
-    storage = TimeSeriesStorage(TimeSeriesConfig(storage_dir=str(tmp_path / "h"), use_hdf5=True))
+    storage = TimeSeriesStorage(TimeSeriesConfig(storage_dir=str(tmp_path / "h"), use_hdf5=True,
+                                                 catalog_url=catalog_url))
     key = storage.store_training_history("run", history(1))
     for e in range(1, 40):
         storage.append_epochs(key, [{"loss": 1.0 / (e + 1), "accuracy": e / 40}])
@@ -105,8 +106,8 @@ def test_many_appends_merge_segments(tmp_path: Any, monkeypatch: pytest.MonkeyPa
     assert on_disk == urls  # merged segments were removed
 
 
-def test_bad_input(tmp_path: Any) -> None:
-    storage = TimeSeriesStorage(TimeSeriesConfig(storage_dir=str(tmp_path / "h")))
+def test_bad_input(tmp_path: Any, catalog_url: str) -> None:
+    storage = TimeSeriesStorage(TimeSeriesConfig(storage_dir=str(tmp_path / "h"), catalog_url=catalog_url))
     key = storage.store_training_history("exp", history(5))
     with pytest.raises(StoreExistsError):
         storage.store_training_history("exp", history(3))
@@ -135,7 +136,8 @@ def test_bad_input(tmp_path: Any) -> None:
 APPENDER = textwrap.dedent("""
     import sys
     from unistore.experiments import TimeSeriesConfig, TimeSeriesStorage
-    storage = TimeSeriesStorage(TimeSeriesConfig(storage_dir=sys.argv[1], use_hdf5=sys.argv[2] == "hdf5"))
+    storage = TimeSeriesStorage(TimeSeriesConfig(storage_dir=sys.argv[1], use_hdf5=sys.argv[2] == "hdf5",
+                                                 catalog_url=sys.argv[3]))
     key = storage.store_training_history("crash", [{"epoch": 0, "loss": 1.0}])
     print("ready", flush=True)
     e = 1
@@ -146,14 +148,15 @@ APPENDER = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("fmt", ["hdf5", "zarr"])
-def test_kill_9_mid_append_keeps_committed_epochs(fmt: str, tmp_path: Any) -> None:
+def test_kill_9_mid_append_keeps_committed_epochs(fmt: str, tmp_path: Any, catalog_url: str) -> None:
     root = str(tmp_path / "h")
-    proc = subprocess.Popen([sys.executable, "-c", APPENDER, root, fmt], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", APPENDER, root, fmt, catalog_url], stdout=subprocess.PIPE,
+                            text=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
     time.sleep(1.5)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    storage = TimeSeriesStorage(TimeSeriesConfig(storage_dir=root, use_hdf5=fmt == "hdf5"))
+    storage = TimeSeriesStorage(TimeSeriesConfig(storage_dir=root, use_hdf5=fmt == "hdf5", catalog_url=catalog_url))
     stats = storage.get_summary_statistics("crash")
     n = stats["n_epochs"]
     assert n > 1 and (n - 1) % 50 == 0  # whole appends only
