@@ -67,3 +67,15 @@ def memory_root() -> Iterator[str]:
     fs = fsspec.filesystem("memory")
     if fs.exists(root):
         fs.rm(root, recursive=True)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run the experiment tests last.
+
+    An embedded Chroma client starts native threads that live as long as the
+    process; forking a process that has such threads is unsafe (a lock held by
+    one of them at fork time is never released in the child).  The DataLoader
+    tests fork worker processes, so they run before any Chroma client exists.
+    """
+    items.sort(key=lambda item: "tests/experiments/" in item.nodeid.replace("\\", "/") or
+               item.nodeid.startswith("experiments/"))

@@ -34,11 +34,3 @@ def test_training_demo_notes_a_missing_s3_server(tmp_path: Any, capsys: pytest.C
     assert "S3: skipped" in capsys.readouterr().out
     assert not any("S3" in r["backend"] for r in results)
 
-
-def test_experiments_demo(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
-    from unistore.demo_experiments import run_experiments_demo
-
-    result = run_experiments_demo(str(tmp_path), epochs=5000)
-    assert result["offloaded"] == 8 and result["best"][0] == "width-3"
-    out = capsys.readouterr().out
-    assert "(0 left in the lab's memory)" in out and "from the time series" in out
