@@ -48,6 +48,9 @@ def test_routing_by_size_and_reassembly(hybrid: HybridExperimentStorage) -> None
     assert sorted(r["experiment_id"] for r in found) == ["large", "none", "small"]
     with pytest.raises(KeyError):
         hybrid.retrieve_experiment("missing")
+    with pytest.raises(ValueError, match="accuracy"):
+        hybrid.store_experiment("bad", {**data, "accuracy": float("inf")}, training_history=curve(5000))
+    assert hybrid.timeseries.list_histories() == ["large"]  # nothing was written for it
 
 
 def test_memory_efficient_lab_offloads_results(chroma_config: ChromaConfig, catalog_url: str, tmp_path: Any) -> None:

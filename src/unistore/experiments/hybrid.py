@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
-from unistore.experiments.search import ChromaConfig, ExperimentSearcher
+from unistore.experiments.search import ChromaConfig, ExperimentSearcher, finite_json
 from unistore.experiments.timeseries import TimeSeriesConfig, TimeSeriesStorage
 
 __all__ = ["HybridExperimentStorage", "HISTORY_INLINE_BYTES", "LabConfig", "ReferenceLab", "Lab",
@@ -70,7 +70,8 @@ class HybridExperimentStorage:
             NonFiniteMetricError: NaN/inf in the experiment's metrics or an infinite history value.
             SearchIndexUnavailableError: the Chroma server is down (catalog record and history are stored).
         """
-        data = {k: v for k, v in experiment_data.items() if k not in (_REF, _INLINE)}
+        data = finite_json({k: v for k, v in experiment_data.items() if k not in (_REF, _INLINE)},
+                       f"experiment {experiment_id!r}")  # refuse bad data before anything is written
         placed: dict[str, Any] = {"experiment_id": str(experiment_id), "history": "none"}
         rows = list(training_history or [])
         if rows and _history_bytes(rows) > self.history_inline_bytes:

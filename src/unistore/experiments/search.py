@@ -30,7 +30,7 @@ from unistore.errors import ArrayNotFoundError, NonFiniteMetricError, UnistoreEr
 
 __all__ = ["ChromaConfig", "ExperimentSearcher", "ExperimentFeaturizer", "ExperimentNotFoundError",
            "InvalidFilterError", "SearchIndexUnavailableError", "NonFiniteMetricError", "get_chroma_client",
-           "reset_chroma_client", "parameter_count", "flat_metadata"]
+           "reset_chroma_client", "parameter_count", "flat_metadata", "finite_json"]
 
 #: Widths of at most this many layers enter the vector; deeper nets keep their depth and parameter count.
 MAX_LAYERS = 16
@@ -86,12 +86,12 @@ def parameter_count(architecture: Sequence[int]) -> int:
     return sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
 
 
-def _finite(value: Any, path: str) -> Any:
+def finite_json(value: Any, path: str) -> Any:
     """``value`` as plain JSON data, refusing NaN/inf anywhere (PostgreSQL's JSON has no such numbers)."""
     if isinstance(value, Mapping):
-        return {str(k): _finite(v, f"{path}.{k}") for k, v in value.items()}
+        return {str(k): finite_json(v, f"{path}.{k}") for k, v in value.items()}
     if isinstance(value, (list, tuple, np.ndarray)):
-        return [_finite(v, f"{path}[{i}]") for i, v in enumerate(list(value))]
+        return [finite_json(v, f"{path}[{i}]") for i, v in enumerate(list(value))]
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     if isinstance(value, (int, np.integer)):
@@ -371,7 +371,7 @@ class ExperimentSearcher:
         Returns how many experiments were indexed.
         """
         items = list(experiments.items() if isinstance(experiments, Mapping) else experiments)
-        clean = [(str(eid), _finite(data, f"experiment {eid!r}")) for eid, data in items]
+        clean = [(str(eid), finite_json(data, f"experiment {eid!r}")) for eid, data in items]
         for start in range(0, len(clean), batch_size):
             batch = clean[start:start + batch_size]
             self._record(batch)
@@ -516,7 +516,7 @@ class ExperimentSearcher:
             InvalidFilterError: an unknown operator or a value that cannot be compared.
         """
         where = _where(filters)
-        query = self._embed([json.dumps(_finite(query_experiment, "query"), sort_keys=True)])
+        query = self._embed([json.dumps(finite_json(query_experiment, "query"), sort_keys=True)])
         n = max(0, min(int(n_results), self.count()))
         if n == 0:
             return []
