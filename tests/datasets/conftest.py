@@ -48,13 +48,3 @@ def jasper_url(root: str, fmt: str, where: str, s3: dict[str, Any] | None) -> tu
     s3["fs"].put(local + "/", f"{s3['bucket']}/{fmt}", recursive=True)
     return f"s3://{s3['bucket']}/{fmt}", s3["options"]
 
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def catalog_url(request: pytest.FixtureRequest, tmp_path: Any) -> Any:
-    """An empty catalog: a SQLite file or a fresh PostgreSQL database."""
-    from ..catalog.conftest import _pg_database
-
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'export-catalog.db'}"
-    else:
-        yield from _pg_database()

@@ -1,20 +1,10 @@
-"""Catalogs on SQLite and PostgreSQL for the experiment tests."""
+"""A real Chroma server and per-test Chroma configurations (embedded and server)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import pytest
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def catalog_url(request: pytest.FixtureRequest, tmp_path: Any) -> Any:
-    from ..catalog.conftest import _pg_database
-
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'catalog.db'}"
-    else:
-        yield from _pg_database()
 
 
 @pytest.fixture(scope="session")
