@@ -102,12 +102,11 @@ def catalog_url(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]:
         yield from _pg_database()
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Run the experiment tests last.
+    """Run tests marked ``leaves_threads`` last.
 
-    An embedded Chroma client starts native threads that live as long as the
-    process; forking a process that has such threads is unsafe (a lock held by
-    one of them at fork time is never released in the child).  The DataLoader
-    tests fork worker processes, so they run before any Chroma client exists.
+    An embedded Chroma client and a dask.distributed client start threads
+    that live as long as the process; forking a process that has such threads
+    is unsafe (a lock held by one of them at fork time is never released in the
+    child).  The DataLoader tests fork worker processes, so they run first.
     """
-    items.sort(key=lambda item: "tests/experiments/" in item.nodeid.replace("\\", "/") or
-               item.nodeid.startswith("experiments/"))
+    items.sort(key=lambda item: item.get_closest_marker("leaves_threads") is not None)

@@ -13,6 +13,8 @@ from unistore.experiments import ChromaConfig, ExperimentSearcher, reset_chroma_
 
 from .test_search import EXPERIMENTS
 
+pytestmark = pytest.mark.leaves_threads
+
 
 def test_experiments_cli(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
     chroma, catalog = str(tmp_path / "chroma"), str(tmp_path / "catalog.db")

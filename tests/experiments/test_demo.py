@@ -6,6 +6,8 @@ from typing import Any
 
 import pytest
 
+pytestmark = pytest.mark.leaves_threads
+
 
 def test_experiments_demo(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
     from unistore.demo_experiments import run_experiments_demo

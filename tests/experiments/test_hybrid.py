@@ -16,6 +16,8 @@ from unistore.experiments import (
     create_memory_efficient_nal,
 )
 
+pytestmark = pytest.mark.leaves_threads
+
 
 def curve(n: int) -> list[dict[str, Any]]:
     return [{"epoch": e, "loss": 1.0 / (e + 1), "accuracy": e / n} for e in range(n)]

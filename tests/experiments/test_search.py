@@ -18,6 +18,8 @@ from unistore.experiments import (
 )
 from unistore.experiments.search import parameter_count
 
+pytestmark = pytest.mark.leaves_threads
+
 EXPERIMENTS = {
     "mlp-a": {"architecture": [784, 512, 256, 10], "final_performance": {"accuracy": 0.95, "loss": 0.2},
               "config": {"dataset": "mnist", "epochs": 20}, "hypothesis_id": "width"},

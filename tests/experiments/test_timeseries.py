@@ -18,6 +18,8 @@ from unistore.errors import InvalidKeyError, OutOfBoundsError, ShapeMismatchErro
 from unistore.experiments import HistoryNotFoundError, NonFiniteMetricError, TimeSeriesConfig, TimeSeriesStorage
 from unistore.experiments import timeseries as ts_module
 
+pytestmark = pytest.mark.leaves_threads
+
 
 def history(n: int, start: int = 0) -> list[dict[str, Any]]:
     return [{"epoch": e, "loss": 2.0 / (e + 1), "accuracy": e / (n + start)} for e in range(start, start + n)]

@@ -15,7 +15,18 @@ from unistore.storage.engine import gather, read_rows
 from unistore.storage.formats.base import ArrayInfo, RaggedInfo, bfloat16, dtype_name
 from unistore.storage.layout import InMemoryLayout, IOStats
 
-__all__ = ["Array", "RaggedArray", "to_tensor", "normalize_indices"]
+__all__ = ["Array", "RaggedArray", "to_tensor", "normalize_indices", "DASK_BLOCK_BYTES"]
+
+#: ``Array.to_dask()`` aims at blocks of about this many bytes.
+DASK_BLOCK_BYTES = 64 << 20
+
+
+def _token(arr: Array) -> str:
+    """A name for ``arr``'s dask graph: the same stored array (and version) gives the same name."""
+    import hashlib
+    import pickle
+
+    return hashlib.sha1(pickle.dumps(arr.__getstate__())).hexdigest()[:16]
 
 
 def to_tensor(data: np.ndarray) -> Any:
@@ -187,6 +198,40 @@ class Array:
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
         out = self.read()
         return out.astype(dtype) if dtype is not None else out
+
+    def block_rows(self, target_bytes: int = DASK_BLOCK_BYTES) -> int:
+        """Rows per block of about ``target_bytes``: whole stored chunks for chunked arrays."""
+        row = max(1, self.nbytes // max(self.shape[0], 1)) if self.shape else 1
+        rows = max(1, target_bytes // row)
+        if self.chunks:
+            rows = max(1, rows // self.chunks[0]) * self.chunks[0]
+        return min(rows, max(self.shape[0], 1)) if self.shape else 1
+
+    def to_dask(self, block_rows: int | None = None) -> Any:
+        """A lazy ``dask.array`` over this array, read through the layer block by block.
+
+        Blocks split the first axis only: whole stored chunks for chunked arrays
+        (so each chunk is decoded by one task), about 64 MiB of rows otherwise.
+        The graph holds this handle (metadata, not data): it pickles into
+        ``dask.distributed`` worker processes, which reopen the store themselves.
+
+        >>> emb = store["embeddings"].to_dask()
+        >>> emb.mean(axis=0).compute()
+
+        Raises:
+            MissingDependencyError: dask is not installed (``pip install 'unistore[dask]'``).
+        """
+        try:
+            import dask.array as da
+        except ImportError as e:
+            from unistore.errors import MissingDependencyError
+
+            raise MissingDependencyError(f"to_dask() needs dask ({e}); pip install 'unistore[dask]'") from e
+        if not self.shape:
+            return da.from_array(np.asarray(self.read()), chunks=())
+        rows = block_rows or self.block_rows()
+        return da.from_array(self, chunks=(rows,) + tuple(self.shape[1:]), asarray=False, fancy=False, lock=False,
+                             name=f"unistore-{self.format}-{self.key}-" + _token(self))
 
 
 class RaggedArray:

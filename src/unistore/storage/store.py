@@ -147,6 +147,26 @@ class TensorStore:
     def get(self, key: str, default: Any = None) -> Any:
         return self[key] if key in self else default
 
+    def to_dask(self, keys: Sequence[str] | None = None) -> dict[str, Any]:
+        """``{key: dask.array}`` for the dense arrays of this store (all, or ``keys``); see :meth:`Array.to_dask`.
+
+        Ragged arrays have no dask form and are left out unless asked for by key.
+
+        Raises:
+            UnsupportedError: a ragged array was asked for by key.
+        """
+        from unistore.errors import UnsupportedError
+
+        out = {}
+        for key in keys if keys is not None else self.keys():
+            arr = self[key]
+            if isinstance(arr, RaggedArray):
+                if keys is not None:
+                    raise UnsupportedError(f"{key!r} is ragged (lists of different lengths); dask arrays are dense")
+                continue
+            out[key] = arr.to_dask()
+        return out
+
     @property
     def attrs(self) -> dict[str, Any]:
         """Store-level attributes (JSON-serialisable; writable before commit)."""
