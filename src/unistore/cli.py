@@ -92,7 +92,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from unistore.storage.store import open_store
 
     store = open_store(args.url, format=args.format, storage_options=_options(args.option))
-    report = store.verify()
+    report = store.verify(scheduler=args.dask, progress=args.dask is not None)
     for key, status in report.items():
         print(f"{status:12s} {key}")
     checked = sum(1 for s in report.values() if s == "ok")
@@ -256,7 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     store_cmd("info", "arrays, shapes, dtypes, chunks, compression and sizes").set_defaults(func=cmd_info)
     store_cmd("ls", "list array keys").set_defaults(func=cmd_ls)
-    store_cmd("verify", "recompute and compare stored checksums").set_defaults(func=cmd_verify)
+    p = store_cmd("verify", "recompute and compare stored checksums")
+    p.add_argument("--dask", nargs="?", const="local", metavar="ADDRESS",
+                   help="one task per array on Dask: a local cluster, or the scheduler at ADDRESS (tcp://host:port)")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("convert", help="copy a store into another format or filesystem")
     p.add_argument("src")

@@ -60,3 +60,28 @@ def test_mean_over_a_chunked_s3_store_on_worker_processes(s3: dict[str, Any]) ->
         total = client.compute(lazy.sum()).result()
     np.testing.assert_allclose(mean, DATA.mean(axis=0), rtol=1e-5)
     np.testing.assert_allclose(total, DATA.sum(dtype=np.float64), rtol=1e-4)
+
+
+def test_verify_on_a_local_cluster(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    from dask.distributed import Client, LocalCluster
+
+    from unistore.cli import main
+    from unistore.errors import ChecksumMismatchError
+
+    url = str(tmp_path / "store")
+    with us.create_store(url, format="npy") as store:
+        for i in range(4):
+            store.write_array(f"a{i}", DATA * i)
+        store.write_array("ragged", [[1, 2], [3]])
+    single = us.open_store(url).verify()
+    assert single == {"a0": "ok", "a1": "ok", "a2": "ok", "a3": "ok", "ragged": "ok"}
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        assert us.open_store(url).verify(scheduler=client) == single
+        with open(tmp_path / "store" / "a2.npy", "r+b") as f:  # flip bytes inside the data of one array
+            f.seek(-100, 2)
+            f.write(b"\x00" * 8)
+        with pytest.raises(ChecksumMismatchError, match="'a2'"):
+            us.open_store(url).verify(scheduler=client)
+    assert main(["verify", url, "--dask"]) == 2
+    assert "'a2'" in capsys.readouterr().err

@@ -184,29 +184,43 @@ class TensorStore:
     def reset_io_stats(self) -> None:
         self._stats.reset()
 
-    def verify(self, block_rows: int | None = None) -> dict[str, str]:
+    def verify(self, block_rows: int | None = None, scheduler: Any = None, progress: bool = False) -> dict[str, str]:
         """Recompute each recorded checksum; returns ``{key: "ok" | "no checksum"}``.
 
+        ``scheduler`` runs the arrays' checksums in parallel on Dask, one task
+        per array, each worker reading its array itself: ``"local"`` (a local
+        cluster of worker processes), ``"tcp://host:port"`` or a
+        ``dask.distributed.Client``; ``progress`` shows Dask's progress bar.
+
         Raises:
-            ChecksumMismatchError: naming the first array whose bytes changed.
+            ChecksumMismatchError: naming the first array (in key order) whose bytes changed.
         """
+        from unistore.storage.distributed import checksum_task, dask_client
+
+        expected = {key: self._opened.checksums.get(key) for key in self.keys()}
+        todo = [key for key, value in expected.items() if value is not None]
+        if scheduler is None:
+            got = {key: checksum_task(self, key, block_rows) for key in todo}
+        else:
+            with dask_client(scheduler) as client:
+                futures = [client.submit(checksum_task, self, key, block_rows, pure=False)
+                           for key in todo]
+                if progress:
+                    from dask.distributed import progress as show_progress
+
+                    show_progress(futures)
+                got = dict(zip(todo, client.gather(futures)))
         report = {}
-        for key in self.keys():
-            expected = self._opened.checksums.get(key)
-            if expected is None:
+        for key, want in expected.items():
+            if want is None:
                 report[key] = "no checksum"
-                continue
-            arr = self[key]
-            if isinstance(arr, RaggedArray):
-                got = checksum_of([arr.values.read(), arr.offsets])
-            else:
-                got = _stream_checksum(arr, block_rows)
-            if got != expected:
+            elif got[key] != want:
                 raise ChecksumMismatchError(
                     f"array {key!r} in {self.location.url} does not match its stored checksum "
-                    f"({expected[:20]}... vs {got[:20]}...); the data is corrupt - restore it from a copy"
+                    f"({want[:20]}... vs {got[key][:20]}...); the data is corrupt - restore it from a copy"
                 )
-            report[key] = "ok"
+            else:
+                report[key] = "ok"
         return report
 
     def __repr__(self) -> str:

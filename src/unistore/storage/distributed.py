@@ -1,0 +1,57 @@
+"""Running unistore work on Dask (``dask.distributed``): clients and per-array tasks.
+
+``scheduler`` everywhere means: ``None`` (no Dask, run here), ``"local"`` (a
+:class:`~dask.distributed.LocalCluster` of worker *processes* for the
+duration of the call), ``"tcp://host:port"`` (an existing scheduler), or a
+``dask.distributed.Client``.  Tasks carry store handles (URL, storage
+options and metadata), never data: each worker opens the store itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from unistore.errors import MissingDependencyError
+
+__all__ = ["dask_client", "checksum_task"]
+
+
+@contextlib.contextmanager
+def dask_client(scheduler: Any, n_workers: int | None = None) -> Iterator[Any]:
+    """A ``dask.distributed.Client`` for ``scheduler``; a local cluster it started is closed on exit.
+
+    Raises:
+        MissingDependencyError: dask.distributed is not installed.
+        ValueError: ``scheduler`` is none of the accepted forms.
+    """
+    try:
+        from dask.distributed import Client, LocalCluster
+    except ImportError as e:
+        raise MissingDependencyError(f"running on Dask needs dask.distributed ({e}); "
+                                     "pip install 'unistore[dask]'") from e
+    if isinstance(scheduler, Client):
+        yield scheduler
+    elif scheduler == "local":
+        workers = n_workers or max(1, min(4, os.cpu_count() or 1))
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+                Client(cluster) as client:
+            yield client
+    elif isinstance(scheduler, str) and "://" in scheduler:
+        with Client(scheduler) as client:
+            yield client
+    else:
+        raise ValueError(f"scheduler must be None, 'local', 'tcp://host:port' or a dask Client, got {scheduler!r}")
+
+
+def checksum_task(store: Any, key: str, block_rows: int | None) -> str:
+    """The checksum of ``store[key]`` as stored now (run on a worker, which reads the array itself)."""
+    from unistore.storage.array import RaggedArray
+    from unistore.storage.store import _stream_checksum, checksum_of
+
+    arr = store[key]
+    if isinstance(arr, RaggedArray):
+        return checksum_of([arr.values.read(), arr.offsets])
+    return _stream_checksum(arr, block_rows)
