@@ -9,12 +9,14 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test bench lint clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# the CPU build of torch first, so nothing pulls a CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev]'
+	# constraints.txt pins a tested set that passes pip check: one quick resolve instead of a long
+	# backtrack through chromadb's and torch's dependency trees (regenerate: pip freeze --exclude-editable)
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	$(PY) -m pip check
 	touch $(STAMP)
 
