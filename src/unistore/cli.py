@@ -81,10 +81,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
     report = convert(args.src, args.dst, format=args.to, compression=args.compression, chunks=chunks,
                      src_storage_options=_options(args.src_option) or opts,
                      dst_storage_options=_options(args.dst_option) or opts,
-                     overwrite=args.overwrite, progress=not args.quiet)
+                     overwrite=args.overwrite, progress=not args.quiet, scheduler=args.dask)
     print(f"converted {report.arrays} arrays ({_human(report.logical_bytes)} of data): "
           f"{_human(report.src_bytes)} -> {_human(report.dst_bytes)} on storage "
           f"({report.ratio:.2f}x) at {args.dst}")
+    if args.dask:
+        print(f"on Dask: {report.blocks_copied} blocks copied, {report.blocks_skipped} already staged and verified, "
+              f"{_human(report.source_bytes_read)} read from the source")
     return 0
 
 
@@ -268,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compression", help="zarr: zstd, gzip, blosc, lz4 (e.g. zstd:5); hdf5: gzip, lzf")
     p.add_argument("--chunks", help="chunk shape for every array, e.g. 1024,384")
     p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    p.add_argument("--dask", nargs="?", const="local", metavar="ADDRESS",
+                   help="copy row blocks in parallel on Dask: a local cluster, or the scheduler at ADDRESS")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("-o", "--option", action="append", metavar="KEY=VALUE", help="storage option for both ends")
     p.add_argument("--src-option", action="append", metavar="KEY=VALUE")

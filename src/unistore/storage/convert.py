@@ -36,6 +36,10 @@ class ConvertReport:
     logical_bytes: int
     src_bytes: int
     dst_bytes: int
+    #: On Dask: row blocks copied by workers, blocks a rerun found staged and verified, source bytes the workers read.
+    blocks_copied: int = 0
+    blocks_skipped: int = 0
+    source_bytes_read: int | None = None
 
     @property
     def ratio(self) -> float:
@@ -58,7 +62,7 @@ def convert(src_url: str | os.PathLike[str] | Location, dst_url: str | os.PathLi
             dst_storage_options: Mapping[str, Any] | None = None, src_format: str = "auto",
             overwrite: bool = False, progress: bool = False, keys: Sequence[str] | None = None,
             rename: Mapping[str, str] | None = None, on_array: Callable[[str], None] | None = None,
-            **src_options: Any) -> ConvertReport:
+            scheduler: Any = None, **src_options: Any) -> ConvertReport:
     """Copy every array and attr of the store at ``src_url`` into a new ``format`` store at ``dst_url``.
 
     ``storage_options`` apply to both ends unless ``src_storage_options`` /
@@ -69,6 +73,17 @@ def convert(src_url: str | os.PathLike[str] | Location, dst_url: str | os.PathLi
     ``keys`` copies only those arrays, in that order; ``rename`` maps source keys
     to destination keys (``{"question_embs": "embeddings/questions"}``; keys not
     in it keep their name); ``on_array(key)`` is called before each array is copied.
+
+    ``scheduler`` copies the row blocks of every dense array in parallel on
+    Dask (``"local"``: a local cluster of worker processes; ``"tcp://host:port"``;
+    or a ``dask.distributed.Client``): workers read their blocks from the
+    source and stage them, with a SHA-256 marker each, in a job directory
+    beside the destination (``.<name>.unistore-job-<id>``, the id derived from
+    the source, the destination and the options, so a rerun finds it and skips
+    the blocks already staged and verified).  The destination is then written
+    by the same writer as the single-process path and published atomically, so
+    keys, dtypes, chunks, attrs and checksums are identical; the job
+    directory is removed after the commit.
 
     Raises:
         StoreNotFoundError: the source does not exist.
@@ -87,6 +102,14 @@ def convert(src_url: str | os.PathLike[str] | Location, dst_url: str | os.PathLi
     rename = dict(rename or {})
     dst = create_store(dst_url, format=format, storage_options=dst_opts, overwrite=overwrite)
     total = sum(a.nbytes for a in arrays.values())
+    job: _DaskJob | None = None
+    if scheduler is not None:
+        try:
+            job = _DaskJob(src, arrays, dst.location, format, compression, chunks, rename)
+            job.stage(scheduler, progress)
+        except BaseException:
+            dst.abort()
+            raise
     bar = _progress(total, f"convert -> {format}", progress)
     spill = tempfile.TemporaryDirectory(prefix="unistore-convert-")
     try:
@@ -99,7 +122,8 @@ def convert(src_url: str | os.PathLike[str] | Location, dst_url: str | os.PathLi
                 bar.update(arr.nbytes)
                 continue
             key_chunks = chunks.get(key) if isinstance(chunks, Mapping) else _fit_chunks(chunks, arr.shape)
-            data = _read_blocks(arr, bar, spill.name)
+            data = job.assemble(key, bar, spill.name) if job is not None and key in job.blocks else \
+                _read_blocks(arr, bar, spill.name)
             dst.write_array(target, data, chunks=key_chunks, compression=compression, attrs=arr.attrs)
         dst.attrs.update(src.attrs)
         dst.commit()
@@ -109,7 +133,11 @@ def convert(src_url: str | os.PathLike[str] | Location, dst_url: str | os.PathLi
     finally:
         bar.close()
         spill.cleanup()
-    return ConvertReport(len(arrays), total, store_size(src.location), store_size(dst.location))
+    if job is None:
+        return ConvertReport(len(arrays), total, store_size(src.location), store_size(dst.location))
+    job.remove()
+    return ConvertReport(len(arrays), total, store_size(src.location), store_size(dst.location), job.copied,
+                         job.skipped, job.source_bytes_read)
 
 
 def _fit_chunks(chunks: tuple[int, ...] | None, shape: tuple[int, ...]) -> tuple[int, ...] | None:
@@ -119,21 +147,24 @@ def _fit_chunks(chunks: tuple[int, ...] | None, shape: tuple[int, ...]) -> tuple
     return tuple(max(1, min(chunks[i], s or 1)) if i < len(chunks) else max(s, 1) for i, s in enumerate(shape))
 
 
-def _read_blocks(arr: Array, bar: Any, spill_dir: str) -> np.ndarray:
-    """The whole array, read in bounded row blocks so progress is visible.
+def _allocate(shape: tuple[int, ...], dtype: np.dtype[Any], nbytes: int, spill_dir: str) -> np.ndarray:
+    """An array to assemble into: in memory, or (large arrays) a file-backed memmap under ``spill_dir``.
 
-    Large arrays land in a file-backed memmap under ``spill_dir``: the pages
-    are the kernel's to write back, so converting an array bigger than RAM works.
+    A memmap's pages are the kernel's to write back, so converting an array bigger than RAM works.
     """
+    if nbytes > IN_MEMORY_BYTES:
+        path = os.path.join(spill_dir, f"{len(os.listdir(spill_dir))}.bin")
+        return np.memmap(path, dtype=dtype, mode="w+", shape=shape)
+    return np.empty(shape, dtype)
+
+
+def _read_blocks(arr: Array, bar: Any, spill_dir: str) -> np.ndarray:
+    """The whole array, read in bounded row blocks so progress is visible."""
     if not arr.shape or arr.shape[0] == 0:
         out = arr.read()
         bar.update(out.nbytes)
         return out
-    if arr.nbytes > IN_MEMORY_BYTES:
-        path = os.path.join(spill_dir, f"{len(os.listdir(spill_dir))}.bin")
-        out = np.memmap(path, dtype=arr.dtype, mode="w+", shape=arr.shape)
-    else:
-        out = np.empty(arr.shape, arr.dtype)
+    out = _allocate(arr.shape, arr.dtype, arr.nbytes, spill_dir)
     row = max(1, arr.nbytes // arr.shape[0])
     step = max(1, BLOCK_BYTES // row)
     for start in range(0, arr.shape[0], step):
@@ -141,6 +172,71 @@ def _read_blocks(arr: Array, bar: Any, spill_dir: str) -> np.ndarray:
         out[start:start + len(block)] = block
         bar.update(block.nbytes)
     return out
+
+
+class _DaskJob:
+    """The row blocks of a conversion, staged by Dask workers in a job directory beside the destination."""
+
+    def __init__(self, src: Any, arrays: Mapping[str, Array | RaggedArray], dst: Location, format: str,
+                 compression: str | None, chunks: Any, rename: Mapping[str, str]):
+        import hashlib
+        import json
+        import posixpath
+
+        self.src = src
+        self.arrays = {k: a for k, a in arrays.items() if isinstance(a, Array) and a.shape and a.shape[0]}
+        ident = json.dumps({"src": src.location.url, "dst": dst.url, "format": format, "compression": compression,
+                            "chunks": repr(chunks), "rename": sorted(rename.items()), "checksums": src.checksums,
+                            "arrays": {k: [list(a.shape), str(a.dtype), a.stored_nbytes]
+                                       for k, a in self.arrays.items()}}, sort_keys=True, default=str)
+        parent, name = posixpath.split(dst.url.rstrip("/"))
+        digest = hashlib.sha1(ident.encode()).hexdigest()[:16]
+        self.location = Location(f"{parent}/.{name}.unistore-job-{digest}", dst.storage_options)
+        self.blocks: dict[str, list[tuple[int, int, str]]] = {}
+        for i, (key, arr) in enumerate(self.arrays.items()):
+            step = arr.block_rows(BLOCK_BYTES)
+            n = arr.shape[0]
+            self.blocks[key] = [(start, min(start + step, n), f"a{i:04d}/{start:012d}")
+                                for start in range(0, n, step)]
+        self.copied = self.skipped = 0
+        self.source_bytes_read = 0
+
+    def stage(self, scheduler: Any, progress: bool) -> None:
+        """Copy every block not yet staged and verified, in parallel on Dask."""
+        from unistore.storage.distributed import dask_client, stage_block
+
+        with dask_client(scheduler) as client:
+            futures = [client.submit(stage_block, self.src, key, start, stop, self.location, name, pure=False)
+                       for key, blocks in self.blocks.items() for start, stop, name in blocks]
+            if progress and futures:
+                from dask.distributed import progress as show_progress
+
+                show_progress(futures)
+            for status, nbytes in client.gather(futures):
+                self.copied += status == "copied"
+                self.skipped += status == "skipped"
+                self.source_bytes_read += nbytes
+
+    def assemble(self, key: str, bar: Any, spill_dir: str) -> np.ndarray:
+        """Array ``key`` from its staged blocks (each checked against its marker)."""
+        from unistore.errors import ChecksumMismatchError
+        from unistore.storage.distributed import _sha256
+
+        arr = self.arrays[key]
+        out = _allocate(arr.shape, arr.dtype, arr.nbytes, spill_dir)
+        fs = self.location.fs
+        for start, stop, name in self.blocks[key]:
+            raw = fs.cat_file(f"{self.location.path}/{name}")
+            if _sha256(raw) != fs.cat_file(f"{self.location.path}/{name}.sha256").decode():
+                raise ChecksumMismatchError(f"staged block {name} of {key!r} in {self.location.url} changed after "
+                                            "it was written; run the conversion again")
+            out[start:stop] = np.frombuffer(raw, dtype=arr.dtype).reshape((stop - start,) + arr.shape[1:])
+            bar.update(len(raw))
+        return out
+
+    def remove(self) -> None:
+        if self.location.exists():
+            self.location.fs.rm(self.location.path, recursive=True)
 
 
 def _progress(total: int, desc: str, enabled: bool) -> Any:

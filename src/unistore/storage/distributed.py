@@ -16,7 +16,7 @@ from typing import Any
 
 from unistore.errors import MissingDependencyError
 
-__all__ = ["dask_client", "checksum_task"]
+__all__ = ["dask_client", "checksum_task", "stage_block"]
 
 
 @contextlib.contextmanager
@@ -55,3 +55,39 @@ def checksum_task(store: Any, key: str, block_rows: int | None) -> str:
     if isinstance(arr, RaggedArray):
         return checksum_of([arr.values.read(), arr.offsets])
     return _stream_checksum(arr, block_rows)
+
+
+# ----------------------------------------------------------------- convert
+def _sha256(raw: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(raw).hexdigest()
+
+
+def stage_block(src: Any, key: str, start: int, stop: int, job: Any, name: str) -> tuple[str, int]:
+    """Copy rows ``[start, stop)`` of ``src[key]`` into the job directory (run on a worker).
+
+    The block is stored as its raw bytes, then a ``.sha256`` marker holding
+    their hash: a block whose marker is present and matches is *verified* and
+    is skipped by a rerun; a block cut short by a crash has no marker (or a
+    wrong one) and is copied again.  Returns ``("skipped" | "copied", source
+    bytes read)``.
+    """
+    import posixpath
+
+    import numpy as np
+
+    fs = job.fs
+    path = f"{job.path}/{name}"
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    try:
+        if _sha256(fs.cat_file(path)) == fs.cat_file(path + ".sha256").decode():
+            return "skipped", 0
+    except FileNotFoundError:
+        pass
+    arr = src[key]
+    before = src.io_stats()["bytes"]
+    raw = np.ascontiguousarray(arr[start:stop]).tobytes()
+    fs.pipe_file(path, raw)
+    fs.pipe_file(path + ".sha256", _sha256(raw).encode())
+    return "copied", src.io_stats()["bytes"] - before
