@@ -48,11 +48,18 @@ def gather(layout: Layout, indices: np.ndarray, stats: IOStats) -> np.ndarray:
     raise TypeError(f"gather() needs a ContiguousLayout, ChunkedLayout or InMemoryLayout, got {type(layout).__name__}")
 
 
+#: Local row ranges at least this large are read with ``readinto`` rather than copied out of the ``mmap``.
+PREAD_MIN_BYTES = 1 << 20
+
+
 def read_rows(layout: Layout, start: int, stop: int, stats: IOStats) -> np.ndarray:
     """Rows ``[start, stop)`` as one read (a single range or a run of chunks)."""
     if isinstance(layout, ContiguousLayout):
         if layout.location.is_local:
-            out = np.array(_memmap(layout)[start:stop])
+            if (stop - start) * layout.row_nbytes >= PREAD_MIN_BYTES:
+                out = _read_into(layout, start, stop)
+            else:
+                out = np.array(_memmap(layout)[start:stop])
             stats.add(requests=1, nbytes=out.nbytes)
             return out
         return _gather_ranges(layout, np.arange(start, stop, dtype=np.int64), stats)
@@ -94,6 +101,28 @@ def _memmap(layout: ContiguousLayout) -> np.ndarray:
                                        offset=layout.offset).reshape(layout.shape)
                 _MMAPS[key] = mm
     return mm
+
+
+def _read_into(layout: ContiguousLayout, start: int, stop: int) -> np.ndarray:
+    """Rows ``[start, stop)`` read from the file into a fresh array.
+
+    Large sequential reads (whole-array copies, conversions) go through the
+    page cache without mapping the file, so the reading process's resident
+    memory holds the rows once, not the rows plus every page it mapped.
+    """
+    out = np.empty((stop - start,) + layout.shape[1:], layout.dtype)
+    view = out.reshape(-1).view(np.uint8).data
+    with open(layout.location.path, "rb") as f:
+        f.seek(layout.offset + start * layout.row_nbytes)
+        done = 0
+        while done < len(view):
+            got = f.readinto(view[done:])
+            if not got:
+                raise TruncatedDataError(
+                    f"{layout.location.url} is truncated: rows {start}:{stop} end past the end of the file; "
+                    "re-create or re-download it")
+            done += got
+    return out
 
 
 def _gather_mmap(layout: ContiguousLayout, indices: np.ndarray, stats: IOStats) -> np.ndarray:
