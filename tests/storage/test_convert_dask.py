@@ -165,3 +165,22 @@ def test_rerun_after_a_client_crash_skips_verified_blocks(sources: dict[str, str
     assert report.blocks_skipped >= 8 and report.blocks_copied > 0
     np.testing.assert_array_equal(us.open_store(dst)["emb"][...], DATA)
     assert not [d for d in os.listdir(tmp_path) if "unistore-job" in d]
+
+
+def test_a_rerun_finds_the_same_job_for_chunked_sources(sources: dict[str, str], client: Any, tmp_path: Any,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from unistore.storage.convert import _DaskJob
+
+    monkeypatch.setattr(convert_module, "BLOCK_BYTES", 64 * 1024)
+    for fmt in ("zarr", "hdf5"):
+        dst = us.create_store(str(tmp_path / f"{fmt}.zarr"), format="zarr")
+        src = us.open_store(sources[fmt])
+        arrays = {k: src[k] for k in src.keys()}
+        first = _DaskJob(src, arrays, dst.location, "zarr", None, None, {})
+        first.stage(client, progress=False)
+        again = _DaskJob(us.open_store(sources[fmt]), arrays, dst.location, "zarr", None, None, {})
+        assert again.location == first.location  # a fresh open of the same source: the same job
+        again.stage(client, progress=False)
+        assert again.skipped == first.copied > 0 and again.copied == 0
+        again.remove()
+        dst.abort()

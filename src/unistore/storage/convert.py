@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from unistore.storage.array import Array, RaggedArray
+from unistore.storage.layout import file_stamp
 from unistore.storage.location import Location
 from unistore.storage.store import create_store, open_store
 
@@ -187,7 +188,10 @@ class _DaskJob:
         self.arrays = {k: a for k, a in arrays.items() if isinstance(a, Array) and a.shape and a.shape[0]}
         ident = json.dumps({"src": src.location.url, "dst": dst.url, "format": format, "compression": compression,
                             "chunks": repr(chunks), "rename": sorted(rename.items()), "checksums": src.checksums,
-                            "arrays": {k: [list(a.shape), str(a.dtype), a.stored_nbytes]
+                            # a replaced local source file (new inode, size or mtime) starts a new job
+                            "stamp": file_stamp(src.location) if os.path.isfile(src.location.path) else 0,
+                            "arrays": {k: [list(a.shape), str(a.dtype), a.stored_nbytes,
+                                           getattr(a.layout, "stamp", None)]
                                        for k, a in self.arrays.items()}}, sort_keys=True, default=str)
         parent, name = posixpath.split(dst.url.rstrip("/"))
         digest = hashlib.sha1(ident.encode()).hexdigest()[:16]
