@@ -32,9 +32,14 @@ from torch.utils.data import DataLoader, Dataset
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import unistore as us  # noqa: E402
 from tests.datasets.builders import make_jasper, write_cluster_seed, write_jasper_pt  # noqa: E402
-from unistore.datasets import ClusterLabeledDataset, JASPERSteeringDataset, collate, make_loader  # noqa: E402
+from unistore.datasets import (  # noqa: E402
+    ClusterLabeledDataset,
+    JASPERSteeringDataset,
+    collate,
+    copy_dataset,
+    make_loader,
+)
 
 
 class SeedClusterLabeledDataset(Dataset):  # type: ignore[type-arg]
@@ -124,19 +129,11 @@ def bench_jasper(workdir: str, pairs: int, batches: int) -> list[tuple[str, floa
     data = make_jasper(n_q=pairs // 5, n_s=pairs // 2, n_k=1000, n_c=50, n_pairs=pairs, dim=384, n_neg=5)
     pt = write_jasper_pt(os.path.join(workdir, "jasper-pt"), data)
     dirs = {"pt": pt}
-    for label, fmt, name, opts in (("npy", "npy", None, {}), ("safetensors", "safetensors", "dataset.safetensors", {}),
-                                   ("hdf5", "hdf5", "dataset.h5", {}),
-                                   ("hdf5 gzip", "hdf5", "dataset.h5", {"compression": "gzip", "chunks": (256,)}),
-                                   ("zarr", "zarr", "dataset.zarr", {"chunks": (256,)}),
-                                   ("zarr zstd", "zarr", "dataset.zarr", {"compression": "zstd", "chunks": (256,)})):
-        target = os.path.join(workdir, f"jasper-{label.replace(' ', '-')}")
-        os.makedirs(target)
-        shutil.copy(os.path.join(pt, "config.json"), target)
-        us.convert(pt, os.path.join(target, name or "arrays"), fmt, **opts)
-        if name is None:
-            for entry in os.listdir(os.path.join(target, "arrays")):
-                shutil.move(os.path.join(target, "arrays", entry), target)
-        dirs[label] = target
+    for label, fmt, opts in (("npy", "npy", {}), ("safetensors", "safetensors", {}), ("hdf5", "hdf5", {}),
+                             ("hdf5 gzip", "hdf5", {"compression": "gzip", "chunks": (256,)}),
+                             ("zarr", "zarr", {"chunks": (256,)}),
+                             ("zarr zstd", "zarr", {"compression": "zstd", "chunks": (256,)})):
+        dirs[label] = copy_dataset(pt, os.path.join(workdir, f"jasper-{label.replace(' ', '-')}"), fmt, **opts)
 
     def rate(ds: Any) -> float:
         ds.set_epoch(45)

@@ -32,6 +32,8 @@ def write_cluster_seed_layout(path: str, n: int, dim: int, n_clusters: int, seed
 
     Embeddings sit around one centre per cluster, so a classifier can learn them.
     """
+    from unistore.migrations.legacy import SEED_SCHEMA
+
     rng = np.random.default_rng(seed)
     os.makedirs(path, exist_ok=True)
     centres = rng.standard_normal((n_clusters, dim)).astype(np.float32)
@@ -42,13 +44,7 @@ def write_cluster_seed_layout(path: str, n: int, dim: int, n_clusters: int, seed
         mm.flush()
         del mm
     conn = sqlite3.connect(os.path.join(path, "dataset.db"))
-    conn.executescript("""
-        CREATE TABLE samples (sample_id INTEGER PRIMARY KEY, embedding_idx INTEGER NOT NULL,
-            sample_type TEXT NOT NULL, text TEXT NOT NULL, chroma_id TEXT NOT NULL, suggestions TEXT,
-            steering_mode TEXT NOT NULL, source_label BLOB NOT NULL, steering_label BLOB NOT NULL,
-            combined_label BLOB NOT NULL);
-        CREATE TABLE dataset_info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-    """)
+    conn.executescript(SEED_SCHEMA)
     conn.executemany("INSERT INTO dataset_info VALUES (?, ?)", [("n_clusters", str(n_clusters)),
                                                                 ("embedding_dim", str(dim)), ("dataset_size", str(n))])
     eye = np.eye(n_clusters, dtype=np.float32)
@@ -197,10 +193,7 @@ def run_training_demo(workdir: str, rows: int = 20_000, pairs: int = 20_000, dim
     """Build both datasets, copy them into every format, train from each; prints and returns one row per run."""
     from torch.utils.data import DataLoader
 
-    from unistore.datasets import ClusterLabeledDataset, create_loader
-    from unistore.datasets.jasper import convert_pt_to_hdf5
-    from unistore.storage.convert import convert
-    from unistore.storage.location import Location
+    from unistore.datasets import ClusterLabeledDataset, convert_pt_to_hdf5, copy_dataset, create_loader
 
     os.makedirs(workdir, exist_ok=True)
     endpoint = s3_endpoint or next((os.environ[v] for v in ("UNISTORE_DEMO_S3_ENDPOINT", "AWS_ENDPOINT_URL_S3",
@@ -232,29 +225,15 @@ def run_training_demo(workdir: str, rows: int = 20_000, pairs: int = 20_000, dim
     jasper_sets: list[tuple[str, str, str, dict[str, Any] | None]] = [
         ("pt", jasper_dir, "pt", None), ("hdf5 gzip", jasper_dir, "hdf5", None)]
     for label, fmt, comp in FORMATS:
-        if fmt in ("pt", "hdf5"):
-            continue
-        out = os.path.join(workdir, f"jasper-{fmt}")
-        shutil.rmtree(out, ignore_errors=True)
-        os.makedirs(out)
-        shutil.copy(os.path.join(jasper_dir, "config.json"), out)
-        name = {"zarr": "dataset.zarr", "safetensors": "dataset.safetensors", "npy": "."}[fmt]
-        if fmt == "npy":
-            convert(jasper_dir, os.path.join(out, "arrays"), "npy", src_format="pt")
-            for entry in os.listdir(os.path.join(out, "arrays")):
-                shutil.move(os.path.join(out, "arrays", entry), out)
-            os.rmdir(os.path.join(out, "arrays"))
-        else:
-            convert(jasper_dir, os.path.join(out, name), fmt, src_format="pt", compression=comp,
-                    chunks=(2048,) if comp else None)
-        jasper_sets.append((label, out, fmt, None))
+        if fmt not in ("pt", "hdf5"):
+            out = os.path.join(workdir, f"jasper-{fmt}")
+            shutil.rmtree(out, ignore_errors=True)
+            copy_dataset(jasper_dir, out, fmt, compression=comp, chunks=(2048,) if comp else None)
+            jasper_sets.append((label, out, fmt, None))
     if s3_root:
-        remote = Location(f"{s3_root}/jasper", s3_options)
-        convert(jasper_dir, Location(f"{s3_root}/jasper/dataset.zarr", s3_options), "zarr", src_format="pt",
-                compression="zstd", chunks=(2048,))
-        with open(os.path.join(jasper_dir, "config.json"), "rb") as f:
-            remote.fs.pipe_file(f"{remote.path}/config.json", f.read())
-        jasper_sets.append(("zarr zstd on S3", remote.url, "zarr", s3_options))
+        remote = copy_dataset(jasper_dir, f"{s3_root}/jasper", "zarr", compression="zstd", chunks=(2048,),
+                              out_storage_options=s3_options)
+        jasper_sets.append(("zarr zstd on S3", remote, "zarr", s3_options))
 
     results: list[dict[str, Any]] = []
     print(f"\n{'dataset':<14s} {'backend':<30s} {'samples/s':>10s} {'loss start':>11s} {'loss end':>9s}")

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import shutil
 from typing import Any
 
 import pytest
 
-import unistore as us
+from unistore.datasets import copy_dataset
 
 from .builders import make_jasper, write_jasper_h5, write_jasper_pt
 
@@ -26,16 +25,8 @@ def jasper_root(tmp_path_factory: pytest.TempPathFactory, jasper_data: dict[str,
     root = str(tmp_path_factory.mktemp("jasper"))
     pt = write_jasper_pt(os.path.join(root, "pt"), jasper_data)
     write_jasper_h5(os.path.join(root, "hdf5"), jasper_data)
-    for fmt, name, options in (("zarr", "dataset.zarr", {"compression": "zstd", "chunks": (16,)}),
-                               ("safetensors", "dataset.safetensors", {}), ("npy", None, {})):
-        target = os.path.join(root, fmt)
-        os.makedirs(target)
-        shutil.copy(os.path.join(pt, "config.json"), target)
-        us.convert(pt, os.path.join(target, name) if name else os.path.join(target, "arrays"), fmt, **options)
-        if name is None:  # npy: the arrays sit in the dataset directory itself, like the PT layout
-            for entry in os.listdir(os.path.join(target, "arrays")):
-                shutil.move(os.path.join(target, "arrays", entry), target)
-            os.rmdir(os.path.join(target, "arrays"))
+    for fmt, options in (("zarr", {"compression": "zstd", "chunks": (16,)}), ("safetensors", {}), ("npy", {})):
+        copy_dataset(pt, os.path.join(root, fmt), fmt, **options)
     return root
 
 

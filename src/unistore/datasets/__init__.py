@@ -10,7 +10,7 @@ array per batch) and the catalog; :class:`StoreDataset` and
 
 from unistore.datasets.base import Batch, StoreDataset, collate
 from unistore.datasets.cluster_labeled import ClusterLabeledDataset
-from unistore.datasets.jasper import JASPERSteeringDataset, compute_steering_probs, convert_pt_to_hdf5
+from unistore.datasets.jasper import JASPERSteeringDataset, compute_steering_probs, convert_pt_to_hdf5, copy_dataset
 from unistore.datasets.loader import create_loader, make_loader, set_epoch, validate_first_batch
 from unistore.datasets.sampler import StoreSampler
 
@@ -23,6 +23,7 @@ __all__ = [
     "JASPERSteeringDataset",
     "compute_steering_probs",
     "convert_pt_to_hdf5",
+    "copy_dataset",
     "create_loader",
     "make_loader",
     "set_epoch",

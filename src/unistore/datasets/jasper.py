@@ -21,13 +21,20 @@ from typing import Any
 import numpy as np
 
 from unistore.datasets.base import StoreDataset
-from unistore.errors import DatasetNotFoundError, IntegrityError, ShapeMismatchError, UnsupportedError
+from unistore.errors import (
+    DatasetNotFoundError,
+    IntegrityError,
+    ShapeMismatchError,
+    UnknownFormatError,
+    UnsupportedError,
+)
 from unistore.storage.array import Array, RaggedArray, to_tensor
+from unistore.storage.formats import detect_format
 from unistore.storage.location import Location
 from unistore.storage.store import TensorStore, open_store
 
 __all__ = ["JASPERSteeringDataset", "ARRAY_KEYS", "STEERING_VARIANTS", "compute_steering_probs", "MMAP_AUTO_BYTES",
-           "convert_pt_to_hdf5"]
+           "convert_pt_to_hdf5", "copy_dataset"]
 
 log = logging.getLogger("unistore")
 
@@ -107,8 +114,6 @@ def _find_store(dataset_dir: Location, storage_format: str) -> tuple[Location, s
     if not dataset_dir.exists():
         raise DatasetNotFoundError(f"dataset directory {dataset_dir.url} does not exist")
     if not dataset_dir.isdir():  # the dataset is one file store (dataset.h5 or a .safetensors)
-        from unistore.storage.formats import detect_format
-
         found = detect_format(dataset_dir)
         if storage_format not in ("auto", found):
             raise DatasetNotFoundError(f"{dataset_dir.url} is a {found} store, not {storage_format}")
@@ -121,8 +126,12 @@ def _find_store(dataset_dir: Location, storage_format: str) -> tuple[Location, s
             return _child(dataset_dir, name), fmt
         if name is None and any(n.endswith(f".{fmt}") for n in names):
             return dataset_dir, fmt
-    if storage_format == "auto" and ("zarr.json" in names or ".zgroup" in names):
-        return dataset_dir, "zarr"
+    try:  # the directory itself is a store: a zarr group, or a unistore-written npy/pt directory with subgroups
+        itself: str | None = detect_format(dataset_dir)
+    except UnknownFormatError:
+        itself = None
+    if itself is not None and storage_format in ("auto", itself):
+        return dataset_dir, itself
     where = f"{_STORE_NAMES[storage_format]} in " if _STORE_NAMES.get(storage_format) else ""
     kind = "dataset.h5, dataset.zarr, dataset.safetensors, .pt or .npy files" if storage_format == "auto" else (
         f"{where}{storage_format} files")
@@ -369,12 +378,8 @@ class JASPERSteeringDataset(StoreDataset):
         """A ``torch.utils.data.Subset`` of the samples whose pair belongs to one of ``cluster_ids``."""
         from torch.utils.data import Subset
 
-        src = self._data["pair_cluster_id"]
-        if isinstance(src, np.ndarray):
-            clusters = src
-        else:
-            clusters = src.cpu().numpy() if hasattr(src, "cpu") else _read_column(src)
-        positions = np.flatnonzero(np.isin(clusters[self._split], np.asarray(list(cluster_ids))))
+        clusters = self._rows("pair_cluster_id", self._split).cpu().numpy()  # the split's pairs only
+        positions = np.flatnonzero(np.isin(clusters, np.asarray(list(cluster_ids))))
         return Subset(self, positions.tolist())
 
     # ----------------------------------------------------------- reports
@@ -407,10 +412,6 @@ class JASPERSteeringDataset(StoreDataset):
                            **options: Any) -> dict[str, Any]:
         """Write ``dataset_dir/dataset.h5`` from the PT files beside it; see :func:`convert_pt_to_hdf5`."""
         return convert_pt_to_hdf5(dataset_dir, compression, **options)
-
-
-def _read_column(arr: Array) -> np.ndarray:
-    return np.asarray(arr.read()).reshape(-1)
 
 
 _BLOCK_ROWS = 1 << 20
@@ -499,3 +500,35 @@ def convert_pt_to_hdf5(dataset_dir: str | os.PathLike[str], compression: str | N
     say(f"File sizes: PT format={pt_bytes / 1024**2:.1f} MB, HDF5={h5_bytes / 1024**2:.1f} MB "
         f"(compression: {saving:.1f}%)")
     return {"path": dst.url, "pt_bytes": pt_bytes, "hdf5_bytes": h5_bytes, "saving": saving}
+
+
+def copy_dataset(dataset_dir: str | os.PathLike[str], out_dir: str | os.PathLike[str], storage_format: str,
+                 compression: str | None = None, chunks: tuple[int, ...] | None = None, *,
+                 storage_options: Mapping[str, Any] | None = None,
+                 out_storage_options: Mapping[str, Any] | None = None) -> str:
+    """Copy the JASPER dataset in ``dataset_dir`` into a new dataset directory ``out_dir`` in ``storage_format``.
+
+    The copy is laid out as the class finds it: the arrays in ``out_dir`` itself
+    for ``"pt"`` / ``"npy"``, in ``out_dir/dataset.h5`` / ``dataset.zarr`` /
+    ``dataset.safetensors`` otherwise, with ``config.json`` beside them.  Any
+    filesystem at either end; written through :func:`unistore.convert`, so
+    atomically.  Returns ``out_dir``'s URL.
+
+    Raises:
+        DatasetNotFoundError: no JASPER dataset in ``dataset_dir``.
+        StoreExistsError: the destination store exists.
+    """
+    from unistore.storage.convert import convert
+
+    if storage_format not in _STORE_NAMES:
+        raise ValueError(f"storage_format must be one of {sorted(_STORE_NAMES)}, got {storage_format!r}")
+    root = Location(dataset_dir, storage_options)
+    src, src_format = _find_store(root, "auto")
+    out = Location(out_dir, out_storage_options)
+    name = _STORE_NAMES[storage_format]
+    dst = _child(out, name) if name else out
+    convert(src, dst, storage_format, compression=compression, chunks=chunks, src_format=src_format)
+    config = _child(root, "config.json")
+    if root.isdir() and config.exists():
+        out.fs.pipe_file(f"{out.path.rstrip('/')}/config.json", config.fs.cat_file(config.path))
+    return out.url

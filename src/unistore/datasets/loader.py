@@ -62,7 +62,7 @@ def make_loader(dataset: Any, batch_size: int, *, shuffle: bool = True, seed: in
         rank = d_rank if rank is None else rank
         world_size = d_world if world_size is None else world_size
     sampler = StoreSampler(dataset, shuffle=shuffle, seed=seed, rank=rank if distributed else 0,
-                           world_size=world_size if distributed else 1, drop_last=drop_last and distributed)
+                           world_size=world_size if distributed else 1, drop_last=drop_last)
     loader_kwargs.setdefault("collate_fn", collate)
     loader = _Loader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                      drop_last=drop_last, **loader_kwargs)

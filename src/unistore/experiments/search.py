@@ -143,34 +143,8 @@ class ExperimentFeaturizer:
     log10(parameters + 1), dataset one-hot (8 hashed buckets), accuracy, log(1 + loss)]``.
     Depth and widths dominate, so an architecture a few units away ranks above
     one of another depth; the dataset and metrics separate otherwise equal nets.
-    Works as a Chroma embedding function over the experiments' JSON documents.
+    Called like an embedding function, on the experiments' JSON documents.
     """
-
-    def __init__(self) -> None:
-        pass
-
-    @staticmethod
-    def name() -> str:
-        return "unistore-experiment-featurizer"
-
-    def get_config(self) -> dict[str, Any]:
-        return {"dim": FEATURE_DIM}
-
-    @staticmethod
-    def build_from_config(config: dict[str, Any]) -> ExperimentFeaturizer:
-        return ExperimentFeaturizer()
-
-    def default_space(self) -> str:
-        return "l2"
-
-    def supported_spaces(self) -> list[str]:
-        return ["l2"]
-
-    def is_legacy(self) -> bool:
-        return False
-
-    def embed_query(self, input: Sequence[str]) -> list[np.ndarray]:
-        return self(input)
 
     def __call__(self, input: Sequence[str]) -> list[np.ndarray]:
         return [self.featurize(json.loads(doc)) for doc in input]

@@ -111,7 +111,7 @@ def _check_metric_name(name: str) -> None:
         validate_key(name)
     except InvalidKeyError as e:
         raise InvalidKeyError(f"metric name {name!r} cannot be stored: {e}") from e
-    if name.startswith("m/") or "/" in name:
+    if "/" in name:
         raise InvalidKeyError(f"metric name {name!r} may not contain '/'")
 
 
@@ -165,7 +165,7 @@ class TimeSeriesStorage:
         self.catalog_url = url
         self._catalog: Any = None
         self._stores: dict[str, Any] = {}
-        self._stats = {"requests": 0, "bytes": 0, "stores_opened": 0}
+        self._opened = 0
 
     # ------------------------------------------------------------- plumbing
     @property
@@ -189,17 +189,14 @@ class TimeSeriesStorage:
 
     def io_stats(self) -> dict[str, int]:
         """Requests and bytes read from segment stores by this object (reads only; the catalog is not counted)."""
-        total = dict(self._stats)
-        for store in self._stores.values():
-            got = store.io_stats()
-            total["requests"] += got["requests"]
-            total["bytes"] += got["bytes"]
-        return total
+        stats = [store.io_stats() for store in self._stores.values()]
+        return {"requests": sum(s["requests"] for s in stats), "bytes": sum(s["bytes"] for s in stats),
+                "stores_opened": self._opened}
 
     def reset_io_stats(self) -> None:
         for store in self._stores.values():
             store.reset_io_stats()
-        self._stats = {"requests": 0, "bytes": 0, "stores_opened": 0}
+        self._opened = 0
 
     def _segment_url(self, key: str) -> str:
         ext = "h5" if self.config.use_hdf5 else "zarr"
@@ -226,7 +223,7 @@ class TimeSeriesStorage:
 
             store = open_store(url, storage_options=self.config.storage_options)
             self._stores[url] = store
-            self._stats["stores_opened"] += 1
+            self._opened += 1
         return store
 
     def _remove_segments(self, urls: Iterable[str]) -> None:

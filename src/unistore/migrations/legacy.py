@@ -22,8 +22,27 @@ import numpy as np
 from unistore.errors import CorruptDataError, ShapeMismatchError, StoreNotFoundError, UnistoreError, UnsafePickleError
 
 __all__ = ["NumpyOnlyUnpickler", "load_numpy_pickle", "import_legacy", "ImportReport", "LegacyImportError",
-           "LEGACY_KIND"]
+           "LEGACY_KIND", "SEED_SCHEMA"]
 
+#: The legacy ``dataset.db`` schema, as the ClusterLabeledDataset spec documents it (labels are pickled numpy).
+SEED_SCHEMA = """
+CREATE TABLE samples (
+    sample_id INTEGER PRIMARY KEY,
+    embedding_idx INTEGER NOT NULL,
+    sample_type TEXT NOT NULL,
+    text TEXT NOT NULL,
+    chroma_id TEXT NOT NULL,
+    suggestions TEXT,
+    steering_mode TEXT NOT NULL,
+    source_label BLOB NOT NULL,
+    steering_label BLOB NOT NULL,
+    combined_label BLOB NOT NULL
+);
+CREATE TABLE dataset_info (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
 #: ``datasets.kind`` of datasets created by this importer.
 LEGACY_KIND = "cluster_labeled_legacy"
 LABEL_COLUMNS = ("source_label", "steering_label", "combined_label")
