@@ -174,3 +174,27 @@ def test_env_credentials_work_without_storage_options(s3: dict[str, Any], tmp_pa
         store.write_array("x", np.arange(6))
     np.testing.assert_array_equal(us.open_store(url)["x"][...], np.arange(6))
     assert os.environ["AWS_ENDPOINT_URL"] == s3["endpoint"]
+
+
+def test_unistore_verdicts_and_names_with_500_are_not_retried() -> None:
+    from unistore.errors import TruncatedDataError
+    from unistore.storage.location import Location, retry_remote
+
+    where = Location("s3://t-a83ec597500e47b2/store.h5")
+    calls = []
+
+    def truncated() -> None:
+        calls.append(1)
+        raise TruncatedDataError("s3://t-a83ec597500e47b2/store.h5 is a truncated HDF5 file")
+
+    with pytest.raises(TruncatedDataError):
+        retry_remote(truncated, where)
+    assert len(calls) == 1  # a verdict on the data is final, whatever digits the bucket name holds
+
+    def missing_bucket() -> None:
+        calls.append(1)
+        raise ValueError("bucket t-a83ec597500e47b2 has no such key")
+
+    with pytest.raises(ValueError):
+        retry_remote(missing_bucket, where)
+    assert len(calls) == 2

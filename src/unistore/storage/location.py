@@ -11,11 +11,12 @@ from __future__ import annotations
 import errno
 import os
 import posixpath
+import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
-from unistore.errors import InvalidKeyError, RemoteError
+from unistore.errors import InvalidKeyError, RemoteError, UnistoreError
 
 __all__ = ["Location", "validate_key", "retry_remote", "RetryPolicy"]
 
@@ -182,19 +183,25 @@ _TRANSIENT_ERRNOS = {errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESE
                      errno.ECONNREFUSED, errno.EPIPE}
 
 
+_TRANSIENT_MARKERS = ("SlowDown", "reduce your request rate", "InternalError", "ServiceUnavailable", "Throttl",
+                      "ConnectionReset", "Connection reset", "EndpointConnectionError", "ReadTimeout",
+                      "IncompleteRead", "ResponseStreamingError", "ClientPayloadError", "ServerDisconnected")
+# status codes as whole numbers only: a bucket or key name may contain "500"
+_TRANSIENT_STATUS = re.compile(r"(?<![\w-])(500|502|503|504)(?![\w-])")
+
+
 def _is_transient(exc: BaseException) -> bool:
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
+    if isinstance(exc, UnistoreError):  # unistore's own verdict on the data (truncated, corrupt, ...): final
+        return False
     if isinstance(exc, (ConnectionError, TimeoutError, ShortReadError)):
         return True
-    text = f"{type(exc).__name__} {exc}"
-    markers = ("SlowDown", "reduce your request rate", "503", "500", "502", "504", "InternalError",
-               "ServiceUnavailable", "Throttl",
-               "ConnectionReset", "Connection reset", "EndpointConnectionError", "ReadTimeout",
-               "IncompleteRead", "ResponseStreamingError", "ClientPayloadError", "ServerDisconnected")
     if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
         return True
-    return any(m in text for m in markers) or (isinstance(exc, OSError) and exc.errno is None)
+    text = f"{type(exc).__name__} {exc}"
+    return (any(m in text for m in _TRANSIENT_MARKERS) or _TRANSIENT_STATUS.search(text) is not None
+            or (isinstance(exc, OSError) and exc.errno is None))
 
 
 class ShortReadError(OSError):
