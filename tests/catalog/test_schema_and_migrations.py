@@ -107,7 +107,7 @@ def test_upgrade_downgrade_cycle_keeps_rows_and_migrates_labels(catalog_url: str
     migrations.upgrade(catalog_url, "0001")
     _fill_every_table(catalog_url)
     migrations.upgrade(catalog_url, "head")
-    assert migrations.current_revision(catalog_url) == migrations.head_revision() == "0003"
+    assert migrations.current_revision(catalog_url) == migrations.head_revision() == "0004"
     _assert_rows_intact(catalog_url, at_head=True)
     migrations.downgrade(catalog_url, "0001")
     _assert_rows_intact(catalog_url, at_head=False)
@@ -190,9 +190,9 @@ def test_check_detects_drift(catalog_url: str, capsys: pytest.CaptureFixture[str
 
 def test_exactly_one_head_and_history() -> None:
     history = migrations.history()
-    assert [h[0] for h in history] == ["0003", "0002", "0001"]
+    assert [h[0] for h in history] == ["0004", "0003", "0002", "0001"]
     assert history[-1][1] is None
-    assert migrations.head_revision() == "0003"
+    assert migrations.head_revision() == "0004"
 
 
 def test_sqlite_settings(tmp_path: Any) -> None:

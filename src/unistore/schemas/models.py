@@ -210,6 +210,8 @@ class DatasetUsage(Base):
     experiment_id: Mapped[int | None] = mapped_column(ForeignKey("experiments.id", ondelete="SET NULL"))
     purpose: Mapped[str] = mapped_column(String(64), default="training")
     details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    #: the dataset version used (migration 0004)
+    version: Mapped[str | None] = mapped_column(String(64))
     used_at: Mapped[datetime] = _created()
 
 
@@ -252,7 +254,11 @@ class TrainingHistorySegment(Base):
 
 
 class DeltaEmbeddingCache(Base):
-    """A cached delta embedding of a LoRA adapter, inline or in a store."""
+    """A cached delta embedding of a LoRA adapter, inline or in a store.
+
+    Stored deltas are row ``row_index`` (migration 0004) of array ``array_key``
+    of the store at ``store_url``; ``dataset_id`` names the cache they belong to.
+    """
 
     __tablename__ = "delta_embedding_cache"
 
@@ -263,4 +269,5 @@ class DeltaEmbeddingCache(Base):
     store_url: Mapped[str | None] = mapped_column(Text)
     array_key: Mapped[str | None] = mapped_column(String(512))
     embedding: Mapped[np.ndarray | None] = mapped_column(NDArray)
+    row_index: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = _created()

@@ -27,7 +27,7 @@ from unistore.storage.layout import (
 )
 from unistore.storage.location import Location, ShortReadError, retry_remote
 
-__all__ = ["gather", "read_rows", "ChunkCache", "chunk_cache", "MERGE_GAP_BYTES"]
+__all__ = ["gather", "read_rows", "read_contiguous", "ChunkCache", "chunk_cache", "MERGE_GAP_BYTES"]
 
 #: Two requested row ranges closer than this are fetched as one request.
 MERGE_GAP_BYTES = int(os.environ.get("UNISTORE_MERGE_GAP_BYTES", 16 * 1024))
@@ -170,6 +170,37 @@ def fetch_ranges(loc: Location, starts: np.ndarray, ends: np.ndarray, stats: IOS
     blobs = retry_remote(attempt, loc)  # a short read is retried like any transient failure
     stats.add(requests=n, nbytes=sum(len(b) for b in blobs))
     return blobs
+
+
+def read_contiguous(layouts: dict[str, ContiguousLayout], stats: IOStats) -> dict[str, np.ndarray]:
+    """Whole remote arrays of one or more files, neighbours in a file fetched as one merged request.
+
+    Small tensors stored side by side (a checkpoint's hundreds of LoRA
+    matrices) cost one request per file rather than one per tensor.
+    """
+    by_file: dict[Location, list[tuple[str, ContiguousLayout]]] = {}
+    for key, layout in layouts.items():
+        by_file.setdefault(layout.location, []).append((key, layout))
+    out: dict[str, np.ndarray] = {}
+    for loc, members in by_file.items():
+        members.sort(key=lambda m: m[1].offset)
+        sizes = np.array([int(np.prod(lay.shape, dtype=np.int64)) * lay.dtype.itemsize for _, lay in members],
+                         dtype=np.int64)
+        starts = np.array([lay.offset for _, lay in members], dtype=np.int64)
+        ends = starts + sizes
+        nonempty = sizes > 0
+        run_starts, run_ends, run_id = _merge(starts[nonempty], ends[nonempty], max(MERGE_GAP_BYTES, 0))
+        blobs = fetch_ranges(loc, run_starts, run_ends, stats)
+        runs = iter(range(len(run_id)))
+        for (key, lay), start, size, filled in zip(members, starts, sizes, nonempty):
+            if not filled:
+                out[key] = np.empty(lay.shape, lay.dtype)
+                continue
+            r = int(run_id[next(runs)])
+            at = int(start - run_starts[r])
+            buf = np.frombuffer(blobs[r], dtype=np.uint8, count=int(size), offset=at)
+            out[key] = buf.view(lay.dtype).reshape(lay.shape)
+    return out
 
 
 def _gather_ranges(layout: ContiguousLayout, indices: np.ndarray, stats: IOStats) -> np.ndarray:

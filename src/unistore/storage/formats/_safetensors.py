@@ -1,15 +1,21 @@
 """``safetensors``: one file (header metadata -> attrs) or a directory of them.
 
 The header (8-byte length + JSON) *is* the byte layout, so reads never decode
-anything: every tensor is a :class:`ContiguousLayout`.  In a directory, keys
-are ``<file stem>/<tensor name>``.  Files are written with the
-``safetensors`` library itself.
+anything: every tensor is a :class:`ContiguousLayout`.  In a plain directory,
+keys are ``<file stem>/<tensor name>``.  A Hugging Face checkpoint directory
+(``save_pretrained`` output: ``model.safetensors``, or shards listed by
+``model.safetensors.index.json``; a PEFT adapter folder with
+``adapter_config.json``) is one store whose keys are the checkpoint's tensor
+names; its ``config.json`` / ``adapter_config.json`` become the attrs
+``config`` / ``adapter_config``.  Files are written with the ``safetensors``
+library itself.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import posixpath
 from typing import Any
 
 import numpy as np
@@ -42,6 +48,9 @@ if bfloat16 is not None:
     _DTYPES["BF16"] = bfloat16
 _MAX_HEADER = 100 * 1024 * 1024
 _FIRST_READ = 64 * 1024
+#: JSON files that mark a directory as a Hugging Face checkpoint, and the attr each becomes
+_CHECKPOINT_CONFIGS = {"config.json": "config", "adapter_config.json": "adapter_config"}
+_INDEX_SUFFIX = ".safetensors.index.json"
 
 
 def parse_header(head: bytes, size: int, where: str) -> tuple[dict[str, Any], int]:
@@ -87,10 +96,15 @@ class SafetensorsFormat(Format):
     def open(self, location: Location, **options: Any) -> OpenedStore:
         if options:
             raise TypeError(f"safetensors stores take no options {sorted(options)}")
+        checkpoint: dict[str, Any] | None = None
         if location.isdir():
             meta = read_dir_meta(location)
             members = list_members(location, ".safetensors")
             prefixed = True
+            if not meta:
+                checkpoint = _checkpoint_layout(location, members)
+            if checkpoint is not None:
+                members, prefixed = checkpoint["members"], False
         else:
             size = int(retry_remote(lambda: location.fs.size(location.path), location))
             members = {"": (location.path, size)}
@@ -107,16 +121,96 @@ class SafetensorsFormat(Format):
             header, data_start = parse_header(head, size, floc.url)
             stamp = file_stamp(floc)
             file_meta = header.pop("__metadata__", None) or {}
-            if not prefixed:
+            if checkpoint is not None:
+                opened.attrs.update({k: v for k, v in file_meta.items() if k != META_KEY})
+            elif not prefixed:
                 meta = loads_meta(file_meta.pop(META_KEY, None))
                 opened.attrs.update({k: v for k, v in file_meta.items()})
             for name, entry in header.items():
                 key = f"{stem}/{name}" if prefixed else name
+                if checkpoint is not None:
+                    _check_checkpoint_tensor(checkpoint, key, floc)
                 opened.arrays[key] = _tensor_info(key, name, entry, data_start, size, floc, stamp)
+        if checkpoint is not None:
+            _check_index_complete(checkpoint, opened, location)
+            opened.attrs.update(checkpoint["attrs"])
         return apply_meta(opened, meta)
 
     def writer(self, path: str, **options: Any) -> FormatWriter:
         return _SafetensorsWriter(path, self)
+
+
+def _checkpoint_layout(location: Location, members: dict[str, tuple[str, int]]) -> dict[str, Any] | None:
+    """How a Hugging Face checkpoint directory maps tensor names to files, or None for a plain directory.
+
+    A directory is a checkpoint when it holds a ``*.safetensors.index.json``
+    (sharded ``save_pretrained``: only the shards it lists are read), or a
+    ``config.json`` / ``adapter_config.json`` beside its top-level
+    ``.safetensors`` files.  Returns ``members`` (the files to read),
+    ``where`` (tensor name -> file stem, from an index) and ``attrs``.
+
+    Raises:
+        CorruptDataError: an index or config file is not valid JSON, or an index names no file.
+    """
+    root = location.path.rstrip("/")
+    top = {stem: v for stem, v in members.items() if "/" not in stem}
+    names = {posixpath.basename(p) for p in retry_remote(lambda: location.fs.ls(root, detail=False), location)}
+    indexes = sorted(n for n in names if n.endswith(_INDEX_SUFFIX))
+    configs = [n for n in _CHECKPOINT_CONFIGS if n in names]
+    if not indexes and not (configs and top):
+        return None
+    parsed = {}
+    for name in configs + indexes[:1]:
+        raw = read_range(file_location(location, f"{root}/{name}"))
+        try:
+            parsed[name] = json.loads(raw)
+        except ValueError as e:
+            raise CorruptDataError(f"{location.url}/{name} is not valid JSON ({e}); "
+                                   "re-save the checkpoint (save_pretrained) or fix the file") from e
+    attrs = {_CHECKPOINT_CONFIGS[n]: parsed[n] for n in configs}
+    where: dict[str, str] | None = None
+    if indexes:
+        index_name = indexes[0]
+        weight_map = parsed[index_name].get("weight_map") if isinstance(parsed[index_name], dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CorruptDataError(f"{location.url}/{index_name} has no weight_map of tensor name -> file name; "
+                                   "re-save the checkpoint (save_pretrained) or fix the file")
+        where = {name: file[: -len(".safetensors")] for name, file in weight_map.items()}
+        missing = sorted({stem for stem in where.values() if stem not in members})
+        if missing:
+            raise CorruptDataError(f"{location.url}/{index_name} lists {missing[0]}.safetensors, which is not in "
+                                   "the directory; copy the missing shard or re-save the checkpoint")
+        top = {stem: members[stem] for stem in sorted(set(where.values()))}
+        if isinstance(parsed[index_name].get("metadata"), dict):
+            attrs["index_metadata"] = parsed[index_name]["metadata"]
+    return {"members": top, "where": where, "attrs": attrs, "seen": set()}
+
+
+def _check_checkpoint_tensor(checkpoint: dict[str, Any], name: str, floc: Location) -> None:
+    """A tensor name must be unique across a checkpoint's files and lie in the file its index says."""
+    where = checkpoint["where"]
+    stem = posixpath.basename(floc.path)[: -len(".safetensors")]
+    if where is not None and where.get(name) not in (None, stem):
+        raise CorruptDataError(f"{floc.url} holds tensor {name!r}, which the checkpoint index places in "
+                               f"{where[name]}.safetensors; re-save the checkpoint")
+    if name in checkpoint["seen"]:
+        raise CorruptDataError(f"tensor {name!r} appears in more than one file of the checkpoint "
+                               f"(again in {floc.url}); keep one copy or re-save the checkpoint")
+    checkpoint["seen"].add(name)
+
+
+def _check_index_complete(checkpoint: dict[str, Any], opened: OpenedStore, location: Location) -> None:
+    """Drop tensors a sharded checkpoint's index does not list; fail on listed tensors no shard holds."""
+    where = checkpoint["where"]
+    if where is None:
+        return
+    absent = sorted(set(where) - set(opened.arrays))
+    if absent:
+        raise CorruptDataError(f"the index of checkpoint {location.url} lists tensor {absent[0]!r} "
+                               f"({len(absent)} in all) but {where[absent[0]]}.safetensors does not hold it; "
+                               "the shard is truncated or from another save")
+    for key in set(opened.arrays) - set(where):
+        del opened.arrays[key]
 
 
 class _SafetensorsWriter(FormatWriter):
