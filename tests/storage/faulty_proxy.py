@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import http.client
 import threading
+import time
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
@@ -34,6 +36,11 @@ class FaultyProxy:
         self.ranged_gets = 0
         #: PUTs of objects whose path ends with this fail with 500 (the network dies there)
         self.fail_put_suffix: str | None = None
+        #: requests by HTTP method and response body bytes sent to the client (the wire figures)
+        self.requests: Counter[str] = Counter()
+        self.bytes_out = 0
+        #: seconds added before forwarding each request (a distant bucket)
+        self.latency = 0.0
         self._lock = threading.Lock()
         proxy = self
 
@@ -46,6 +53,10 @@ class FaultyProxy:
             def _forward(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
+                with proxy._lock:
+                    proxy.requests[self.command] += 1
+                if proxy.latency:
+                    time.sleep(proxy.latency)
                 ranged = self.command == "GET" and "Range" in self.headers
                 fail = False
                 if self.command == "PUT" and proxy.fail_put_suffix and \
@@ -89,6 +100,8 @@ class FaultyProxy:
                     self.close_connection = True
                     return
                 self.wfile.write(data)
+                with proxy._lock:
+                    proxy.bytes_out += len(data)
                 conn.close()
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
@@ -97,6 +110,15 @@ class FaultyProxy:
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
+
+    def reset_counts(self) -> None:
+        with self._lock:
+            self.requests.clear()
+            self.bytes_out = 0
+
+    @property
+    def total_requests(self) -> int:
+        return sum(self.requests.values())
 
     @property
     def endpoint(self) -> str:

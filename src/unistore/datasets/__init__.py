@@ -10,7 +10,16 @@ array per batch) and the catalog; :class:`StoreDataset` and
 
 from unistore.datasets.base import Batch, StoreDataset, collate
 from unistore.datasets.cluster_labeled import ClusterLabeledDataset
+from unistore.datasets.deltas import DeltaCache
 from unistore.datasets.jasper import JASPERSteeringDataset, compute_steering_probs, convert_pt_to_hdf5, copy_dataset
+from unistore.datasets.lora import (
+    DeltaAugmentedDataset,
+    DnDDatasetWithDelta,
+    ReferenceLoRATokenizer,
+    Text2Qwen25LoRA_DeltaDataset,
+    create_dataloader,
+    wrap_dnd_dataset,
+)
 from unistore.datasets.loader import create_loader, make_loader, set_epoch, validate_first_batch
 from unistore.datasets.sampler import StoreSampler
 
@@ -24,6 +33,13 @@ __all__ = [
     "compute_steering_probs",
     "convert_pt_to_hdf5",
     "copy_dataset",
+    "DeltaCache",
+    "DeltaAugmentedDataset",
+    "DnDDatasetWithDelta",
+    "ReferenceLoRATokenizer",
+    "Text2Qwen25LoRA_DeltaDataset",
+    "create_dataloader",
+    "wrap_dnd_dataset",
     "create_loader",
     "make_loader",
     "set_epoch",
