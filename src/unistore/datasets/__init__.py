@@ -12,6 +12,7 @@ from unistore.datasets.base import Batch, StoreDataset, collate
 from unistore.datasets.cluster_labeled import ClusterLabeledDataset
 from unistore.datasets.deltas import DeltaCache
 from unistore.datasets.jasper import JASPERSteeringDataset, compute_steering_probs, convert_pt_to_hdf5, copy_dataset
+from unistore.datasets.loader import create_loader, make_loader, set_epoch, validate_first_batch
 from unistore.datasets.lora import (
     DeltaAugmentedDataset,
     DnDDatasetWithDelta,
@@ -20,7 +21,6 @@ from unistore.datasets.lora import (
     create_dataloader,
     wrap_dnd_dataset,
 )
-from unistore.datasets.loader import create_loader, make_loader, set_epoch, validate_first_batch
 from unistore.datasets.sampler import StoreSampler
 
 __all__ = [

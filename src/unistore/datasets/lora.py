@@ -398,7 +398,7 @@ class Text2Qwen25LoRA_DeltaDataset(_TorchDataset):  # type: ignore[misc,valid-ty
         """Stack a list of samples: tokens, scales, condition_ids, attention_mask, delta (and checkpoint paths)."""
         import torch
 
-        out = {k: torch.stack([b[k] for b in batch])
+        out: dict[str, Any] = {k: torch.stack([b[k] for b in batch])
                for k in ("tokens", "scales", "condition_ids", "attention_mask", "delta")}
         out["checkpoint_path"] = [b["checkpoint_path"] for b in batch]
         return out
