@@ -11,6 +11,19 @@ array per batch) and the catalog; :class:`StoreDataset` and
 from unistore.datasets.base import Batch, StoreDataset, collate
 from unistore.datasets.cluster_labeled import ClusterLabeledDataset
 from unistore.datasets.deltas import DeltaCache
+from unistore.datasets.factory import (
+    DATASET_CACHE,
+    ClassificationDataset,
+    DatasetConfig,
+    DatasetLoader,
+    create_dataset,
+    get_dataset_config,
+    list_available_datasets,
+    register_dataset,
+    register_loader,
+    write_classification_store,
+)
+from unistore.datasets.importers import import_cifar, import_mnist
 from unistore.datasets.jasper import JASPERSteeringDataset, compute_steering_probs, convert_pt_to_hdf5, copy_dataset
 from unistore.datasets.loader import create_loader, make_loader, set_epoch, validate_first_batch
 from unistore.datasets.lora import (
@@ -21,7 +34,9 @@ from unistore.datasets.lora import (
     create_dataloader,
     wrap_dnd_dataset,
 )
+from unistore.datasets.metadata import DatasetMetadata, dataset_usage_history, track_dataset_usage
 from unistore.datasets.sampler import StoreSampler
+from unistore.errors import DatasetNotFoundError
 
 __all__ = [
     "Batch",
@@ -40,6 +55,22 @@ __all__ = [
     "Text2Qwen25LoRA_DeltaDataset",
     "create_dataloader",
     "wrap_dnd_dataset",
+    "DATASET_CACHE",
+    "ClassificationDataset",
+    "DatasetConfig",
+    "DatasetLoader",
+    "DatasetNotFoundError",
+    "create_dataset",
+    "get_dataset_config",
+    "list_available_datasets",
+    "register_dataset",
+    "register_loader",
+    "write_classification_store",
+    "import_cifar",
+    "import_mnist",
+    "DatasetMetadata",
+    "dataset_usage_history",
+    "track_dataset_usage",
     "create_loader",
     "make_loader",
     "set_epoch",
