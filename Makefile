@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_catalog.py
 	$(PY) benchmarks/bench_datasets.py
 	$(PY) benchmarks/bench_experiments.py
+	$(PY) benchmarks/bench_lora.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

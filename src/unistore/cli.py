@@ -1,4 +1,5 @@
-"""The ``unistore`` command line: ``info``, ``ls``, ``convert``, ``verify``, ``db ...``, ``experiments ...``, ``demo``.
+"""The ``unistore`` command line: ``info``, ``ls``, ``convert``, ``verify``, ``db ...``, ``experiments ...``,
+``datasets ...``, ``demo``.
 
 Storage options are passed as ``-o key=value`` (values parsed as JSON when
 they can be), e.g. ``-o endpoint_url=http://127.0.0.1:9000 -o anon=true``;
@@ -108,14 +109,38 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from unistore.demo import run_demo
     from unistore.demo_experiments import run_experiments_demo
+    from unistore.demo_lora import run_lora_demo
     from unistore.demo_training import run_training_demo
 
     if not args.skip_read_table:
         run_demo(rows=args.rows, dim=args.dim, workdir=args.dir, batches=args.batches)
     results = run_training_demo(args.dir, rows=args.train_rows, pairs=args.train_rows, steps=args.steps,
                                 s3_endpoint=args.s3_endpoint)
+    results += run_lora_demo(args.dir, s3_endpoint=args.s3_endpoint)
     run_experiments_demo(args.dir)
     return 0 if all(r["last"] < r["first"] for r in results) else 1
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from unistore.datasets import dataset_url, get_dataset_config, import_cifar, import_mnist, list_available_datasets
+
+    options = _options(args.storage_option)
+    if args.ds_command == "list":
+        rows = [["name", "input shape", "classes", "store"]]
+        for name in list_available_datasets():
+            config = get_dataset_config(name)
+            rows.append([name, "x".join(map(str, config.input_shape)), str(config.num_classes),
+                         dataset_url(name, args.data_dir, options) or "-"])
+        print(_table(rows))
+        return 0
+    if args.kind == "mnist":
+        url = import_mnist(args.source, args.data_dir, format=args.format, storage_options=options,
+                           overwrite=args.overwrite)
+    else:
+        url = import_cifar(args.source, args.data_dir, variant=args.kind, format=args.format, storage_options=options,
+                           overwrite=args.overwrite)
+    print(f"imported {args.kind} from {args.source} into {url}")
+    return 0
 
 
 def cmd_db(args: argparse.Namespace) -> int:
@@ -328,6 +353,21 @@ def build_parser() -> argparse.ArgumentParser:
     exp_cmd("export", "every experiment as JSON lines").add_argument("--output", "-O", help="file (default: stdout)")
     exp_cmd("reindex", "rebuild the search index from the catalog").add_argument(
         "-q", "--quiet", action="store_true", help="no progress bar")
+
+    ds = sub.add_parser("datasets", help="list the dataset factory's datasets, import MNIST / CIFAR files")
+    dssub = ds.add_subparsers(dest="ds_command", required=True)
+    for name, text in (("list", "registered datasets and where their stores are"),
+                       ("import", "turn MNIST IDX files or CIFAR python batches into a factory store")):
+        p = dssub.add_parser(name, help=text)
+        p.add_argument("--data-dir", help="data root (default: $UNISTORE_DATA_DIR, $DATA_DIR or ./data)")
+        p.add_argument("--storage-option", "-o", action="append", metavar="KEY=VALUE")
+        p.set_defaults(func=cmd_datasets)
+        if name == "import":
+            p.add_argument("kind", choices=["mnist", "cifar10", "cifar100"])
+            p.add_argument("source", help="directory holding the downloaded files (any URL)")
+            p.add_argument("--format", default="npy", help="format of the store (default npy)")
+            p.add_argument("--overwrite", action="store_true", help="replace an existing store once the new one is "
+                                                                    "complete")
 
     p = sub.add_parser("demo", help="write an embedding dataset in every format, compare read speed, and train "
                                     "the same models from every backend")

@@ -274,3 +274,18 @@ def test_create_dataset_records_in_local_root_catalog(tmp_path: Any) -> None:
     create_dataset("synthetic", batch_size=8, data_dir=str(tmp_path))  # cached loaders, still a recorded use
     rows = dataset_usage_history("synthetic", catalog_url=str(tmp_path / "catalog.db"))
     assert len(rows) == 2 and rows[0]["experiment_id"] is None
+
+
+def test_cli_import_and_list(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    from unistore.cli import main
+
+    _write_cifar(tmp_path / "raw")
+    data = str(tmp_path / "data")
+    assert main(["datasets", "import", "cifar10", str(tmp_path / "raw"), "--data-dir", data, "--format", "zarr"]) == 0
+    assert us.open_store(os.path.join(data, "cifar10")).format == "zarr"
+    assert main(["datasets", "list", "--data-dir", data]) == 0
+    out = capsys.readouterr().out
+    line = next(row for row in out.splitlines() if row.startswith("cifar10 "))
+    assert "3x32x32" in line and os.path.join(data, "cifar10") in line
+    assert main(["datasets", "import", "cifar10", str(tmp_path / "raw"), "--data-dir", data]) == 2
+    assert "already exists" in capsys.readouterr().err
