@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from tests.datasets.lora_builders import make_text_tokenizer, write_adapter  # noqa: E402
+from tests.datasets.lora_builders import lora_tensors, make_text_tokenizer, write_adapter  # noqa: E402
 from tests.storage.faulty_proxy import FaultyProxy  # noqa: E402
 from unistore.datasets import DeltaCache, ReferenceLoRATokenizer, Text2Qwen25LoRA_DeltaDataset  # noqa: E402
 
@@ -40,17 +40,11 @@ HIDDEN = 1536
 
 
 def make_checkpoints(root: str, n: int, layers: int, rank: int, width: int) -> list[str]:
-    rng = np.random.default_rng(0)
     paths = []
     for i in range(n):
-        tensors = {}
-        for layer in range(layers):
-            for mod in ("q_proj", "v_proj"):
-                base = f"base_model.model.model.layers.{layer}.self_attn.{mod}"
-                tensors[f"{base}.lora_A.weight"] = rng.standard_normal((rank, width)).astype(np.float32)
-                tensors[f"{base}.lora_B.weight"] = rng.standard_normal((width, rank)).astype(np.float32)
         path = os.path.join(root, f"checkpoint-{i:04d}")
-        write_adapter(path, tensors, {"prompts": [f"solve the math problem {i}"], "answers": ["answer"]})
+        write_adapter(path, lora_tensors(i, rank=rank, dim=width, layers=layers),
+                      {"prompts": [f"solve the math problem {i}"], "answers": ["answer"]})
         paths.append(path)
     return paths
 

@@ -80,14 +80,9 @@ class DeltaCache:
                  storage_options: Mapping[str, Any] | None = None, format: str = "npy", name: str | None = None):
         self.root = Location(root_url, storage_options)
         self.format = format
-        url = catalog_url or os.environ.get("UNISTORE_CATALOG_URL")
-        if url is None:
-            if not self.root.is_local:
-                raise ValueError(f"a remote delta cache ({self.root.url}) needs catalog_url=... or "
-                                 "$UNISTORE_CATALOG_URL for its index")
-            os.makedirs(self.root.path, exist_ok=True)
-            url = os.path.join(self.root.path, "catalog.db")
-        self.catalog_url = url
+        from unistore.schemas.engine import catalog_url_for
+
+        self.catalog_url = catalog_url_for(self.root, catalog_url, "a delta cache")
         self.name = name or f"deltas:{self.root.url.rstrip('/')}"
         self._catalog: Any = None
         self._stores: dict[str, Any] = {}

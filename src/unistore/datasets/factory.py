@@ -341,14 +341,13 @@ def create_dataset(name: str = "mnist", batch_size: int = 64, subset_size: int |
 def _record_use(config: DatasetConfig, result: Mapping[str, Any], root: str, subset_size: int | None,
                 experiment_id: str | None, catalog_url: str | None, storage_options: Any) -> None:
     from unistore.datasets.metadata import DatasetMetadata, track_dataset_usage
+    from unistore.schemas.engine import catalog_url_for
 
-    url = catalog_url or os.environ.get("UNISTORE_CATALOG_URL")
-    if url is None:
-        loc = Location(root, storage_options)
-        if not loc.is_local or not os.path.isdir(loc.path):
-            log.debug("dataset use of %s not recorded: no catalog for data root %s", config.name, root)
-            return
-        url = os.path.join(loc.path, "catalog.db")
+    try:
+        url = catalog_url_for(Location(root, storage_options), catalog_url, "the dataset factory's data root")
+    except ValueError:
+        log.debug("dataset use of %s not recorded: no catalog for data root %s", config.name, root)
+        return
     train, test = result["train_loader"].dataset, result["test_loader"].dataset
     store = getattr(train, "store", None)
     metadata = DatasetMetadata(dataset_name=config.name, version=config.version, source="unistore-store",

@@ -21,7 +21,6 @@ rewrites stay proportional to what was appended recently).
 from __future__ import annotations
 
 import math
-import os
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -155,14 +154,9 @@ class TimeSeriesStorage:
         self.root = Location(self.config.storage_dir, self.config.storage_options)
         if self.config.compression not in (None, "gzip", "lzf", "zstd"):
             raise ValueError(f"compression must be gzip, lzf, zstd or None, got {self.config.compression!r}")
-        url = self.config.catalog_url or os.environ.get("UNISTORE_CATALOG_URL")
-        if url is None:
-            if not self.root.is_local:
-                raise ValueError("a remote storage_dir needs TimeSeriesConfig(catalog_url=...) or "
-                                 "$UNISTORE_CATALOG_URL for the history references")
-            os.makedirs(self.root.path, exist_ok=True)
-            url = os.path.join(self.root.path, "catalog.db")
-        self.catalog_url = url
+        from unistore.schemas.engine import catalog_url_for
+
+        self.catalog_url = catalog_url_for(self.root, self.config.catalog_url, "a time-series storage_dir")
         self._catalog: Any = None
         self._stores: dict[str, Any] = {}
         self._opened = 0

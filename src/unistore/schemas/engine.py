@@ -63,6 +63,25 @@ def resolve_url(url: str | os.PathLike[str] | None = None) -> str:
     return url
 
 
+def catalog_url_for(root: Any, catalog_url: str | None, what: str) -> str:
+    """The catalog of something stored under ``root`` (a :class:`~unistore.storage.location.Location`).
+
+    ``catalog_url``, else ``$UNISTORE_CATALOG_URL``, else ``catalog.db``
+    inside a local ``root`` (created).
+
+    Raises:
+        ValueError: ``root`` is remote and no catalog URL is known (naming ``what`` needs one).
+    """
+    url = catalog_url or os.environ.get("UNISTORE_CATALOG_URL")
+    if url is not None:
+        return url
+    if not root.is_local:
+        raise ValueError(f"{what} at {root.url} needs catalog_url=... or $UNISTORE_CATALOG_URL: a remote root "
+                         "has no local catalog file")
+    os.makedirs(root.path, exist_ok=True)
+    return os.path.join(root.path, "catalog.db")
+
+
 def safe_url(url: str | Any) -> str:
     """The URL with its password hidden, for messages and logs."""
     return make_url(str(url)).render_as_string(hide_password=True)
