@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -123,3 +124,59 @@ def test_two_process_gloo(jasper_root: str, tmp_path: Any) -> None:
     assert results[0]["order_0"] != results[0]["order_1"]
     assert [r["rank"] for r in results] == [0, 1] and results[0]["world_size"] == 2
     assert results[0]["batch_counts"] == results[1]["batch_counts"] == [n // 2 // 4 + (n // 2 % 4 > 0)] * 2
+
+
+# ------------------------------------------------------------------ chunk-aware order
+def _chunks_of(indices: np.ndarray, chunk_rows: int) -> set[int]:
+    return set((np.asarray(indices) // chunk_rows).tolist())
+
+
+@pytest.mark.parametrize("n, world", [(1000, 1), (1000, 4), (1003, 16)])
+def test_chunk_aware_order_covers_each_sample_once_and_ranks_read_their_own_chunks(n: int, world: int) -> None:
+    chunk = 25
+    samplers = [StoreSampler(n, seed=3, rank=r, world_size=world, chunk_rows=chunk, window_chunks=4)
+                for r in range(world)]
+    shards = [np.array(list(s)) for s in samplers]
+    everything = np.concatenate(shards)
+    assert len(everything) == samplers[0].num_samples * world
+    assert set(everything.tolist()) == set(range(n))  # every sample, padding repeats only at the end
+    if n % world == 0:
+        assert sorted(everything.tolist()) == list(range(n))
+    n_chunks = -(-n // chunk)
+    window = samplers[0].effective_window
+    assert window == min(4, n_chunks // world)
+    per_rank = [_chunks_of(s, chunk) for s in shards]
+    # each rank's stretch spans its share of chunks plus the windows it shares at its two boundaries
+    assert all(len(c) <= -(-n_chunks // world) + 2 * window for c in per_rank)
+    shared = sum(len(a & b) for i, a in enumerate(per_rank) for b in per_rank[i + 1:])
+    assert shared <= 2 * window * world  # padding may reuse the first chunks once more
+    if world > 1:
+        total_reads = sum(len(c) for c in per_rank)
+        assert total_reads <= n_chunks + 2 * window * world
+
+
+def test_chunk_aware_order_is_deterministic_shuffled_within_windows_and_resumable() -> None:
+    n, chunk, window = 2000, 50, 4
+    a = StoreSampler(n, seed=7, chunk_rows=chunk, window_chunks=window, rank=0, world_size=1)
+    b = StoreSampler(n, seed=7, chunk_rows=chunk, window_chunks=window, rank=0, world_size=1)
+    first = np.array(list(a))
+    assert np.array_equal(first, np.array(list(b)))
+    a.set_epoch(1)
+    assert not np.array_equal(first, np.array(list(a)))
+    # consecutive windows of window * chunk rows each draw from exactly `window` chunks, in shuffled order
+    span = window * chunk
+    for w in range(0, n, span):
+        part = first[w:w + span]
+        assert len(_chunks_of(part, chunk)) == window
+        assert not np.array_equal(part, np.sort(part))
+    # resume mid-epoch from a state dict
+    it = iter(b)
+    head = [next(it) for _ in range(123)]
+    state = b.state_dict()
+    c = StoreSampler(n, seed=7, chunk_rows=chunk, window_chunks=window, rank=0, world_size=1)
+    c.load_state_dict(state)
+    assert head + list(c) == first.tolist()
+    with pytest.raises(ShapeMismatchError, match="chunk_rows"):
+        StoreSampler(n, seed=7, chunk_rows=10, rank=0, world_size=1).load_state_dict(state)
+    with pytest.raises(ValueError):
+        StoreSampler(n, chunk_rows=0, rank=0, world_size=1)

@@ -50,6 +50,15 @@ class StoreSampler(_TorchSampler):  # type: ignore[misc,valid-type]
       cut to a multiple of ``world_size``.
     - ``state_dict()`` records the epoch and how many indices were drawn;
       after ``load_state_dict`` the next iteration yields exactly the rest.
+    - ``chunk_rows=`` (chunk-aware order, for chunked or remote data): the
+      rows are cut into blocks of ``chunk_rows`` (a store's chunks); each
+      epoch shuffles the order of the blocks, then the rows within each window
+      of ``window_chunks`` consecutive blocks, and rank ``r`` takes the
+      ``r``-th contiguous stretch of that order.  A chunk is then read by one
+      rank (ranks share only the windows at their boundaries; the window is
+      capped at one rank's share of the blocks), about once per epoch, while
+      it is in use; what is given up is mixing across windows (a batch draws
+      from ``window_chunks`` chunks, not from the whole dataset).
 
     >>> sampler = StoreSampler(dataset, seed=0)          # rank/world from torch.distributed
     >>> loader = DataLoader(dataset, batch_size=256, sampler=sampler)
@@ -58,7 +67,8 @@ class StoreSampler(_TorchSampler):  # type: ignore[misc,valid-type]
     """
 
     def __init__(self, data_source: Sized | int, *, shuffle: bool = True, seed: int = 0, rank: int | None = None,
-                 world_size: int | None = None, drop_last: bool = False):
+                 world_size: int | None = None, drop_last: bool = False, chunk_rows: int | None = None,
+                 window_chunks: int = 4):
         self.n = data_source if isinstance(data_source, int) else len(data_source)
         if rank is None or world_size is None:
             d_rank, d_world = dist_rank_and_world()
@@ -71,6 +81,10 @@ class StoreSampler(_TorchSampler):  # type: ignore[misc,valid-type]
         self.rank = rank
         self.world_size = world_size
         self.drop_last = drop_last
+        if chunk_rows is not None and chunk_rows < 1 or window_chunks < 1:
+            raise ValueError(f"chunk_rows and window_chunks must be positive, got {chunk_rows}, {window_chunks}")
+        self.chunk_rows = chunk_rows
+        self.window_chunks = int(window_chunks)
         self.epoch = 0
         self.num_samples = self.n // world_size if drop_last else -(-self.n // world_size)
         self._resume = 0  # where the next iteration starts (set by load_state_dict)
@@ -79,13 +93,39 @@ class StoreSampler(_TorchSampler):  # type: ignore[misc,valid-type]
     def order(self, epoch: int | None = None) -> np.ndarray:
         """This rank's indices for ``epoch`` (default: the current one), in order."""
         epoch = self.epoch if epoch is None else epoch
-        if self.shuffle:
+        if self.shuffle and self.chunk_rows is not None:
+            full = self._chunk_order(epoch)
+        elif self.shuffle:
             full = np.random.default_rng([self.seed, epoch]).permutation(self.n)
         else:
             full = np.arange(self.n)
         total = self.num_samples * self.world_size
         full = full[:total] if total <= self.n else np.resize(full, total)  # resize repeats from the start
+        if self.chunk_rows is not None:  # contiguous stretches: each rank reads its own chunks
+            return full[self.rank * self.num_samples:(self.rank + 1) * self.num_samples]
         return full[self.rank:total:self.world_size]
+
+    @property
+    def effective_window(self) -> int:
+        """Blocks mixed together: ``window_chunks``, but no more than one rank's share of the blocks."""
+        if self.chunk_rows is None:
+            return 0
+        n_blocks = -(-self.n // self.chunk_rows)
+        return max(1, min(self.window_chunks, n_blocks // self.world_size))
+
+    def _chunk_order(self, epoch: int) -> np.ndarray:
+        """Blocks of ``chunk_rows`` in shuffled order, rows shuffled within windows of ``window_chunks`` blocks."""
+        assert self.chunk_rows is not None
+        rng = np.random.default_rng([self.seed, epoch, 1])
+        n_blocks = -(-self.n // self.chunk_rows)
+        window = self.effective_window
+        parts = []
+        blocks = rng.permutation(n_blocks)
+        for w in range(0, n_blocks, window):
+            rows = np.concatenate([np.arange(b * self.chunk_rows, min((b + 1) * self.chunk_rows, self.n))
+                                   for b in blocks[w:w + window]])
+            parts.append(rng.permutation(rows))
+        return np.concatenate(parts) if parts else np.arange(0)
 
     def __iter__(self) -> Iterator[int]:
         order = self.order()
@@ -105,7 +145,8 @@ class StoreSampler(_TorchSampler):  # type: ignore[misc,valid-type]
     def state_dict(self) -> dict[str, Any]:
         """Where this rank stands: epoch, indices drawn in it, and what the order depends on."""
         return {"epoch": self.epoch, "consumed": self._drawn, "seed": self.seed, "shuffle": self.shuffle,
-                "rank": self.rank, "world_size": self.world_size, "n": self.n, "drop_last": self.drop_last}
+                "rank": self.rank, "world_size": self.world_size, "n": self.n, "drop_last": self.drop_last,
+                "chunk_rows": self.chunk_rows, "window_chunks": self.window_chunks}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume: the next iteration yields the indices of ``state``'s epoch not yet drawn.
@@ -113,7 +154,7 @@ class StoreSampler(_TorchSampler):  # type: ignore[misc,valid-type]
         Raises:
             ShapeMismatchError: the state belongs to another dataset length, seed or world size.
         """
-        for key in ("seed", "shuffle", "world_size", "n", "drop_last"):
+        for key in ("seed", "shuffle", "world_size", "n", "drop_last", "chunk_rows", "window_chunks"):
             if key in state and state[key] != getattr(self, key):
                 raise ShapeMismatchError(f"sampler state has {key}={state[key]!r}, this sampler has "
                                          f"{getattr(self, key)!r}; it was saved for another run")
