@@ -73,6 +73,16 @@ def test_every_format_to_every_format(src_fmt: str, dst_fmt: str, sources: dict[
     assert report.source_bytes_read is not None and 0 < report.source_bytes_read <= 1.05 * report.src_bytes
     same_store(us.open_store(parallel), us.open_store(single))
     assert sorted(os.listdir(tmp_path)) == sorted(os.path.basename(p) for p in (single, parallel))  # no job dir
+    if dst_fmt == "zarr":  # the workers encoded the chunks, byte for byte what one process writes
+        assert report.blocks_encoded >= 2
+        chunk_files = sorted(os.path.relpath(os.path.join(d, f), single) for d, _, fs in os.walk(single) for f in fs
+                             if "/c/" in os.path.join(d, f))
+        assert len(chunk_files) >= 4
+        for rel in chunk_files:
+            with open(os.path.join(single, rel), "rb") as a, open(os.path.join(parallel, rel), "rb") as b:
+                assert a.read() == b.read(), rel
+    else:
+        assert report.blocks_encoded == 0
 
 
 @pytest.mark.s3
@@ -100,7 +110,7 @@ def test_a_killed_worker_is_recovered(tmp_path: Any, monkeypatch: pytest.MonkeyP
 
         def run() -> None:
             try:
-                result["report"] = us.convert(src, dst, "zarr", compression="zstd", scheduler=c)
+                result["report"] = us.convert(src, dst, "zarr", compression="zstd", chunks=(1024,), scheduler=c)
             except Exception as e:  # noqa: BLE001 - the assertions below say which way it went
                 result["error"] = e
 
@@ -117,11 +127,11 @@ def test_a_killed_worker_is_recovered(tmp_path: Any, monkeypatch: pytest.MonkeyP
     assert not thread.is_alive() and staged >= 20
     if "error" in result:  # the job failed: nothing was published, and a rerun completes it
         assert not os.path.exists(dst)
-        report = us.convert(src, dst, "zarr", compression="zstd", scheduler="local")
+        report = us.convert(src, dst, "zarr", compression="zstd", chunks=(1024,), scheduler="local")
         assert report.blocks_skipped >= 20
     else:  # Dask ran the dead worker's blocks elsewhere
         report = result["report"]
-    assert report.blocks_copied + report.blocks_skipped == -(-400_000 // 1024)
+    assert report.blocks_copied + report.blocks_skipped == report.blocks_encoded == -(-400_000 // 1024)
     np.testing.assert_array_equal(us.open_store(dst)["emb"][...], big)
 
 
@@ -140,7 +150,7 @@ KILLED_CLIENT = textwrap.dedent("""
     if __name__ == "__main__":
         with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \\
                 Client(cluster) as c:
-            us.convert(sys.argv[1], sys.argv[2], "zarr", compression="zstd", scheduler=c)
+            us.convert(sys.argv[1], sys.argv[2], "zarr", compression="zstd", chunks=(64,), scheduler=c)
 """)
 
 
@@ -161,7 +171,7 @@ def test_rerun_after_a_client_crash_skips_verified_blocks(sources: dict[str, str
     proc.wait()
     assert len(markers) >= 8 and not os.path.exists(dst)
     monkeypatch.setattr(convert_module, "BLOCK_BYTES", 4 * 1024)
-    report = us.convert(sources["npy"], dst, "zarr", compression="zstd", scheduler="local")
+    report = us.convert(sources["npy"], dst, "zarr", compression="zstd", chunks=(64,), scheduler="local")
     assert report.blocks_skipped >= 8 and report.blocks_copied > 0
     np.testing.assert_array_equal(us.open_store(dst)["emb"][...], DATA)
     assert not [d for d in os.listdir(tmp_path) if "unistore-job" in d]
@@ -177,10 +187,10 @@ def test_a_rerun_finds_the_same_job_for_chunked_sources(sources: dict[str, str],
         src = us.open_store(sources[fmt])
         arrays = {k: src[k] for k in src.keys()}
         first = _DaskJob(src, arrays, dst.location, "zarr", None, None, {})
-        first.stage(client, progress=False)
+        first.run(client)
         again = _DaskJob(us.open_store(sources[fmt]), arrays, dst.location, "zarr", None, None, {})
         assert again.location == first.location  # a fresh open of the same source: the same job
-        again.stage(client, progress=False)
+        again.run(client)
         assert again.skipped == first.copied > 0 and again.copied == 0
         again.remove()
         dst.abort()

@@ -8,6 +8,8 @@ conversion leaves the source untouched and the destination absent (or, with
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -41,6 +43,8 @@ class ConvertReport:
     blocks_copied: int = 0
     blocks_skipped: int = 0
     source_bytes_read: int | None = None
+    #: On Dask: destination blocks (whole chunks or shards) encoded and written by workers.
+    blocks_encoded: int = 0
 
     @property
     def ratio(self) -> float:
@@ -81,10 +85,15 @@ def convert(src_url: str | os.PathLike[str] | Location, dst_url: str | os.PathLi
     source and stage them, with a SHA-256 marker each, in a job directory
     beside the destination (``.<name>.unistore-job-<id>``, the id derived from
     the source, the destination and the options, so a rerun finds it and skips
-    the blocks already staged and verified).  The destination is then written
-    by the same writer as the single-process path and published atomically, so
-    keys, dtypes, chunks, attrs and checksums are identical; the job
-    directory is removed after the commit.
+    the blocks already staged and verified).  Where the destination format
+    stores an array as independently writable pieces (zarr chunks or shards)
+    and the workers can reach the destination's staging path (a local
+    destination, or a local cluster), the workers also encode and write the
+    destination, whole chunks each; otherwise the array is assembled here.
+    Either way the arrays are created by the same writer as the single-process
+    path, checksums come from the staged bytes, and the store is published
+    atomically: keys, dtypes, chunks, attrs and checksums are identical.  The
+    job directory is removed after the commit.
 
     Raises:
         StoreNotFoundError: the source does not exist.
@@ -104,28 +113,46 @@ def convert(src_url: str | os.PathLike[str] | Location, dst_url: str | os.PathLi
     dst = create_store(dst_url, format=format, storage_options=dst_opts, overwrite=overwrite)
     total = sum(a.nbytes for a in arrays.values())
     job: _DaskJob | None = None
-    if scheduler is not None:
-        try:
-            job = _DaskJob(src, arrays, dst.location, format, compression, chunks, rename)
-            job.stage(scheduler, progress)
-        except BaseException:
-            dst.abort()
-            raise
+    stack = contextlib.ExitStack()
     bar = _progress(total, f"convert -> {format}", progress)
     spill = tempfile.TemporaryDirectory(prefix="unistore-convert-")
+    key_chunks = {key: chunks.get(key) if isinstance(chunks, Mapping) else _fit_chunks(chunks, a.shape)
+                  for key, a in arrays.items() if isinstance(a, Array)}
+    encoded: set[str] = set()
     try:
+        if scheduler is not None:
+            from unistore.storage.distributed import dask_client
+
+            job = _DaskJob(src, arrays, dst.location, format, compression, chunks, rename)
+            client = stack.enter_context(dask_client(scheduler))
+            # workers also encode the destination where its format allows and they can reach its staging path
+            staging = dst.staging_path
+            if staging is not None and all(client.run(os.path.isdir, os.path.dirname(staging)).values()):
+                for key in job.blocks:
+                    if on_array is not None:
+                        on_array(key)
+                    arr = arrays[key]
+                    made = dst.create_array(rename.get(key, key), arr.shape, arr.dtype, key_chunks[key], compression,
+                                            arr.attrs)
+                    if made is not None:
+                        job.encode_into(key, *made)
+                        encoded.add(key)
+            job.run(client, progress, bar)
         for key, arr in arrays.items():
+            target = rename.get(key, key)
+            if key in encoded:
+                assert job is not None
+                dst.record_checksum(target, job.checksums[key])
+                continue
             if on_array is not None:
                 on_array(key)
-            target = rename.get(key, key)
             if isinstance(arr, RaggedArray):
                 dst.write_array(target, arr, attrs=arr.attrs)
                 bar.update(arr.nbytes)
                 continue
-            key_chunks = chunks.get(key) if isinstance(chunks, Mapping) else _fit_chunks(chunks, arr.shape)
             data = job.assemble(key, bar, spill.name) if job is not None and key in job.blocks else \
                 _read_blocks(arr, bar, spill.name)
-            dst.write_array(target, data, chunks=key_chunks, compression=compression, attrs=arr.attrs)
+            dst.write_array(target, data, chunks=key_chunks[key], compression=compression, attrs=arr.attrs)
         dst.attrs.update(src.attrs)
         dst.commit()
     except BaseException:
@@ -134,11 +161,12 @@ def convert(src_url: str | os.PathLike[str] | Location, dst_url: str | os.PathLi
     finally:
         bar.close()
         spill.cleanup()
+        stack.close()
     if job is None:
         return ConvertReport(len(arrays), total, store_size(src.location), store_size(dst.location))
     job.remove()
     return ConvertReport(len(arrays), total, store_size(src.location), store_size(dst.location), job.copied,
-                         job.skipped, job.source_bytes_read)
+                         job.skipped, job.source_bytes_read, job.encoded)
 
 
 def _fit_chunks(chunks: tuple[int, ...] | None, shape: tuple[int, ...]) -> tuple[int, ...] | None:
@@ -180,7 +208,6 @@ class _DaskJob:
 
     def __init__(self, src: Any, arrays: Mapping[str, Array | RaggedArray], dst: Location, format: str,
                  compression: str | None, chunks: Any, rename: Mapping[str, str]):
-        import hashlib
         import json
         import posixpath
 
@@ -202,38 +229,93 @@ class _DaskJob:
             n = arr.shape[0]
             self.blocks[key] = [(start, min(start + step, n), f"a{i:04d}/{start:012d}")
                                 for start in range(0, n, step)]
-        self.copied = self.skipped = 0
+        self.copied = self.skipped = self.encoded = 0
         self.source_bytes_read = 0
+        #: arrays the workers also encode: key -> destination array path; their checksums once run
+        self.targets: dict[str, str] = {}
+        self.checksums: dict[str, str] = {}
 
-    def stage(self, scheduler: Any, progress: bool) -> None:
-        """Copy every block not yet staged and verified, in parallel on Dask."""
-        from unistore.storage.distributed import dask_client, stage_block
+    def encode_into(self, key: str, array_path: str, align: int) -> None:
+        """Have the workers also write array ``key`` into the destination array at ``array_path``.
 
-        with dask_client(scheduler) as client:
-            futures = [client.submit(stage_block, self.src, key, start, stop, self.location, name, pure=False)
-                       for key, blocks in self.blocks.items() for start, stop, name in blocks]
-            if progress and futures:
-                from dask.distributed import progress as show_progress
+        Its blocks are re-cut to whole multiples of ``align`` destination rows
+        (a chunk or shard: no two workers write one) that are also whole
+        source chunks where both fit in about ``BLOCK_BYTES``.
+        """
+        import math
 
-                show_progress(futures)
-            for status, nbytes in client.gather(futures):
-                self.copied += status == "copied"
-                self.skipped += status == "skipped"
-                self.source_bytes_read += nbytes
+        arr = self.arrays[key]
+        row = max(1, arr.nbytes // arr.shape[0])
+        unit = math.lcm(align, arr.chunks[0]) if arr.chunks else align
+        if unit * row > 4 * BLOCK_BYTES:
+            unit = align  # chunk grids too far apart to line up: some source chunks are read twice
+        step = max(1, BLOCK_BYTES // (unit * row)) * unit
+        prefix = self.blocks[key][0][2].split("/")[0]
+        self.blocks[key] = [(start, min(start + step, arr.shape[0]), f"{prefix}/{start:012d}-{step}")
+                            for start in range(0, arr.shape[0], step)]
+        self.targets[key] = array_path
 
-    def assemble(self, key: str, bar: Any, spill_dir: str) -> np.ndarray:
-        """Array ``key`` from its staged blocks (each checked against its marker)."""
+    def run(self, client: Any, progress: bool = False, bar: Any = None) -> None:
+        """Stage (and, for arrays given to :meth:`encode_into`, encode) every block in parallel on Dask.
+
+        A block staged and verified by an earlier run is not read from the
+        source again.  The checksum of each encoded array is computed here from
+        its staged blocks, in order, as they complete.
+        """
+        from dask.distributed import as_completed
+
+        from unistore.storage.distributed import stage_block
+
+        order = [(key, i) for key, blocks in self.blocks.items() for i in range(len(blocks))]
+        futures = {}
+        for key, i in order:
+            start, stop, name = self.blocks[key][i]
+            futures[client.submit(stage_block, self.src, key, start, stop, self.location, name, self.targets.get(key),
+                                  pure=False)] = (key, i)
+        if progress and futures:
+            from dask.distributed import progress as show_progress
+
+            show_progress(list(futures))
+        hashers = {key: hashlib.sha256() for key in self.targets}
+        done: dict[str, set[int]] = {key: set() for key in self.targets}
+        next_block = dict.fromkeys(self.targets, 0)
+        for future in as_completed(futures):
+            status, nbytes = future.result()
+            self.copied += status == "copied"
+            self.skipped += status == "skipped"
+            self.source_bytes_read += nbytes
+            key, i = futures[future]
+            if key not in self.targets:
+                continue
+            self.encoded += 1
+            done[key].add(i)
+            while next_block[key] in done[key]:  # hash the finished prefix while the workers go on
+                raw = self._verified(key, next_block[key])
+                hashers[key].update(raw)
+                if bar is not None:
+                    bar.update(len(raw))
+                next_block[key] += 1
+        self.checksums = {key: "sha256:" + h.hexdigest() for key, h in hashers.items()}
+
+    def _verified(self, key: str, i: int) -> bytes:
+        """Staged block ``i`` of ``key``, checked against its marker."""
         from unistore.errors import ChecksumMismatchError
         from unistore.storage.distributed import _sha256
 
+        fs = self.location.fs
+        name = self.blocks[key][i][2]
+        raw = fs.cat_file(f"{self.location.path}/{name}")
+        if _sha256(raw) != fs.cat_file(f"{self.location.path}/{name}.sha256").decode():
+            raise ChecksumMismatchError(f"staged block {name} of {key!r} in {self.location.url} changed after "
+                                        "it was written; run the conversion again")
+        return bytes(raw)
+
+    def assemble(self, key: str, bar: Any, spill_dir: str) -> np.ndarray:
+        """Array ``key`` from its staged blocks (each checked against its marker)."""
         arr = self.arrays[key]
         out = _allocate(arr.shape, arr.dtype, arr.nbytes, spill_dir)
-        fs = self.location.fs
-        for start, stop, name in self.blocks[key]:
-            raw = fs.cat_file(f"{self.location.path}/{name}")
-            if _sha256(raw) != fs.cat_file(f"{self.location.path}/{name}.sha256").decode():
-                raise ChecksumMismatchError(f"staged block {name} of {key!r} in {self.location.url} changed after "
-                                            "it was written; run the conversion again")
+        for i, (start, stop, _) in enumerate(self.blocks[key]):
+            raw = self._verified(key, i)
             out[start:stop] = np.frombuffer(raw, dtype=arr.dtype).reshape((stop - start,) + arr.shape[1:])
             bar.update(len(raw))
         return out

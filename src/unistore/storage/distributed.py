@@ -64,14 +64,17 @@ def _sha256(raw: bytes | memoryview) -> str:
     return hashlib.sha256(raw).hexdigest()
 
 
-def stage_block(src: Any, key: str, start: int, stop: int, job: Any, name: str) -> tuple[str, int]:
-    """Copy rows ``[start, stop)`` of ``src[key]`` into the job directory (run on a worker).
+def stage_block(src: Any, key: str, start: int, stop: int, job: Any, name: str,
+                array_path: str | None = None) -> tuple[str, int]:
+    """Copy rows ``[start, stop)`` of ``src[key]`` into the job directory, and encode them (run on a worker).
 
     The block is stored as its raw bytes, then a ``.sha256`` marker holding
     their hash: a block whose marker is present and matches is *verified* and
-    is skipped by a rerun; a block cut short by a crash has no marker (or a
-    wrong one) and is copied again.  Returns ``("skipped" | "copied", source
-    bytes read)``.
+    is not read from the source again by a rerun; a block cut short by a crash
+    has no marker (or a wrong one) and is copied again.  With ``array_path``
+    the rows are also written into that destination zarr array (the block
+    covers whole chunks, or shards, of it, so workers never share one).
+    Returns ``("skipped" | "copied", source bytes read)``.
     """
     import posixpath
 
@@ -80,16 +83,25 @@ def stage_block(src: Any, key: str, start: int, stop: int, job: Any, name: str) 
     fs = job.fs
     path = f"{job.path}/{name}"
     fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    arr = src[key]
+    block: np.ndarray | None = None
     try:
-        if _sha256(fs.cat_file(path)) == fs.cat_file(path + ".sha256").decode():
-            return "skipped", 0
+        raw = fs.cat_file(path)
+        if _sha256(raw) == fs.cat_file(path + ".sha256").decode():
+            block = np.frombuffer(raw, dtype=arr.dtype).reshape((stop - start,) + tuple(arr.shape[1:]))
     except FileNotFoundError:
         pass
-    arr = src[key]
-    before = src.io_stats()["bytes"]
-    block = np.ascontiguousarray(arr[start:stop])
-    raw = block.reshape(-1).view(np.uint8).data  # written and hashed without another copy
-    with fs.open(path, "wb") as f:
-        f.write(raw)
-    fs.pipe_file(path + ".sha256", _sha256(raw).encode())
-    return "copied", src.io_stats()["bytes"] - before
+    status, nbytes = "skipped", 0
+    if block is None:
+        before = src.io_stats()["bytes"]
+        block = np.ascontiguousarray(arr[start:stop])
+        raw_view = block.reshape(-1).view(np.uint8).data  # written and hashed without another copy
+        with fs.open(path, "wb") as f:
+            f.write(raw_view)
+        fs.pipe_file(path + ".sha256", _sha256(raw_view).encode())
+        status, nbytes = "copied", src.io_stats()["bytes"] - before
+    if array_path is not None:
+        import zarr
+
+        zarr.open_array(array_path, mode="r+")[start:stop] = block
+    return status, nbytes

@@ -311,6 +311,43 @@ class TensorStore:
         self._opened.checksums[key] = checksum_of([arr])
         self._written[key] = _stub(key, arr)
 
+    def create_array(self, key: str, shape: Sequence[int], dtype: Any, chunks: Sequence[int] | None = None,
+                     compression: str | None = None, attrs: Mapping[str, Any] | None = None) -> tuple[str, int] | None:
+        """Create an empty dense array for other processes to fill in blocks; ``(local path, rows per block)``.
+
+        Only formats that store an array as independently writable pieces
+        (zarr: chunks, or shards) can; the rest return None and the array is
+        written with :meth:`write_array`.  Once every block is written, call
+        :meth:`record_checksum` with the checksum of the whole array.
+
+        Raises:
+            ReadOnlyError / InvalidKeyError / StoreExistsError / UnsupportedError: as :meth:`write_array`.
+        """
+        writer = self._require_writable()
+        validate_key(key)
+        if key in self._written:
+            raise StoreExistsError(f"array {key!r} was already written to this store")
+        shape, dtype = tuple(int(s) for s in shape), np.dtype(dtype)
+        _check_dtype(key, np.empty(0, dtype))
+        target = writer.create_array(key, shape, dtype, tuple(int(c) for c in chunks) if chunks else None,
+                                     compression, dict(attrs or {}))
+        if target is not None:
+            self._written[key] = ArrayInfo(key, shape, dtype, _stub(key, np.empty((0,) + shape[1:], dtype)).layout)
+        return target
+
+    @property
+    def staging_path(self) -> str | None:
+        """Where a store open for writing is staged on this machine (None when read-only or committed)."""
+        if self.mode == "r" or self._writer is None or self._closed:
+            return None
+        return self._writer.path
+
+    def record_checksum(self, key: str, checksum: str) -> None:
+        """The checksum (``sha256:<hex>`` of the C-ordered bytes) of an array made by :meth:`create_array`."""
+        if key not in self._written:
+            raise ArrayNotFoundError(f"no array {key!r} was created in this store")
+        self._opened.checksums[key] = checksum
+
     def commit(self) -> None:
         """Publish every staged array atomically (idempotent)."""
         if self.mode == "r" or self._closed:

@@ -7,6 +7,7 @@ byte-bounded LRU.  Written with zarr-python as zarr v3.
 
 from __future__ import annotations
 
+import os
 import uuid
 from typing import Any
 
@@ -177,25 +178,36 @@ class _ZarrWriter(FormatWriter):
         self.group = zarr.open_group(path, mode="w", zarr_format=3)
         self.shards = shards
 
-    def write_array(self, key: str, data: np.ndarray, chunks: tuple[int, ...] | None,
-                    compression: str | None, attrs: dict[str, Any]) -> None:
+    def _create(self, key: str, shape: tuple[int, ...], dtype: np.dtype[Any], chunks: tuple[int, ...] | None,
+                compression: str | None, attrs: dict[str, Any]) -> Any:
         self.check_compression(compression.partition(":")[0] if compression else None)
-        if chunks is None and data.ndim:
-            row = max(1, int(np.prod(data.shape[1:], dtype=np.int64)) * data.dtype.itemsize)
-            chunks = (max(1, min(data.shape[0] or 1, DEFAULT_CHUNK_BYTES // row)),) + tuple(
-                max(1, s) for s in data.shape[1:])
+        if chunks is None and len(shape):
+            row = max(1, int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
+            chunks = (max(1, min(shape[0] or 1, DEFAULT_CHUNK_BYTES // row)),) + tuple(max(1, s) for s in shape[1:])
         shards = None
         if self.shards and chunks:
             # ``shards=N``: N chunks along the first axis per shard object
             shards = (chunks[0] * int(self.shards),) + tuple(chunks[1:])
         try:
-            arr = self.group.create_array(key, shape=data.shape, dtype=data.dtype, chunks=chunks or "auto",
-                                          shards=shards, compressors=_compressors(compression),
-                                          attributes=dict(attrs))
+            return self.group.create_array(key, shape=shape, dtype=dtype, chunks=chunks or "auto", shards=shards,
+                                           compressors=_compressors(compression), attributes=dict(attrs))
         except (ValueError, TypeError) as e:
-            raise UnsupportedError(f"zarr cannot store array {key!r} ({data.dtype}, chunks={chunks}): {e}") from e
+            raise UnsupportedError(f"zarr cannot store array {key!r} ({dtype}, chunks={chunks}): {e}") from e
+
+    def write_array(self, key: str, data: np.ndarray, chunks: tuple[int, ...] | None,
+                    compression: str | None, attrs: dict[str, Any]) -> None:
+        arr = self._create(key, data.shape, data.dtype, chunks, compression, attrs)
         if data.size:
             arr[...] = data
+
+    def create_array(self, key: str, shape: tuple[int, ...], dtype: np.dtype[Any], chunks: tuple[int, ...] | None,
+                     compression: str | None, attrs: dict[str, Any]) -> tuple[str, int] | None:
+        if not shape:
+            return None
+        arr = self._create(key, shape, dtype, chunks, compression, attrs)
+        # a shard is one object holding many chunks: concurrent writers must not share one
+        rows = (arr.shards or arr.chunks)[0]
+        return os.path.join(self.path, key), int(rows)
 
     def finish(self, attrs: dict[str, Any], checksums: dict[str, str]) -> list[str]:
         import json

@@ -139,6 +139,17 @@ class FormatWriter(ABC):
                     compression: str | None, attrs: dict[str, Any]) -> None:
         """Write one dense array under ``key`` (validated by the caller)."""
 
+    def create_array(self, key: str, shape: tuple[int, ...], dtype: np.dtype[Any], chunks: tuple[int, ...] | None,
+                     compression: str | None, attrs: dict[str, Any]) -> tuple[str, int] | None:
+        """Create an empty array that other processes fill block by block, if this format can.
+
+        Returns ``(local path of the array, rows per independently writable
+        block)``; blocks of that many rows (from row 0) may be written
+        concurrently.  The default (None) means the format writes an array in
+        one piece only (one file per store, or one writer per file).
+        """
+        return None
+
     def write_ragged(self, key: str, values: np.ndarray, offsets: np.ndarray, attrs: dict[str, Any]) -> None:
         self.write_array(f"{key}/values", values, None, None, attrs)
         self.write_array(f"{key}/offsets", offsets, None, None, {})
