@@ -72,8 +72,9 @@ def stage_block(src: Any, key: str, start: int, stop: int, job: Any, name: str,
     their hash: a block whose marker is present and matches is *verified* and
     is not read from the source again by a rerun; a block cut short by a crash
     has no marker (or a wrong one) and is copied again.  With ``array_path``
-    the rows are also written into that destination zarr array (the block
-    covers whole chunks, or shards, of it, so workers never share one).
+    the rows are also written into that destination array: a zarr array (the
+    block covers whole chunks, or shards, of it, so workers never share one)
+    or a preallocated ``.npy`` file (rows at their byte offset).
     Returns ``("skipped" | "copied", source bytes read)``.
     """
     import posixpath
@@ -100,7 +101,12 @@ def stage_block(src: Any, key: str, start: int, stop: int, job: Any, name: str,
             f.write(raw_view)
         fs.pipe_file(path + ".sha256", _sha256(raw_view).encode())
         status, nbytes = "copied", src.io_stats()["bytes"] - before
-    if array_path is not None:
+    if array_path is not None and array_path.endswith(".npy"):  # a preallocated .npy: rows at their offset
+        out = np.load(array_path, mmap_mode="r+")
+        out[start:stop] = block
+        out.flush()
+        del out
+    elif array_path is not None:
         import zarr
 
         zarr.open_array(array_path, mode="r+")[start:stop] = block

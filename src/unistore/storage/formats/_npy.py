@@ -141,6 +141,18 @@ class _NpyWriter(FormatWriter):
         os.makedirs(os.path.dirname(target), exist_ok=True)
         np.save(target, np.ascontiguousarray(data), allow_pickle=False)
 
+    def create_array(self, key: str, shape: tuple[int, ...], dtype: np.dtype[Any], chunks: tuple[int, ...] | None,
+                     compression: str | None, attrs: dict[str, Any]) -> tuple[str, int] | None:
+        """A preallocated ``.npy`` (the header ``np.save`` would write); any row range can be written apart."""
+        self.check_compression(compression)
+        if not shape:
+            return None
+        self.keep_attrs(key, attrs)
+        target = os.path.join(self.path, *key.split("/")) + ".npy"
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        np.lib.format.open_memmap(target, mode="w+", dtype=dtype, shape=shape).flush()
+        return target, 1
+
     def finish(self, attrs: dict[str, Any], checksums: dict[str, str]) -> list[str]:
         with open(os.path.join(self.path, META_NAME), "w") as f:
             f.write(self.meta_json(attrs, checksums))
