@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -119,6 +120,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     results += run_lora_demo(args.dir, s3_endpoint=args.s3_endpoint)
     run_experiments_demo(args.dir)
     return 0 if all(r["last"] < r["first"] for r in results) else 1
+
+
+def cmd_cache(args: argparse.Namespace) -> int:
+    from unistore.storage.cache import DEFAULT_CACHE_BYTES, DiskCache
+
+    root = args.dir or os.environ.get("UNISTORE_CACHE_DIR")
+    if not root:
+        print("error: no cache directory: pass --dir or set UNISTORE_CACHE_DIR", file=sys.stderr)
+        return 2
+    cache = DiskCache(root, int(os.environ.get("UNISTORE_CACHE_BYTES", DEFAULT_CACHE_BYTES)))
+    if args.cache_command == "clear":
+        print(f"removed {_human(cache.clear())} from {cache.root}")
+        return 0
+    info = cache.info()
+    print(_table([["root", info["root"]], ["entries", f"{info['entries']} blocks of {info['objects']} objects"],
+                  ["size", f"{_human(info['bytes'])} of {_human(info['max_bytes'])}"],
+                  ["block size", _human(info["block_bytes"])]]))
+    return 0
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:
@@ -353,6 +372,13 @@ def build_parser() -> argparse.ArgumentParser:
     exp_cmd("export", "every experiment as JSON lines").add_argument("--output", "-O", help="file (default: stdout)")
     exp_cmd("reindex", "rebuild the search index from the catalog").add_argument(
         "-q", "--quiet", action="store_true", help="no progress bar")
+
+    cache = sub.add_parser("cache", help="the persistent local cache of remote reads ($UNISTORE_CACHE_DIR)")
+    cachesub = cache.add_subparsers(dest="cache_command", required=True)
+    for name, text in (("info", "where the cache is, its entries and size"), ("clear", "delete every entry")):
+        p = cachesub.add_parser(name, help=text)
+        p.add_argument("--dir", help="cache directory (default: $UNISTORE_CACHE_DIR)")
+        p.set_defaults(func=cmd_cache)
 
     ds = sub.add_parser("datasets", help="list the dataset factory's datasets, import MNIST / CIFAR files")
     dssub = ds.add_subparsers(dest="ds_command", required=True)

@@ -151,6 +151,17 @@ def _merge(starts: np.ndarray, ends: np.ndarray, gap: int) -> tuple[np.ndarray, 
 
 
 def fetch_ranges(loc: Location, starts: np.ndarray, ends: np.ndarray, stats: IOStats) -> list[bytes]:
+    """Byte ranges of one remote object: from the location's disk cache where it has them, else fetched."""
+    if loc.cache is None:
+        return _fetch_remote(loc, starts, ends, stats)
+    identity, size = loc.identity()
+    blobs, counts = loc.cache.read_ranges(identity, size, np.asarray(starts, np.int64), np.asarray(ends, np.int64),
+                                          lambda s, e: _fetch_remote(loc, s, e, stats))
+    stats.add(disk_hits=counts["hits"], disk_misses=counts["misses"], bytes_local=counts["bytes_local"])
+    return blobs
+
+
+def _fetch_remote(loc: Location, starts: np.ndarray, ends: np.ndarray, stats: IOStats) -> list[bytes]:
     """Fetch byte ranges of one remote object concurrently, with retries and length checks."""
     n = len(starts)
     if n == 0:

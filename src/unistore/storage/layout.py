@@ -131,28 +131,39 @@ class IOStats:
     ``requests``/``bytes``: storage reads issued and bytes they returned
     (range requests remotely; for local ``mmap`` reads, rows copied).
     ``cache_hits``: decoded chunks served from the chunk cache.
+    ``disk_hits``/``disk_misses``: blocks of remote objects found / not found
+    in the persistent local cache; ``bytes_local``: bytes it served.
     """
 
     requests: int = 0
     bytes: int = 0
     cache_hits: int = 0
     chunks_decoded: int = 0
+    disk_hits: int = 0
+    disk_misses: int = 0
+    bytes_local: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
-    def add(self, requests: int = 0, nbytes: int = 0, cache_hits: int = 0, chunks_decoded: int = 0) -> None:
+    def add(self, requests: int = 0, nbytes: int = 0, cache_hits: int = 0, chunks_decoded: int = 0,
+            disk_hits: int = 0, disk_misses: int = 0, bytes_local: int = 0) -> None:
         with self._lock:
             self.requests += requests
             self.bytes += nbytes
             self.cache_hits += cache_hits
             self.chunks_decoded += chunks_decoded
+            self.disk_hits += disk_hits
+            self.disk_misses += disk_misses
+            self.bytes_local += bytes_local
 
     def as_dict(self) -> dict[str, int]:
         return {"requests": self.requests, "bytes": self.bytes, "cache_hits": self.cache_hits,
-                "chunks_decoded": self.chunks_decoded}
+                "chunks_decoded": self.chunks_decoded, "disk_hits": self.disk_hits,
+                "disk_misses": self.disk_misses, "bytes_local": self.bytes_local}
 
     def reset(self) -> None:
         with self._lock:
             self.requests = self.bytes = self.cache_hits = self.chunks_decoded = 0
+            self.disk_hits = self.disk_misses = self.bytes_local = 0
 
     def __getstate__(self) -> dict[str, int]:
         return {}  # counters are per process

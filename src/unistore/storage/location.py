@@ -65,7 +65,7 @@ class Location:
     Location('s3://bucket/run1.zarr', storage_options=<2 keys hidden>)
     """
 
-    __slots__ = ("url", "protocol", "path", "_options", "_fs", "_pid")
+    __slots__ = ("url", "protocol", "path", "_options", "_fs", "_pid", "cache", "_identity")
 
     def __init__(self, url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None):
         import fsspec.core
@@ -88,15 +88,35 @@ class Location:
         self._options: dict[str, Any] = dict(storage_options or {})
         self._fs: Any = None
         self._pid = -1
+        #: a :class:`~unistore.storage.cache.DiskCache` for remote reads (set by ``open_store``), or None
+        self.cache: Any = None
+        self._identity: tuple[str, int] | None = None
 
-    # -- pickling: secrets travel with the object (workers need them), handles do not
-    def __getstate__(self) -> tuple[str, str, str, dict[str, Any]]:
-        return (self.url, self.protocol, self.path, self._options)
+    # -- pickling: secrets travel with the object (workers need them), handles do not; the object
+    # identity travels too, so every process caches the bytes of the object its opener saw
+    def __getstate__(self) -> tuple[Any, ...]:
+        return (self.url, self.protocol, self.path, self._options, self.cache, self._identity)
 
-    def __setstate__(self, state: tuple[str, str, str, dict[str, Any]]) -> None:
-        self.url, self.protocol, self.path, self._options = state
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        self.url, self.protocol, self.path, self._options = state[:4]
+        self.cache, self._identity = (state[4], state[5]) if len(state) > 4 else (None, None)
         self._fs = None
         self._pid = -1
+
+    def identity(self) -> tuple[str, int]:
+        """``(identity, size)`` of the remote object: URL, ETag or version id (else mtime), and size.
+
+        Asked once per opened location (a HEAD request, or the listing fsspec
+        already holds); a rewritten object has a new identity the next time a
+        store is opened.
+        """
+        if self._identity is None:
+            info = retry_remote(lambda: self.fs.info(self.path), self)
+            tag = next((str(info[k]) for k in ("ETag", "etag", "VersionId", "version_id", "LastModified", "mtime",
+                                                "last_modified") if info.get(k)), "")
+            size = int(info.get("size") or 0)
+            self._identity = (f"{self.protocol}://{self.path}|{tag}|{size}", size)
+        return self._identity
 
     def __repr__(self) -> str:
         hidden = f", storage_options=<{len(self._options)} keys hidden>" if self._options else ""

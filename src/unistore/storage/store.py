@@ -416,12 +416,19 @@ def _stream_checksum(arr: Array, block_rows: int | None) -> str:
 
 # ------------------------------------------------------------------- open
 def open_store(url: str | os.PathLike[str] | Location, mode: str = "r", format: str = "auto",
-               storage_options: Mapping[str, Any] | None = None, **format_options: Any) -> TensorStore:
+               storage_options: Mapping[str, Any] | None = None, cache: Any = None,
+               **format_options: Any) -> TensorStore:
     """Open the store at ``url`` for reading.  Reads metadata only.
 
     ``format="auto"`` sniffs magic bytes, then names.  ``format_options`` go to
     the format, e.g. ``raw={"base_embeddings": ((-1, 384), "float32")}`` for
     headerless memmap dumps in an ``npy`` directory.
+
+    ``cache`` keeps what reads of a remote store fetch on local disk (see
+    :mod:`unistore.storage.cache`): a directory, a
+    :class:`~unistore.storage.cache.DiskCache`, ``False`` for none, or None
+    for ``$UNISTORE_CACHE_DIR`` when it is set.  Uncompressed arrays are
+    cached as byte blocks; local stores are never cached.
 
     Raises:
         StoreNotFoundError: nothing at ``url``.
@@ -436,6 +443,7 @@ def open_store(url: str | os.PathLike[str] | Location, mode: str = "r", format: 
         # fsspec caches listings per filesystem instance; a store published since
         # must not be judged by a stale listing
         location.fs.invalidate_cache(location.path)
+        location.cache = _as_cache(cache)
     if format == "auto":
         format = detect_format(location)
     elif not location.exists():
@@ -443,6 +451,20 @@ def open_store(url: str | os.PathLike[str] | Location, mode: str = "r", format: 
     fmt = get_format(format)
     opened = fmt.open(location, **format_options)
     return TensorStore(location, fmt.name, "r", opened)
+
+
+def _as_cache(cache: Any) -> Any:
+    from unistore.storage.cache import DiskCache, default_cache
+
+    if cache is None:
+        return default_cache()
+    if cache is False:
+        return None
+    if isinstance(cache, DiskCache):
+        return cache
+    if isinstance(cache, (str, os.PathLike)):
+        return DiskCache(cache)
+    raise TypeError(f"cache must be a directory, a DiskCache, False or None, got {type(cache).__name__}")
 
 
 def create_store(url: str | os.PathLike[str] | Location, format: str, storage_options: Mapping[str, Any] | None = None,

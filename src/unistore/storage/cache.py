@@ -1,0 +1,236 @@
+"""A persistent local cache of remote bytes, shared by every process on a machine.
+
+Remote objects are cut into fixed blocks (``block_bytes``, 512 KiB by
+default); a read fetches the blocks it lacks (neighbours merged into one
+range request) and keeps them on local disk, so a second epoch over a store
+that fits reads nothing remotely.
+
+Why not fsspec's ``blockcache`` / ``filecache``: they neither bound the cache
+in bytes with LRU eviction across processes nor checksum entries.  Here:
+
+- entries are keyed by the object's identity (URL, ETag or version id, and
+  size), so a changed object is never served from the cache;
+- each entry is written to a temporary name and renamed into place (atomic
+  for concurrent DataLoader workers and ranks), and carries a CRC-32 of its
+  bytes: a corrupt or truncated entry is deleted and fetched again, never
+  served;
+- the cache stays within ``max_bytes``: hits refresh an entry's mtime, and
+  the writer that pushes the total over budget evicts the least recently used
+  entries (under a file lock, one evictor at a time).
+
+>>> store = unistore.open_store("s3://bucket/run1.npy", cache="/scratch/unistore-cache")
+>>> # or: export UNISTORE_CACHE_DIR=/scratch/unistore-cache  (UNISTORE_CACHE_BYTES, default 50 GiB)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import struct
+import threading
+import uuid
+import zlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+
+__all__ = ["DiskCache", "default_cache", "DEFAULT_CACHE_BYTES", "DEFAULT_BLOCK_BYTES"]
+
+DEFAULT_CACHE_BYTES = 50 << 30
+DEFAULT_BLOCK_BYTES = 512 << 10
+#: missing blocks are fetched in requests of at most this many bytes
+MAX_RUN_BYTES = 16 << 20
+_TRAILER = struct.Struct("<QI")  # payload length, CRC-32
+_LOCK_NAME = ".evict.lock"
+
+
+def default_cache() -> DiskCache | None:
+    """The cache named by ``$UNISTORE_CACHE_DIR`` (budget ``$UNISTORE_CACHE_BYTES``), or None when unset."""
+    root = os.environ.get("UNISTORE_CACHE_DIR")
+    if not root:
+        return None
+    return DiskCache(root, int(os.environ.get("UNISTORE_CACHE_BYTES", DEFAULT_CACHE_BYTES)))
+
+
+class DiskCache:
+    """Blocks of remote objects on local disk, bounded in bytes (see the module docstring).
+
+    Picklable (its settings travel, not its state), so DataLoader workers and
+    Dask tasks share the same directory.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], max_bytes: int = DEFAULT_CACHE_BYTES,
+                 block_bytes: int = int(os.environ.get("UNISTORE_CACHE_BLOCK_BYTES", DEFAULT_BLOCK_BYTES))):
+        if max_bytes <= 0 or block_bytes <= 0:
+            raise ValueError(f"max_bytes and block_bytes must be positive, got {max_bytes}, {block_bytes}")
+        self.root = os.path.abspath(os.fspath(root))
+        self.max_bytes = int(max_bytes)
+        self.block_bytes = int(block_bytes)
+        self._written = 0  # bytes this process added since it last checked the budget
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> tuple[str, int, int]:
+        return (self.root, self.max_bytes, self.block_bytes)
+
+    def __setstate__(self, state: tuple[str, int, int]) -> None:
+        self.__init__(*state)  # type: ignore[misc]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DiskCache) and self.__getstate__() == other.__getstate__()
+
+    def __hash__(self) -> int:
+        return hash(self.__getstate__())
+
+    def __repr__(self) -> str:
+        return f"DiskCache({self.root!r}, max_bytes={self.max_bytes}, block_bytes={self.block_bytes})"
+
+    # ------------------------------------------------------------- entries
+    def _dir(self, identity: str) -> str:
+        digest = hashlib.sha1(identity.encode()).hexdigest()
+        return os.path.join(self.root, digest[:2], digest)
+
+    def _get(self, path: str, want: int) -> bytes | None:
+        """An entry's payload if it is intact and ``want`` bytes long; a bad entry is deleted."""
+        try:
+            with open(path, "rb") as f:
+                blob = f.read()
+        except FileNotFoundError:
+            return None
+        if len(blob) >= _TRAILER.size:
+            n, crc = _TRAILER.unpack_from(blob, len(blob) - _TRAILER.size)
+            payload = blob[:-_TRAILER.size]
+            if n == len(payload) == want and zlib.crc32(payload) == crc:
+                with contextlib.suppress(OSError):
+                    os.utime(path)  # recently used
+                return payload
+        with contextlib.suppress(OSError):
+            os.remove(path)  # corrupt or truncated: never served, fetched again
+        return None
+
+    def _put(self, path: str, payload: bytes) -> None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, "wb") as f:
+                f.write(payload)
+                f.write(_TRAILER.pack(len(payload), zlib.crc32(payload)))
+            os.replace(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            return  # a full or read-only disk: the read still succeeds, uncached
+        with self._lock:
+            self._written += len(payload) + _TRAILER.size
+            check = self._written > max(self.max_bytes // 20, self.block_bytes)
+            if check:
+                self._written = 0
+        if check:
+            self.evict()
+
+    # ------------------------------------------------------------- reads
+    def read_ranges(self, identity: str, size: int, starts: np.ndarray, ends: np.ndarray,
+                    fetch: Callable[[np.ndarray, np.ndarray], list[bytes]]) -> tuple[list[bytes], dict[str, int]]:
+        """Bytes ``[starts[i], ends[i])`` of the object ``identity`` (``size`` bytes long).
+
+        ``fetch(starts, ends)`` reads byte ranges remotely; it is called once,
+        for the missing blocks (neighbours merged).  Returns the ranges and
+        ``{"hits", "misses", "bytes_local", "bytes_remote"}`` (blocks and bytes).
+        """
+        bs = self.block_bytes
+        first = starts // bs
+        last = (np.maximum(ends, starts + 1) - 1) // bs
+        wanted = np.unique(np.concatenate([np.arange(a, b + 1) for a, b in zip(first, last)])) if len(starts) \
+            else np.zeros(0, np.int64)
+        folder = self._dir(identity)
+        blocks: dict[int, bytes] = {}
+        missing = []
+        for b in wanted.tolist():
+            want = min(bs, size - b * bs)
+            payload = self._get(os.path.join(folder, str(b)), want)
+            if payload is None:
+                missing.append(b)
+            else:
+                blocks[b] = payload
+        local = sum(len(p) for p in blocks.values())
+        remote = 0
+        if missing:
+            run_starts, run_ends = _runs(np.array(missing, dtype=np.int64), bs, size, max(1, MAX_RUN_BYTES // bs))
+            for rs, blob in zip(run_starts.tolist(), fetch(run_starts, run_ends)):
+                remote += len(blob)
+                for off in range(0, len(blob), bs):
+                    b = (rs + off) // bs
+                    blocks[b] = bytes(blob[off:off + bs])
+                    self._put(os.path.join(folder, str(b)), blocks[b])
+        out = []
+        for s, e in zip(starts.tolist(), ends.tolist()):
+            b0, b1 = s // bs, (max(e, s + 1) - 1) // bs
+            joined = blocks[b0] if b0 == b1 else b"".join(blocks[b] for b in range(b0, b1 + 1))
+            out.append(joined[s - b0 * bs:e - b0 * bs])
+        return out, {"hits": len(wanted) - len(missing), "misses": len(missing), "bytes_local": local,
+                     "bytes_remote": remote}
+
+    # ------------------------------------------------------------- upkeep
+    def _entries(self) -> Iterator[os.DirEntry[str]]:
+        if not os.path.isdir(self.root):
+            return
+        for top in os.scandir(self.root):
+            if not top.is_dir():
+                continue
+            for obj in os.scandir(top.path):
+                if obj.is_dir():
+                    yield from (e for e in os.scandir(obj.path) if e.is_file() and ".tmp-" not in e.name)
+
+    def info(self) -> dict[str, Any]:
+        """``{"root", "entries", "bytes", "max_bytes", "block_bytes", "objects"}`` of the cache as it is now."""
+        entries = list(self._entries())
+        return {"root": self.root, "entries": len(entries), "bytes": sum(e.stat().st_size for e in entries),
+                "max_bytes": self.max_bytes, "block_bytes": self.block_bytes,
+                "objects": len({os.path.dirname(e.path) for e in entries})}
+
+    def evict(self) -> int:
+        """Delete least recently used entries until the cache is within ``max_bytes``; returns bytes freed."""
+        import fcntl
+
+        os.makedirs(self.root, exist_ok=True)
+        with open(os.path.join(self.root, _LOCK_NAME), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                stats = []
+                for e in self._entries():
+                    with contextlib.suppress(FileNotFoundError):
+                        st = e.stat()
+                        stats.append((st.st_mtime_ns, st.st_size, e.path))
+                total = sum(s for _, s, _ in stats)
+                freed = 0
+                for _, nbytes, path in sorted(stats):
+                    if total - freed <= self.max_bytes:
+                        break
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(path)
+                        freed += nbytes
+                return freed
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def clear(self) -> int:
+        """Delete every entry; returns bytes freed."""
+        freed = 0
+        for e in list(self._entries()):
+            with contextlib.suppress(FileNotFoundError):
+                freed += e.stat().st_size
+                os.remove(e.path)
+        return freed
+
+
+def _runs(blocks: np.ndarray, bs: int, size: int, max_blocks: int) -> tuple[np.ndarray, np.ndarray]:
+    """Byte ranges covering consecutive runs of block numbers (sorted, unique), ``max_blocks`` at most each."""
+    new = np.ones(len(blocks), dtype=bool)
+    new[1:] = np.diff(blocks) != 1
+    run_id = np.cumsum(new) - 1
+    pos = np.arange(len(blocks)) - np.flatnonzero(new)[run_id]  # position within its run
+    new |= pos % max_blocks == 0
+    firsts = blocks[new]
+    lasts = blocks[np.append(np.flatnonzero(new)[1:], len(blocks)) - 1]
+    return firsts * bs, np.minimum((lasts + 1) * bs, size)

@@ -1,0 +1,146 @@
+"""The persistent local cache of remote reads, measured at the wire (a counting proxy before the S3 server)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from typing import Any
+
+import numpy as np
+import pytest
+
+import unistore as us
+from unistore.storage.cache import DiskCache
+
+from ..conftest import s3_options
+from .faulty_proxy import FaultyProxy
+
+pytestmark = pytest.mark.s3
+
+ROWS, DIM = 4000, 64  # 1 MiB of float32
+
+
+@pytest.fixture
+def remote(s3: dict[str, Any], tmp_path: Any) -> Any:
+    data = np.random.default_rng(0).standard_normal((ROWS, DIM)).astype(np.float32)
+    local = str(tmp_path / "src")
+    with us.create_store(local, format="npy") as store:
+        store.write_array("emb", data)
+    s3["fs"].put(local + "/", f"{s3['bucket']}/emb", recursive=True)
+    proxy = FaultyProxy(s3["endpoint"])
+    yield {"url": f"s3://{s3['bucket']}/emb", "data": data, "proxy": proxy, "options": s3_options(proxy.endpoint),
+           "local": local}
+    proxy.close()
+
+
+def _epoch(url: str, options: Any, cache: Any, seed: int) -> tuple[np.ndarray, dict[str, int]]:
+    store = us.open_store(url, storage_options=options, cache=cache)
+    arr = store["emb"]
+    order = np.random.default_rng(seed).permutation(ROWS)
+    rows = np.concatenate([arr.take(order[i:i + 256]) for i in range(0, ROWS, 256)])
+    out = np.empty_like(rows)
+    out[order] = rows
+    return out, store.io_stats()
+
+
+def test_second_epoch_makes_no_remote_requests(remote: Any, tmp_path: Any) -> None:
+    cache = DiskCache(tmp_path / "cache", block_bytes=64 << 10)
+    proxy = remote["proxy"]
+    got, stats = _epoch(remote["url"], remote["options"], cache, seed=1)
+    np.testing.assert_array_equal(got, remote["data"])
+    first_gets, first_bytes = proxy.requests["GET"], proxy.bytes_out
+    stored = remote["data"].nbytes
+    assert first_bytes <= 1.1 * stored + 64 * 1024  # every block fetched once
+    assert stats["disk_misses"] > 0 and stats["bytes_local"] > 0  # later batches hit blocks earlier ones fetched
+    store = us.open_store(remote["url"], storage_options=remote["options"], cache=cache)
+    arr = store["emb"]
+    arr.layout.location.identity()  # the object's identity is asked once per open (one HEAD)
+    proxy.reset_counts()
+    order = np.random.default_rng(2).permutation(ROWS)
+    for i in range(0, ROWS, 256):
+        np.testing.assert_array_equal(arr.take(order[i:i + 256]), remote["data"][order[i:i + 256]])
+    stats = store.io_stats()
+    assert stats["requests"] == 0 and stats["disk_misses"] == 0 and stats["bytes_local"] >= stored
+    assert proxy.total_requests == 0 and proxy.bytes_out == 0, proxy.requests  # at the wire: nothing
+    assert first_gets > 0
+    assert cache.info()["bytes"] >= stored
+
+
+def test_changed_object_is_fetched_again(remote: Any, tmp_path: Any, s3: dict[str, Any]) -> None:
+    cache = DiskCache(tmp_path / "cache", block_bytes=64 << 10)
+    _epoch(remote["url"], remote["options"], cache, seed=1)
+    new = remote["data"] + 1
+    with us.create_store(str(tmp_path / "v2"), format="npy") as store:
+        store.write_array("emb", new)
+    s3["fs"].put(str(tmp_path / "v2") + "/", remote["url"][5:], recursive=True)
+    got, stats = _epoch(remote["url"], remote["options"], cache, seed=3)
+    np.testing.assert_array_equal(got, new)
+    blocks = -(-(new.nbytes + 128) // (64 << 10))  # the .npy file, header included
+    assert stats["disk_misses"] == blocks and stats["bytes"] >= new.nbytes  # nothing served from the old object
+
+
+def test_corrupt_entry_is_refetched_not_served(remote: Any, tmp_path: Any) -> None:
+    cache = DiskCache(tmp_path / "cache", block_bytes=64 << 10)
+    _epoch(remote["url"], remote["options"], cache, seed=1)
+    entries = sorted(e.path for e in cache._entries())
+    with open(entries[3], "r+b") as f:  # flip bytes in one entry
+        f.seek(100)
+        f.write(b"\xff\xfe\xfd\xfc")
+    with open(entries[5], "r+b") as f:  # truncate another
+        f.truncate(1000)
+    got, stats = _epoch(remote["url"], remote["options"], cache, seed=4)
+    np.testing.assert_array_equal(got, remote["data"])
+    assert stats["disk_misses"] == 2 and 0 < stats["bytes"] <= 2 * (64 << 10)
+
+
+def test_eviction_keeps_the_cache_within_budget(remote: Any, tmp_path: Any) -> None:
+    budget = 256 << 10
+    cache = DiskCache(tmp_path / "cache", max_bytes=budget, block_bytes=32 << 10)
+    got, _ = _epoch(remote["url"], remote["options"], cache, seed=1)
+    np.testing.assert_array_equal(got, remote["data"])
+    cache.evict()
+    assert cache.info()["bytes"] <= budget
+    got, stats = _epoch(remote["url"], remote["options"], cache, seed=2)  # still correct, partly refetched
+    np.testing.assert_array_equal(got, remote["data"])
+    assert stats["disk_misses"] > 0
+
+
+def _fill(url: str, options: Any, root: str, seed: int, out: Any) -> None:
+    got, stats = _epoch(url, options, DiskCache(root, block_bytes=16 << 10), seed)
+    out.put((got.tobytes(), stats["requests"]))
+
+
+def test_two_processes_fill_one_cache_at_once(remote: Any, tmp_path: Any) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    root = str(tmp_path / "cache")
+    procs = [ctx.Process(target=_fill, args=(remote["url"], remote["options"], root, seed, queue)) for seed in (1, 2)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    for raw, _ in results:
+        np.testing.assert_array_equal(np.frombuffer(raw, np.float32).reshape(ROWS, DIM), remote["data"])
+    cache = DiskCache(root, block_bytes=16 << 10)
+    assert not [e for e in os.listdir(root) if ".tmp-" in e]
+    got, stats = _epoch(remote["url"], remote["options"], cache, seed=3)  # every entry intact: all hits
+    np.testing.assert_array_equal(got, remote["data"])
+    assert stats["requests"] == 0 and stats["disk_misses"] == 0
+
+
+def test_cache_from_environment_and_cli(remote: Any, tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from unistore.cli import main
+
+    monkeypatch.setenv("UNISTORE_CACHE_DIR", str(tmp_path / "envcache"))
+    _epoch(remote["url"], remote["options"], None, seed=1)
+    assert main(["cache", "info"]) == 0
+    out = capsys.readouterr().out
+    assert str(tmp_path / "envcache") in out and "entries" in out
+    assert DiskCache(tmp_path / "envcache").info()["bytes"] >= remote["data"].nbytes
+    assert main(["cache", "clear"]) == 0
+    assert DiskCache(tmp_path / "envcache").info()["entries"] == 0
+    _, stats = _epoch(remote["url"], remote["options"], False, seed=1)  # cache=False: none
+    assert stats["disk_hits"] == stats["disk_misses"] == 0
