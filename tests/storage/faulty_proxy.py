@@ -39,6 +39,8 @@ class FaultyProxy:
         #: requests by HTTP method and response body bytes sent to the client (the wire figures)
         self.requests: Counter[str] = Counter()
         self.bytes_out = 0
+        #: (method, path without query) of every request
+        self.paths: Counter[tuple[str, str]] = Counter()
         #: seconds added before forwarding each request (a distant bucket)
         self.latency = 0.0
         self._lock = threading.Lock()
@@ -55,6 +57,7 @@ class FaultyProxy:
                 body = self.rfile.read(length) if length else None
                 with proxy._lock:
                     proxy.requests[self.command] += 1
+                    proxy.paths[(self.command, self.path.split("?")[0])] += 1
                 if proxy.latency:
                     time.sleep(proxy.latency)
                 ranged = self.command == "GET" and "Range" in self.headers
@@ -116,6 +119,7 @@ class FaultyProxy:
     def reset_counts(self) -> None:
         with self._lock:
             self.requests.clear()
+            self.paths.clear()
             self.bytes_out = 0
 
     @property

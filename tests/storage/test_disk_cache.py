@@ -144,3 +144,32 @@ def test_cache_from_environment_and_cli(remote: Any, tmp_path: Any, monkeypatch:
     assert DiskCache(tmp_path / "envcache").info()["entries"] == 0
     _, stats = _epoch(remote["url"], remote["options"], False, seed=1)  # cache=False: none
     assert stats["disk_hits"] == stats["disk_misses"] == 0
+
+
+@pytest.mark.parametrize("shards", [None, 4])
+def test_zarr_chunks_are_cached_on_disk(s3: dict[str, Any], tmp_path: Any, shards: int | None) -> None:
+    """Chunk (or shard) objects of a compressed zarr array: fetched once, then read from the local cache."""
+    from unistore.storage.engine import chunk_cache
+
+    data = np.random.default_rng(5).standard_normal((ROWS, DIM)).astype(np.float32)
+    local = str(tmp_path / "z.zarr")
+    with us.create_store(local, format="zarr", **({"shards": shards} if shards else {})) as store:
+        store.write_array("emb", data, chunks=(250, DIM), compression="zstd")
+    s3["fs"].put(local + "/", f"{s3['bucket']}/z.zarr", recursive=True)
+    proxy = FaultyProxy(s3["endpoint"])
+    try:
+        url, options = f"s3://{s3['bucket']}/z.zarr", s3_options(proxy.endpoint)
+        cache = DiskCache(tmp_path / "cache", block_bytes=64 << 10)
+        got, stats = _epoch(url, options, cache, seed=1)
+        np.testing.assert_array_equal(got, data)
+        assert stats["disk_misses"] > 0
+        chunk_gets = sum(n for (m, p), n in proxy.paths.items() if m == "GET" and "/c/" in p)
+        assert chunk_gets >= (ROWS // 250 if shards is None else ROWS // 1000)
+        chunk_cache.clear()
+        proxy.reset_counts()
+        got, stats = _epoch(url, options, cache, seed=2)  # a fresh open: metadata from storage, chunks from disk
+        np.testing.assert_array_equal(got, data)
+        assert not [p for (m, p) in proxy.paths if "/c/" in p], proxy.paths
+        assert stats["disk_misses"] == 0 and stats["disk_hits"] > 0 and stats["bytes_local"] > 0
+    finally:
+        proxy.close()

@@ -171,6 +171,32 @@ class DiskCache:
         return out, {"hits": len(wanted) - len(missing), "misses": len(missing), "bytes_local": local,
                      "bytes_remote": remote}
 
+    def cover(self, start: int, end: int, size: int) -> tuple[int, int]:
+        """The block-aligned byte range holding ``[start, end)`` of an object of ``size`` bytes."""
+        bs = self.block_bytes
+        return (start // bs) * bs, min(-(-max(end, start + 1) // bs) * bs, size)
+
+    def lookup(self, identity: str, size: int, start: int, end: int) -> bytes | None:
+        """Bytes ``[start, end)`` when every block holding them is cached and intact, else None."""
+        bs = self.block_bytes
+        folder = self._dir(identity)
+        parts = []
+        for b in range(start // bs, (max(end, start + 1) - 1) // bs + 1):
+            payload = self._get(os.path.join(folder, str(b)), min(bs, size - b * bs))
+            if payload is None:
+                return None
+            parts.append(payload)
+        joined = parts[0] if len(parts) == 1 else b"".join(parts)
+        at = (start // bs) * bs
+        return joined[start - at:end - at]
+
+    def store(self, identity: str, block_start: int, blob: bytes) -> None:
+        """Keep ``blob``, fetched from block-aligned offset ``block_start``, as cache blocks."""
+        bs = self.block_bytes
+        folder = self._dir(identity)
+        for off in range(0, len(blob), bs):
+            self._put(os.path.join(folder, str((block_start + off) // bs)), bytes(blob[off:off + bs]))
+
     # ------------------------------------------------------------- upkeep
     def _entries(self) -> Iterator[os.DirEntry[str]]:
         if not os.path.isdir(self.root):

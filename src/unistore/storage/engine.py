@@ -327,7 +327,9 @@ def _load_runs(layout: ChunkedLayout, chunk_ids: np.ndarray, stats: IOStats) -> 
         slabs = [load(run) for run in runs]
     after = counter() if counter else None
     if before is not None and after is not None:  # the reader knows what it fetched from storage
-        stats.add(requests=after[0] - before[0], nbytes=after[1] - before[1], chunks_decoded=len(chunk_ids))
+        extra = [a - b for a, b in zip(after[2:5], before[2:5])] + [0, 0, 0]
+        stats.add(requests=after[0] - before[0], nbytes=after[1] - before[1], chunks_decoded=len(chunk_ids),
+                  disk_hits=extra[0], disk_misses=extra[1], bytes_local=extra[2])
     else:  # otherwise count one request per run and the decoded bytes
         stats.add(requests=len(runs), nbytes=sum(s.nbytes for _, s in slabs), chunks_decoded=len(chunk_ids))
     return slabs

@@ -55,7 +55,7 @@ class BlockReader(Protocol):
 
     Implementations must be picklable and (re)open their handles lazily.
     ``concurrent`` says whether several blocks may be read from threads at once.
-    A reader may also offer ``fetched() -> (requests, bytes)``, cumulative
+    A reader may also offer ``fetched() -> (requests, bytes[, disk hits, disk misses, bytes local])``, cumulative
     counts of what it read from storage, for ``io_stats()``.
     """
 

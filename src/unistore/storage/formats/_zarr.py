@@ -41,24 +41,74 @@ def _zarr_store(location: Location) -> Any:
 
 
 def _counting_store(location: Location) -> Any:
-    """The zarr store for ``location`` wrapped so every object read is counted."""
+    """The zarr store for ``location`` wrapped so every object read is counted (and disk-cached when remote).
+
+    With a :class:`~unistore.storage.cache.DiskCache` on the location, chunk
+    and shard objects are kept on local disk keyed by their ETag and size,
+    taken from one listing of the store when the handle opens; metadata
+    documents are always read from storage.
+    """
+    from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
     from zarr.storage import WrapperStore
+
+    cache = location.cache
+    objects: dict[str, tuple[str, int]] = {}
+    if cache is not None and not location.is_local:
+        root = location.path.rstrip("/") + "/"
+        listing = retry_remote(lambda: location.fs.find(location.path, detail=True), location)
+        for path, info in listing.items():
+            key = path[len(root):] if path.startswith(root) else path
+            if not key.endswith(".json"):
+                tag = next((str(info[k]) for k in ("ETag", "etag", "VersionId", "LastModified", "mtime")
+                            if info.get(k)), "")
+                size = int(info.get("size") or 0)
+                objects[key] = (f"{location.protocol}://{path}|{tag}|{size}", size)
 
     class CountingStore(WrapperStore[Any]):
         requests = 0
         nbytes = 0
+        disk_hits = 0
+        disk_misses = 0
+        bytes_local = 0
 
-        async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+        async def _remote(self, key: str, prototype: Any, byte_range: Any) -> Any:
             buf = await self._store.get(key, prototype, byte_range)
             self.requests += 1
             self.nbytes += len(buf) if buf is not None else 0
             return buf
 
+        async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+            if key not in objects:
+                return await self._remote(key, prototype, byte_range)
+            identity, size = objects[key]
+            if byte_range is None:
+                start, end = 0, size
+            elif isinstance(byte_range, RangeByteRequest):
+                start, end = byte_range.start, byte_range.end
+            elif isinstance(byte_range, OffsetByteRequest):
+                start, end = byte_range.offset, size
+            elif isinstance(byte_range, SuffixByteRequest):
+                start, end = max(0, size - byte_range.suffix), size
+            else:
+                return await self._remote(key, prototype, byte_range)
+            assert cache is not None
+            n_blocks = len(range(start // cache.block_bytes, (max(end, start + 1) - 1) // cache.block_bytes + 1))
+            hit = cache.lookup(identity, size, start, end)
+            if hit is not None:
+                self.disk_hits += n_blocks
+                self.bytes_local += len(hit)
+                return prototype.buffer.from_bytes(hit)
+            self.disk_misses += n_blocks
+            lo, hi = cache.cover(start, end, size)
+            buf = await self._remote(key, prototype, RangeByteRequest(lo, hi))
+            if buf is None:
+                return None
+            blob = buf.to_bytes()
+            cache.store(identity, lo, blob)
+            return prototype.buffer.from_bytes(blob[start - lo:end - lo])
+
         async def get_partial_values(self, prototype: Any, key_ranges: Any) -> Any:
-            bufs = await self._store.get_partial_values(prototype, key_ranges)
-            self.requests += len(bufs)
-            self.nbytes += sum(len(b) for b in bufs if b is not None)
-            return bufs
+            return [await self.get(key, prototype, byte_range) for key, byte_range in key_ranges]
 
     return CountingStore(_zarr_store(location))
 
@@ -96,10 +146,14 @@ class ZarrBlockReader(LazyBlockReader):
         node = retry_remote(lambda: _open_node(self.location, store), self.location)
         return store, (node[self.name] if self.name else node)
 
-    def fetched(self) -> tuple[int, int]:
-        """Objects read and bytes they held, in this process (before decoding)."""
+    def fetched(self) -> tuple[int, ...]:
+        """Objects read and bytes they held, in this process (before decoding); then disk-cache hits,
+        misses and bytes served."""
         handle = self.current()
-        return (0, 0) if handle is None else (handle[0].requests, handle[0].nbytes)
+        if handle is None:
+            return (0, 0, 0, 0, 0)
+        store = handle[0]
+        return (store.requests, store.nbytes, store.disk_hits, store.disk_misses, store.bytes_local)
 
     def read(self, start: int, stop: int) -> np.ndarray:
         arr = self.handle()[1]
