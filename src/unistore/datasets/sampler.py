@@ -121,10 +121,13 @@ class StoreSampler(_TorchSampler):  # type: ignore[misc,valid-type]
         window = self.effective_window
         parts = []
         blocks = rng.permutation(n_blocks)
-        for w in range(0, n_blocks, window):
-            rows = np.concatenate([np.arange(b * self.chunk_rows, min((b + 1) * self.chunk_rows, self.n))
-                                   for b in blocks[w:w + window]])
-            parts.append(rng.permutation(rows))
+        # each rank's share of the shuffled blocks is windowed on its own, so no window straddles two ranks
+        bounds = np.linspace(0, n_blocks, self.world_size + 1).round().astype(np.int64)
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            for w in range(lo, hi, window):
+                rows = np.concatenate([np.arange(b * self.chunk_rows, min((b + 1) * self.chunk_rows, self.n))
+                                       for b in blocks[w:min(w + window, hi)]])
+                parts.append(rng.permutation(rows))
         return np.concatenate(parts) if parts else np.arange(0)
 
     def __iter__(self) -> Iterator[int]:

@@ -1,0 +1,173 @@
+"""Training from a bucket: bytes fetched per epoch, the disk cache, and the chunk-aware order.
+
+1. A compressed zarr array (zstd, 250-row chunks) on the S3 server behind a
+   counting proxy: bytes fetched per epoch / stored bytes for a plain shuffle
+   and for the chunk-aware order (``StoreSampler(chunk_rows=...)``), with 1
+   and 16 ranks (each rank a fresh process-like open: own chunk cache, no disk
+   cache), figures from the proxy.
+2. The same array with the persistent disk cache: requests and bytes at the
+   wire in epoch 1 and epoch 2.
+3. Locally, a zstd zarr array 4x larger than the decoded-chunk cache
+   (``UNISTORE_CHUNK_CACHE_BYTES``): shuffled-epoch rows/s divided by a raw
+   memmap's, plain vs chunk-aware order.
+
+    python benchmarks/bench_remote_training.py
+    python benchmarks/bench_remote_training.py --rows 50000 --ranks 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import unistore as us  # noqa: E402
+from tests.storage.faulty_proxy import FaultyProxy  # noqa: E402
+from unistore.datasets import StoreSampler  # noqa: E402
+from unistore.storage.cache import DiskCache  # noqa: E402
+from unistore.storage.engine import chunk_cache  # noqa: E402
+
+BATCH = 256
+
+
+def run_epoch(arr: Any, order: np.ndarray) -> float:
+    t = time.perf_counter()
+    for i in range(0, len(order), BATCH):
+        arr.take(order[i:i + BATCH])
+    return len(order) / (time.perf_counter() - t)
+
+
+def orders(n: int, chunk: int, ranks: int, chunk_aware: bool, epoch: int = 0) -> list[np.ndarray]:
+    out = []
+    for r in range(ranks):
+        s = StoreSampler(n, seed=0, rank=r, world_size=ranks, chunk_rows=chunk if chunk_aware else None)
+        s.set_epoch(epoch)
+        out.append(np.array(list(s)))
+    return out
+
+
+def table(rows: list[list[str]]) -> str:
+    lines = [f"| {' | '.join(rows[0])} |", "|" + "---|" * len(rows[0])]
+    return "\n".join(lines + [f"| {' | '.join(r)} |" for r in rows[1:]])
+
+
+def remote_tables(work: str, data: np.ndarray, chunk: int, ranks: int) -> None:
+    import boto3
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    local = os.path.join(work, "remote-src.zarr")
+    with us.create_store(local, format="zarr") as store:
+        store.write_array("emb", data, chunks=(chunk, data.shape[1]), compression="zstd")
+        store.commit()
+    stored = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(local, "emb")) for f in fs
+                 if f != "zarr.json")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    proxy = FaultyProxy(endpoint)
+    try:
+        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="b", aws_secret_access_key="b",
+                     region_name="us-east-1").create_bucket(Bucket="bench")
+        direct = {"key": "b", "secret": "b", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+        s3fs.S3FileSystem(**direct).put(local + "/", "bench/emb.zarr", recursive=True)
+        options = {**direct, "client_kwargs": {"endpoint_url": proxy.endpoint, "region_name": "us-east-1"}}
+        url = "s3://bench/emb.zarr"
+
+        def chunk_bytes() -> int:
+            return proxy.bytes_out
+
+        rows = [["order", "ranks", "bytes fetched / stored (epoch, all ranks)", "GET requests"]]
+        for chunk_aware in (False, True):
+            for world in (1, ranks):
+                proxy.reset_counts()
+                for order in orders(len(data), chunk, world, chunk_aware):
+                    chunk_cache.clear()  # each rank is its own process: its own decoded-chunk cache
+                    arr = us.open_store(url, storage_options=options, cache=False)["emb"]
+                    run_epoch(arr, order)
+                rows.append(["chunk-aware" if chunk_aware else "plain shuffle", str(world),
+                             f"{chunk_bytes() / stored:.2f}", str(proxy.requests["GET"])])
+        print(f"\n## S3 (moto behind a counting proxy): zarr zstd {data.shape[0]} x {data.shape[1]}, {chunk}-row "
+              f"chunks, {stored / 1e6:.1f} MB stored, batches of {BATCH}, decoded-chunk cache "
+              f"{chunk_cache.max_bytes >> 20} MiB per rank\n")
+        print(table(rows))
+
+        cache = DiskCache(os.path.join(work, "disk-cache"))
+        rows = [["epoch", "GET requests", "bytes at the wire / stored", "rows/s"]]
+        for epoch in (1, 2):
+            chunk_cache.clear()
+            store = us.open_store(url, storage_options=options, cache=cache)
+            proxy.reset_counts()
+            rate = run_epoch(store["emb"], orders(len(data), chunk, 1, True, epoch)[0])
+            chunk_gets = sum(n for (m, p), n in proxy.paths.items() if m == "GET" and "/c/" in p)
+            rows.append([str(epoch), f"{proxy.requests['GET']} ({chunk_gets} for chunks)",
+                         f"{proxy.bytes_out / stored:.3f}", f"{rate:,.0f}"])
+        print(f"\n## The same, chunk-aware, with the persistent disk cache ({cache.root})\n")
+        print(table(rows))
+    finally:
+        proxy.close()
+        server.stop()
+
+
+def local_table(work: str, data: np.ndarray, chunk: int) -> None:
+    path = os.path.join(work, "local.zarr")
+    with us.create_store(path, format="zarr") as store:
+        store.write_array("emb", data, chunks=(chunk, data.shape[1]), compression="zstd")
+        store.commit()
+    raw = os.path.join(work, "raw.npy")
+    np.save(raw, data)
+    mm = np.load(raw, mmap_mode="r")
+    plain = orders(len(data), chunk, 1, False)[0]
+    aware = orders(len(data), chunk, 1, True)[0]
+    t = time.perf_counter()
+    for i in range(0, len(plain), BATCH):
+        mm[np.sort(plain[i:i + BATCH])]
+    memmap_rate = len(plain) / (time.perf_counter() - t)
+    rows = [["order", "rows/s", "vs raw memmap"]]
+    for name, order in (("plain shuffle", plain), ("chunk-aware", aware)):
+        chunk_cache.clear()
+        arr = us.open_store(path)["emb"]
+        n = len(order) if name == "chunk-aware" else min(len(order), 20 * BATCH)  # plain is slow: a sample
+        rate = run_epoch(arr, order[:n])
+        rows.append([name, f"{rate:,.0f}", f"{rate / memmap_rate:.4f}x"])
+    print(f"\n## Local zarr zstd {data.shape[0]} x {data.shape[1]} ({data.nbytes / 1e6:.0f} MB), decoded-chunk cache "
+          f"{chunk_cache.max_bytes >> 20} MiB (1/4 of the array); raw memmap {memmap_rate:,.0f} rows/s\n")
+    print(table(rows))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=200_000)
+    parser.add_argument("--remote-rows", type=int, default=20_000)
+    parser.add_argument("--dim", type=int, default=384)
+    parser.add_argument("--chunk", type=int, default=1000)
+    parser.add_argument("--remote-chunk", type=int, default=250, help="rows per chunk of the S3 array")
+    parser.add_argument("--ranks", type=int, default=16)
+    parser.add_argument("--skip-s3", action="store_true")
+    parser.add_argument("--skip-local", action="store_true")
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as work:
+        data = rng.standard_normal((args.rows, args.dim), dtype=np.float32)
+        chunk_cache.max_bytes = data.nbytes // 4
+        chunk_cache.clear()
+        if not args.skip_local:
+            local_table(work, data, args.chunk)
+        if not args.skip_s3:
+            remote = data[:args.remote_rows]
+            chunk_cache.max_bytes = remote.nbytes // 4
+            remote_tables(work, remote, args.remote_chunk, args.ranks)
+
+
+if __name__ == "__main__":
+    main()
