@@ -178,6 +178,14 @@ class StoreDataset(_TorchDataset):  # type: ignore[misc,valid-type]
         idx = as_index_array(indices)
         return Batch(self._get_batch(idx), len(idx))
 
+    def prefetch(self, indices: Any) -> None:
+        """Read the batch ``indices`` and discard it, so the caches hold it when it is asked for.
+
+        Used by the loader's read-ahead: it reads exactly what the batch will
+        read, into this process's chunk cache and the shared disk cache.
+        """
+        self._get_batch(as_index_array(indices))
+
     def __getitem__(self, index: int) -> Any:
         return self.__getitems__([index])[0]
 

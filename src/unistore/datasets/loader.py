@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
+
+import numpy as np
 
 from unistore.datasets.base import collate
 from unistore.datasets.sampler import StoreSampler, dist_rank_and_world
 
 __all__ = ["create_loader", "set_epoch", "validate_first_batch", "make_loader"]
+
+log = logging.getLogger("unistore")
 
 try:
     from torch.utils.data import DataLoader as _TorchLoader
@@ -26,14 +32,28 @@ class _Loader(_TorchLoader):  # type: ignore[misc,valid-type]
     """
 
     dataset_obj: Any
+    #: batches read ahead of the training loop (0: off); see :func:`make_loader`
+    read_ahead: int = 0
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         sampler: Any = self.sampler
         self._start = sampler._resume
         self._delivered = 0
-        for batch in super().__iter__():
-            self._delivered += 1
-            yield batch
+        batches = super().__iter__()  # worker processes start here: before any read-ahead thread exists
+        ahead = None
+        if self.read_ahead > 0 and hasattr(self.dataset_obj, "prefetch"):
+            ahead = _ReadAhead(self.dataset_obj, sampler.order()[self._start:], int(self.batch_size or 1),
+                               self.read_ahead)
+            self.read_ahead_stats = ahead.stats
+        try:
+            for batch in batches:
+                self._delivered += 1
+                if ahead is not None:
+                    ahead.advance()
+                yield batch
+        finally:
+            if ahead is not None:
+                ahead.close()
 
     def state_dict(self) -> dict[str, Any]:
         """The sampler's state with ``consumed`` = samples this loader delivered in the current epoch."""
@@ -49,24 +69,80 @@ class _Loader(_TorchLoader):  # type: ignore[misc,valid-type]
         sampler.load_state_dict(state)
 
 
+class _ReadAhead:
+    """Reads the next ``depth`` batches of the sampler's order in a background thread.
+
+    The sampler itself is not advanced (its state stays what the loop consumed);
+    the thread walks the epoch's order and stays at most ``depth`` batches
+    ahead of the batches delivered.  A failed read-ahead is only logged: the
+    real read raises.
+    """
+
+    def __init__(self, dataset: Any, order: np.ndarray, batch_size: int, depth: int):
+        self.dataset, self.order, self.batch_size, self.depth = dataset, order, batch_size, depth
+        self.stats = {"batches": 0, "errors": 0}
+        self._delivered = 0
+        self._stop = False
+        self._cv = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="unistore-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        n_batches = -(-len(self.order) // self.batch_size)
+        k = 1  # batch 0 is being read by the loop itself
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda k=k: self._stop or k < self._delivered + 1 + self.depth)  # type: ignore[misc]
+                if self._stop:
+                    return
+                k = max(k, self._delivered + 1)
+            if k >= n_batches:
+                return
+            try:
+                self.dataset.prefetch(self.order[k * self.batch_size:(k + 1) * self.batch_size])
+                self.stats["batches"] += 1
+            except Exception as e:  # noqa: BLE001 - the loop's own read of this batch reports it
+                self.stats["errors"] += 1
+                log.debug("read-ahead of batch %d failed: %s", k, e)
+            k += 1
+
+    def advance(self) -> None:
+        with self._cv:
+            self._delivered += 1
+            self._cv.notify()
+
+    def close(self) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join(timeout=30)
+
+
 def make_loader(dataset: Any, batch_size: int, *, shuffle: bool = True, seed: int = 0, distributed: bool = False,
                 rank: int | None = None, world_size: int | None = None, drop_last: bool = False,
-                num_workers: int = 0, **loader_kwargs: Any) -> Any:
+                num_workers: int = 0, chunk_rows: int | None = None, read_ahead: int = 0,
+                **loader_kwargs: Any) -> Any:
     """A DataLoader over any unistore dataset with a :class:`StoreSampler` and batch collation.
 
     ``distributed=True`` takes rank and world size from ``torch.distributed``
     (initialise the process group first) unless they are given.
+    ``chunk_rows`` selects the sampler's chunk-aware order.  ``read_ahead=N``
+    reads the next ``N`` batches of the order in a background thread of this
+    process (``dataset.prefetch``): with ``num_workers=0`` it fills this
+    process's caches; with worker processes it helps through the persistent
+    disk cache (``open_store(..., cache=...)``), which the workers share.
     """
     if distributed and (rank is None or world_size is None):
         d_rank, d_world = dist_rank_and_world()
         rank = d_rank if rank is None else rank
         world_size = d_world if world_size is None else world_size
     sampler = StoreSampler(dataset, shuffle=shuffle, seed=seed, rank=rank if distributed else 0,
-                           world_size=world_size if distributed else 1, drop_last=drop_last)
+                           world_size=world_size if distributed else 1, drop_last=drop_last, chunk_rows=chunk_rows)
     loader_kwargs.setdefault("collate_fn", collate)
     loader = _Loader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                      drop_last=drop_last, **loader_kwargs)
     loader.dataset_obj = dataset
+    loader.read_ahead = int(read_ahead)
     return loader
 
 

@@ -1,0 +1,87 @@
+"""The loader's read-ahead and chunk-aware order, with DataLoader worker processes, locally and on S3."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import unistore as us
+from unistore.datasets import StoreDataset, make_loader
+from unistore.storage.cache import DiskCache
+
+from ..conftest import s3_options
+from ..storage.faulty_proxy import FaultyProxy
+
+ROWS, DIM = 3000, 32
+
+
+def _write(url: str, fmt: str, data: np.ndarray, **options: Any) -> None:
+    with us.create_store(url, format=fmt, storage_options=options.pop("storage_options", None)) as store:
+        store.write_array("x", data, **options)
+        store.write_array("y", np.arange(len(data)))
+
+
+def _batches(loader: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(b["x"].numpy(), b["y"].numpy()) for b in loader]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_read_ahead_and_chunk_aware_give_the_same_batches(tmp_path: Any, workers: int) -> None:
+    data = np.random.default_rng(0).standard_normal((ROWS, DIM)).astype(np.float32)
+    url = str(tmp_path / "d.zarr")
+    _write(url, "zarr", data, chunks=(100, DIM), compression="zstd")
+    ds = StoreDataset(url)
+    plain = _batches(make_loader(ds, 64, seed=3, num_workers=workers))
+    loader = make_loader(ds, 64, seed=3, num_workers=workers, read_ahead=3)
+    ahead = _batches(loader)
+    assert len(ahead) == len(plain)
+    for (xa, ya), (xb, yb) in zip(ahead, plain):
+        np.testing.assert_array_equal(xa, xb)
+        np.testing.assert_array_equal(ya, yb)
+    assert loader.read_ahead_stats["batches"] > 0 and loader.read_ahead_stats["errors"] == 0
+    aware = _batches(make_loader(ds, 64, seed=3, num_workers=workers, chunk_rows=100, read_ahead=2))
+    ys = np.concatenate([y for _, y in aware])
+    assert sorted(ys.tolist()) == list(range(ROWS))  # every sample once
+    for x, y in aware:
+        np.testing.assert_array_equal(x, data[y])
+        assert len(np.unique(y // 100)) <= 8  # a batch draws from at most two windows of 4 chunks
+
+
+@pytest.mark.s3
+def test_read_ahead_fills_the_shared_disk_cache_for_workers(s3: dict[str, Any], tmp_path: Any) -> None:
+    data = np.random.default_rng(1).standard_normal((ROWS, DIM)).astype(np.float32)
+    _write(f"s3://{s3['bucket']}/d", "npy", data, storage_options=s3["options"])
+    proxy = FaultyProxy(s3["endpoint"])
+    try:
+        options = s3_options(proxy.endpoint)
+        cache = DiskCache(tmp_path / "cache", block_bytes=16 << 10)
+        store = us.open_store(f"s3://{s3['bucket']}/d", storage_options=options, cache=cache)
+        loader = make_loader(StoreDataset(store), 128, seed=5, num_workers=2, read_ahead=4)
+        got = _batches(loader)
+        for x, y in got:
+            np.testing.assert_array_equal(x, data[y])
+        assert sorted(np.concatenate([y for _, y in got]).tolist()) == list(range(ROWS))
+        assert loader.read_ahead_stats["batches"] > 0
+        assert proxy.bytes_out <= 2.2 * data.nbytes  # read-ahead and workers share what was fetched
+        proxy.reset_counts()
+        again = _batches(make_loader(StoreDataset(store), 128, seed=6, num_workers=2))  # epoch 2: from disk
+        for x, y in again:
+            np.testing.assert_array_equal(x, data[y])
+        assert not [p for (m, p) in proxy.paths if p.endswith("x.npy") and m == "GET"], proxy.paths
+    finally:
+        proxy.close()
+
+
+def test_read_ahead_stops_with_the_loop(tmp_path: Any) -> None:
+    data = np.zeros((ROWS, 4), np.float32)
+    _write(str(tmp_path / "d"), "npy", data)
+    loader = make_loader(StoreDataset(str(tmp_path / "d")), 10, num_workers=0, read_ahead=5)
+    it = iter(loader)
+    for _ in range(3):
+        next(it)
+    it.close()  # an interrupted epoch stops its read-ahead thread
+    assert loader.read_ahead_stats["batches"] <= 3 + 5
+    assert isinstance(torch.zeros(1), torch.Tensor)
