@@ -7,7 +7,9 @@
    cache), figures from the proxy.
 2. The same array with the persistent disk cache: requests and bytes at the
    wire in epoch 1 and epoch 2.
-3. Locally, a zstd zarr array 4x larger than the decoded-chunk cache
+3. What the chunk-aware order gives up: source chunks mixed per batch, distance
+   between consecutive samples in the source, correlation of epoch position and row.
+4. Locally, a zstd zarr array 4x larger than the decoded-chunk cache
    (``UNISTORE_CHUNK_CACHE_BYTES``): shuffled-epoch rows/s divided by a raw
    memmap's, plain vs chunk-aware order.
 
@@ -52,6 +54,22 @@ def orders(n: int, chunk: int, ranks: int, chunk_aware: bool, epoch: int = 0) ->
         s.set_epoch(epoch)
         out.append(np.array(list(s)))
     return out
+
+
+def shuffle_quality(n: int, chunk: int) -> None:
+    """What the chunk-aware order gives up: how many source chunks a batch mixes, and how far apart
+    consecutive samples are in the source."""
+    rows = [["order", "distinct chunks per batch (mean)", "median distance between consecutive rows",
+             "rank correlation of position and row"]]
+    for name, aware in (("plain shuffle", False), ("chunk-aware (window 4)", True)):
+        order = orders(n, chunk, 1, aware)[0]
+        per_batch = [len(np.unique(order[i:i + BATCH] // chunk)) for i in range(0, n, BATCH)]
+        dist = np.abs(np.diff(order))
+        ranks = np.argsort(np.argsort(order))
+        corr = abs(np.corrcoef(np.arange(n), ranks)[0, 1])
+        rows.append([name, f"{np.mean(per_batch):.1f}", f"{np.median(dist):,.0f}", f"{corr:.3f}"])
+    print(f"\n## Shuffle quality, {n} rows in {n // chunk} chunks of {chunk}, batches of {BATCH}\n")
+    print(table(rows))
 
 
 def table(rows: list[list[str]]) -> str:
@@ -161,6 +179,7 @@ def main() -> None:
         data = rng.standard_normal((args.rows, args.dim), dtype=np.float32)
         chunk_cache.max_bytes = data.nbytes // 4
         chunk_cache.clear()
+        shuffle_quality(args.rows, args.chunk)
         if not args.skip_local:
             local_table(work, data, args.chunk)
         if not args.skip_s3:
