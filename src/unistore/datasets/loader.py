@@ -88,23 +88,32 @@ class _ReadAhead:
         self._thread.start()
 
     def _run(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
         n_batches = -(-len(self.order) // self.batch_size)
         k = 1  # batch 0 is being read by the loop itself
-        while True:
-            with self._cv:
-                self._cv.wait_for(lambda k=k: self._stop or k < self._delivered + 1 + self.depth)  # type: ignore[misc]
-                if self._stop:
+        # up to ``depth`` batches in flight at once: on a distant bucket each waits on latency, not bandwidth
+        with ThreadPoolExecutor(self.depth, thread_name_prefix="unistore-read-ahead") as pool:
+            while True:
+                with self._cv:
+                    self._cv.wait_for(lambda k=k: self._stop or k < self._delivered + 1 + self.depth)  # type: ignore[misc]
+                    if self._stop:
+                        return
+                    k = max(k, self._delivered + 1)
+                if k >= n_batches:
                     return
-                k = max(k, self._delivered + 1)
-            if k >= n_batches:
-                return
-            try:
-                self.dataset.prefetch(self.order[k * self.batch_size:(k + 1) * self.batch_size])
-                self.stats["batches"] += 1
-            except Exception as e:  # noqa: BLE001 - the loop's own read of this batch reports it
-                self.stats["errors"] += 1
-                log.debug("read-ahead of batch %d failed: %s", k, e)
-            k += 1
+                pool.submit(self._one, k)
+                k += 1
+
+    def _one(self, k: int) -> None:
+        if self._stop:
+            return
+        try:
+            self.dataset.prefetch(self.order[k * self.batch_size:(k + 1) * self.batch_size])
+            self.stats["batches"] += 1
+        except Exception as e:  # noqa: BLE001 - the loop's own read of this batch reports it
+            self.stats["errors"] += 1
+            log.debug("read-ahead of batch %d failed: %s", k, e)
 
     def advance(self) -> None:
         with self._cv:

@@ -31,6 +31,7 @@ import struct
 import threading
 import uuid
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -44,6 +45,8 @@ DEFAULT_BLOCK_BYTES = 512 << 10
 MAX_RUN_BYTES = 16 << 20
 _TRAILER = struct.Struct("<QI")  # payload length, CRC-32
 _LOCK_NAME = ".evict.lock"
+#: verified entries a process keeps mapped
+_MAX_MAPS = 4096
 
 
 def default_cache() -> DiskCache | None:
@@ -70,6 +73,8 @@ class DiskCache:
         self.block_bytes = int(block_bytes)
         self._written = 0  # bytes this process added since it last checked the budget
         self._lock = threading.Lock()
+        #: entries this process verified: path -> (inode, size, mtime), a read-only mapping of the payload
+        self._maps: OrderedDict[str, tuple[tuple[int, int, int], memoryview]] = OrderedDict()
 
     def __getstate__(self) -> tuple[str, int, int]:
         return (self.root, self.max_bytes, self.block_bytes)
@@ -91,8 +96,24 @@ class DiskCache:
         digest = hashlib.sha1(identity.encode()).hexdigest()
         return os.path.join(self.root, digest[:2], digest)
 
-    def _get(self, path: str, want: int) -> bytes | None:
-        """An entry's payload if it is intact and ``want`` bytes long; a bad entry is deleted."""
+    def _get(self, path: str, want: int) -> Any:
+        """An entry's payload if it is intact and ``want`` bytes long; a bad entry is deleted.
+
+        The first use of an entry in a process checks its CRC; later uses of
+        the same file (same inode, size and mtime) map it without reading it
+        all again, so hot blocks cost a page-cache lookup, and every process
+        maps the same pages.
+        """
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        with self._lock:
+            known = self._maps.get(path)
+            if known is not None and known[0] == stamp:
+                self._maps.move_to_end(path)
+                return known[1]
         try:
             with open(path, "rb") as f:
                 blob = f.read()
@@ -100,14 +121,29 @@ class DiskCache:
             return None
         if len(blob) >= _TRAILER.size:
             n, crc = _TRAILER.unpack_from(blob, len(blob) - _TRAILER.size)
-            payload = blob[:-_TRAILER.size]
+            payload = memoryview(blob)[:-_TRAILER.size]
             if n == len(payload) == want and zlib.crc32(payload) == crc:
                 with contextlib.suppress(OSError):
-                    os.utime(path)  # recently used
+                    os.utime(path)  # recently used (mtime, which also marks the entry for this process)
+                    st = os.stat(path)
+                    view = self._map(path, len(payload))
+                    with self._lock:
+                        self._maps[path] = ((st.st_ino, st.st_size, st.st_mtime_ns), view)
+                        while len(self._maps) > _MAX_MAPS:
+                            self._maps.popitem(last=False)
+                    return view
                 return payload
         with contextlib.suppress(OSError):
             os.remove(path)  # corrupt or truncated: never served, fetched again
         return None
+
+    @staticmethod
+    def _map(path: str, n: int) -> memoryview:
+        import mmap
+
+        with open(path, "rb") as f:
+            mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        return memoryview(mapping)[:n]
 
     def _put(self, path: str, payload: bytes) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -153,7 +189,7 @@ class DiskCache:
                 missing.append(b)
             else:
                 blocks[b] = payload
-        local = sum(len(p) for p in blocks.values())
+        local = sum(len(p) for p in blocks.values())  # payloads (bytes or mapped views)
         remote = 0
         if missing:
             run_starts, run_ends = _runs(np.array(missing, dtype=np.int64), bs, size, max(1, MAX_RUN_BYTES // bs))
@@ -166,8 +202,11 @@ class DiskCache:
         out = []
         for s, e in zip(starts.tolist(), ends.tolist()):
             b0, b1 = s // bs, (max(e, s + 1) - 1) // bs
-            joined = blocks[b0] if b0 == b1 else b"".join(blocks[b] for b in range(b0, b1 + 1))
-            out.append(joined[s - b0 * bs:e - b0 * bs])
+            if b0 == b1:
+                out.append(bytes(blocks[b0][s - b0 * bs:e - b0 * bs]))
+            else:
+                joined = b"".join(blocks[b] for b in range(b0, b1 + 1))
+                out.append(joined[s - b0 * bs:e - b0 * bs])
         return out, {"hits": len(wanted) - len(missing), "misses": len(missing), "bytes_local": local,
                      "bytes_remote": remote}
 
@@ -186,9 +225,10 @@ class DiskCache:
             if payload is None:
                 return None
             parts.append(payload)
-        joined = parts[0] if len(parts) == 1 else b"".join(parts)
         at = (start // bs) * bs
-        return joined[start - at:end - at]
+        if len(parts) == 1:
+            return bytes(parts[0][start - at:end - at])
+        return b"".join(parts)[start - at:end - at]
 
     def store(self, identity: str, block_start: int, blob: bytes) -> None:
         """Keep ``blob``, fetched from block-aligned offset ``block_start``, as cache blocks."""
