@@ -19,7 +19,6 @@ layers x q_proj/v_proj, rank 8, width 512: 112 LoRA tensors, 1.8 MB each).
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import tempfile
@@ -32,8 +31,9 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from wire import s3_behind_proxy  # noqa: E402
+
 from tests.datasets.lora_builders import lora_tensors, make_text_tokenizer, write_adapter  # noqa: E402
-from tests.storage.faulty_proxy import FaultyProxy  # noqa: E402
 from unistore.datasets import DeltaCache, ReferenceLoRATokenizer, Text2Qwen25LoRA_DeltaDataset  # noqa: E402
 
 HIDDEN = 1536
@@ -111,24 +111,9 @@ def main() -> None:
 
 def s3_table(args: Any, work: str, root: str, paths: list[str], cache: DeltaCache, lora_tok: Any, tok: Any,
              local_rate: float, size: int) -> None:
-    import boto3
-    import s3fs
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the server's access log
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    proxy = FaultyProxy(endpoint)
-    try:
-        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="bench", aws_secret_access_key="bench",
-                     region_name="us-east-1").create_bucket(Bucket="bench")
-        direct = {"key": "bench", "secret": "bench", "client_kwargs": {"endpoint_url": endpoint,
-                                                                      "region_name": "us-east-1"}}
-        s3fs.S3FileSystem(**direct).put(root + "/", "bench/ckpts", recursive=True)
-        options = {**direct, "client_kwargs": {"endpoint_url": proxy.endpoint, "region_name": "us-east-1"}}
-        url = "s3://bench/ckpts"
+    with s3_behind_proxy() as wire:
+        proxy, options = wire.proxy, wire.options
+        url = wire.upload(root, "ckpts")
         remote_cache = DeltaCache(os.path.join(work, "remote-deltas"))
         remote_cache.put_many({url + p[len(root):]: d for p, d in zip(paths, (cache.get(p) for p in paths))})
         proxy.latency = args.latency_ms / 1000
@@ -150,9 +135,6 @@ def s3_table(args: Any, work: str, root: str, paths: list[str], cache: DeltaCach
         print(f"| one epoch ({gets} GETs of {total} requests) | {total / seen:.2f} | {nbytes / seen:,.0f} | "
               f"{nbytes / seen / size:.3f} | {rate:,.0f} |")
         print(f"\nS3 epoch samples/s / local samples/s: {rate / local_rate:.2f}x")
-    finally:
-        proxy.close()
-        server.stop()
 
 
 if __name__ == "__main__":

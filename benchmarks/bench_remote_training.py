@@ -23,7 +23,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import tempfile
@@ -34,8 +33,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from wire import s3_behind_proxy  # noqa: E402
+
 import unistore as us  # noqa: E402
-from tests.storage.faulty_proxy import FaultyProxy  # noqa: E402
 from unistore.datasets import StoreSampler  # noqa: E402
 from unistore.storage.cache import DiskCache  # noqa: E402
 from unistore.storage.engine import chunk_cache  # noqa: E402
@@ -81,29 +81,15 @@ def table(rows: list[list[str]]) -> str:
 
 
 def remote_tables(work: str, data: np.ndarray, chunk: int, ranks: int) -> None:
-    import boto3
-    import s3fs
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
     local = os.path.join(work, "remote-src.zarr")
     with us.create_store(local, format="zarr") as store:
         store.write_array("emb", data, chunks=(chunk, data.shape[1]), compression="zstd")
         store.commit()
     stored = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(local, "emb")) for f in fs
                  if f != "zarr.json")
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    proxy = FaultyProxy(endpoint)
-    try:
-        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="b", aws_secret_access_key="b",
-                     region_name="us-east-1").create_bucket(Bucket="bench")
-        direct = {"key": "b", "secret": "b", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
-        s3fs.S3FileSystem(**direct).put(local + "/", "bench/emb.zarr", recursive=True)
-        options = {**direct, "client_kwargs": {"endpoint_url": proxy.endpoint, "region_name": "us-east-1"}}
-        url = "s3://bench/emb.zarr"
+    with s3_behind_proxy() as wire:
+        proxy, options = wire.proxy, wire.options
+        url = wire.upload(local, "emb.zarr")
 
         def chunk_bytes() -> int:
             return proxy.bytes_out
@@ -135,9 +121,6 @@ def remote_tables(work: str, data: np.ndarray, chunk: int, ranks: int) -> None:
                          f"{proxy.bytes_out / stored:.3f}", f"{rate:,.0f}"])
         print(f"\n## The same, chunk-aware, with the persistent disk cache ({cache.root})\n")
         print(table(rows))
-    finally:
-        proxy.close()
-        server.stop()
 
 
 def loader_epoch(dataset: Any, chunk_rows: int, epoch: int, read_ahead: int) -> float:
@@ -152,46 +135,30 @@ def loader_epoch(dataset: Any, chunk_rows: int, epoch: int, read_ahead: int) -> 
 
 def latency_table(work: str, data: np.ndarray, chunk: int, latency_ms: float) -> None:
     """DataLoader samples/s from S3 (with latency per request) / from local disk, epochs 1 and 2."""
-    import boto3
-    import s3fs
-    from moto.server import ThreadedMotoServer
-
     from unistore.datasets import StoreDataset
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    proxy = FaultyProxy(endpoint)
     rows = [["store", "local samples/s", "S3 epoch 1", "S3 epoch 2", "epoch 1 / local", "epoch 2 / local",
              "epoch 2 GETs"]]
-    try:
-        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="b", aws_secret_access_key="b",
-                     region_name="us-east-1").create_bucket(Bucket="lat")
-        direct = {"key": "b", "secret": "b", "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
-        options = {**direct, "client_kwargs": {"endpoint_url": proxy.endpoint, "region_name": "us-east-1"}}
+    with s3_behind_proxy("lat") as wire:
+        proxy, options = wire.proxy, wire.options
         for name, fmt, opts in (("npy", "npy", {}), ("zarr zstd", "zarr", {"chunks": (chunk, data.shape[1]),
                                                                             "compression": "zstd"})):
             local = os.path.join(work, f"lat-{fmt}")
             with us.create_store(local, format=fmt) as store:
                 store.write_array("x", data, **opts)
                 store.commit()
-            s3fs.S3FileSystem(**direct).put(local + "/", f"lat/{fmt}", recursive=True)
+            url = wire.upload(local, fmt)
             cache = DiskCache(os.path.join(work, f"lat-cache-{fmt}"))
             rows_per_unit = chunk if fmt == "zarr" else max(1, cache.block_bytes // (data.shape[1] * 4))
             local_rate = max(loader_epoch(StoreDataset(local), rows_per_unit, e, 0) for e in (0, 1))
             proxy.latency = latency_ms / 1000
-            remote = StoreDataset(us.open_store(f"s3://lat/{fmt}", storage_options=options, cache=cache))
+            remote = StoreDataset(us.open_store(url, storage_options=options, cache=cache))
             first = loader_epoch(remote, rows_per_unit, 0, 4)
             proxy.reset_counts()
             second = loader_epoch(remote, rows_per_unit, 1, 4)
             proxy.latency = 0.0
             rows.append([name, f"{local_rate:,.0f}", f"{first:,.0f}", f"{second:,.0f}", f"{first / local_rate:.2f}x",
                          f"{second / local_rate:.2f}x", str(proxy.requests["GET"])])
-    finally:
-        proxy.close()
-        server.stop()
     print(f"\n## DataLoader (2 workers, chunk-aware order, read-ahead 4, disk cache) from S3 with {latency_ms:g} ms "
           f"added per request vs local disk: {data.shape[0]} x {data.shape[1]} float32\n")
     print(table(rows))
