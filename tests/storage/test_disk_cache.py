@@ -173,3 +173,24 @@ def test_zarr_chunks_are_cached_on_disk(s3: dict[str, Any], tmp_path: Any, shard
         assert stats["disk_misses"] == 0 and stats["disk_hits"] > 0 and stats["bytes_local"] > 0
     finally:
         proxy.close()
+
+
+def test_prefetch_fills_the_cache_without_assembling_rows(remote: Any, tmp_path: Any) -> None:
+    cache = DiskCache(tmp_path / "cache", block_bytes=64 << 10)
+    proxy = remote["proxy"]
+    store = us.open_store(remote["url"], storage_options=remote["options"], cache=cache)
+    arr = store["emb"]
+    rows = np.arange(1000, 1600)  # 600 rows of 256 bytes: a few 64 KiB blocks
+    arr.layout.location.identity()
+    proxy.reset_counts()
+    assert arr.prefetch(rows) is None
+    fetched = proxy.bytes_out
+    assert 0 < fetched <= (600 * 256 // (64 << 10) + 2) * (64 << 10)
+    assert store.io_stats()["disk_misses"] > 0
+    proxy.reset_counts()
+    np.testing.assert_array_equal(arr.take(rows[::-1]), remote["data"][rows[::-1]])
+    assert proxy.total_requests == 0  # the read that follows is local
+    arr.prefetch(rows)  # already cached: nothing fetched
+    assert proxy.total_requests == 0
+    with pytest.raises(us.errors.OutOfBoundsError):
+        arr.prefetch([ROWS])

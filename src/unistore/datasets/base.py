@@ -179,12 +179,22 @@ class StoreDataset(_TorchDataset):  # type: ignore[misc,valid-type]
         return Batch(self._get_batch(idx), len(idx))
 
     def prefetch(self, indices: Any) -> None:
-        """Read the batch ``indices`` and discard it, so the caches hold it when it is asked for.
+        """Bring the batch ``indices`` into the caches before it is asked for (the loader's read-ahead).
 
-        Used by the loader's read-ahead: it reads exactly what the batch will
-        read, into this process's chunk cache and the shared disk cache.
+        Sample ``i`` being row ``i`` of every array, each array fetches its
+        rows with :meth:`Array.prefetch` (remote uncompressed rows go to the
+        disk cache without being assembled).  Subclasses that map samples to
+        rows differently read the batch with ``_get_batch`` and drop it.
         """
-        self._get_batch(as_index_array(indices))
+        idx = as_index_array(indices)
+        if type(self)._get_batch is not StoreDataset._get_batch:
+            self._get_batch(idx)
+            return
+        for arr in self.arrays.values():
+            if isinstance(arr, Array):
+                arr.prefetch(idx)
+            else:
+                arr.take(idx)
 
     def __getitem__(self, index: int) -> Any:
         return self.__getitems__([index])[0]

@@ -156,6 +156,18 @@ class Array:
         out = gather(self._info.layout, idx, self._stats)
         return to_tensor(out) if as_tensor else out
 
+    def prefetch(self, indices: Any) -> None:
+        """Bring rows ``indices`` into the caches without returning them (what a read-ahead calls).
+
+        Raises:
+            OutOfBoundsError: an index is outside the array.
+        """
+        if not self.shape:
+            return
+        from unistore.storage.engine import prefetch
+
+        prefetch(self._info.layout, normalize_indices(indices, self.shape[0], self.key), self._stats)
+
     def read(self, as_tensor: bool = False) -> Any:
         """The whole array."""
         out = self._read_slice(0, self.shape[0]) if self.shape else self._read_scalar()

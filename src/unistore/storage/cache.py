@@ -175,10 +175,7 @@ class DiskCache:
         ``{"hits", "misses", "bytes_local", "bytes_remote"}`` (blocks and bytes).
         """
         bs = self.block_bytes
-        first = starts // bs
-        last = (np.maximum(ends, starts + 1) - 1) // bs
-        wanted = np.unique(np.concatenate([np.arange(a, b + 1) for a, b in zip(first, last)])) if len(starts) \
-            else np.zeros(0, np.int64)
+        wanted = _blocks_of(starts, ends, bs)
         folder = self._dir(identity)
         blocks: dict[int, bytes] = {}
         missing = []
@@ -209,6 +206,27 @@ class DiskCache:
                 out.append(joined[s - b0 * bs:e - b0 * bs])
         return out, {"hits": len(wanted) - len(missing), "misses": len(missing), "bytes_local": local,
                      "bytes_remote": remote}
+
+    def ensure(self, identity: str, size: int, starts: np.ndarray, ends: np.ndarray,
+               fetch: Callable[[np.ndarray, np.ndarray], list[bytes]]) -> dict[str, int]:
+        """Make sure the blocks holding the ranges are cached, fetching only those that are not (read-ahead).
+
+        Nothing is assembled or returned but the counts of :meth:`read_ranges`.
+        """
+        bs = self.block_bytes
+        if not len(starts):
+            return {"hits": 0, "misses": 0, "bytes_local": 0, "bytes_remote": 0}
+        wanted = _blocks_of(starts, ends, bs)
+        folder = self._dir(identity)
+        missing = [b for b in wanted.tolist()
+                   if self._get(os.path.join(folder, str(b)), min(bs, size - b * bs)) is None]
+        remote = 0
+        if missing:
+            run_starts, run_ends = _runs(np.array(missing, dtype=np.int64), bs, size, max(1, MAX_RUN_BYTES // bs))
+            for rs, blob in zip(run_starts.tolist(), fetch(run_starts, run_ends)):
+                remote += len(blob)
+                self.store(identity, rs, blob)
+        return {"hits": len(wanted) - len(missing), "misses": len(missing), "bytes_local": 0, "bytes_remote": remote}
 
     def cover(self, start: int, end: int, size: int) -> tuple[int, int]:
         """The block-aligned byte range holding ``[start, end)`` of an object of ``size`` bytes."""
@@ -288,6 +306,17 @@ class DiskCache:
                 freed += e.stat().st_size
                 os.remove(e.path)
         return freed
+
+
+def _blocks_of(starts: np.ndarray, ends: np.ndarray, bs: int) -> np.ndarray:
+    """Sorted unique numbers of the blocks that byte ranges ``[starts, ends)`` touch."""
+    if not len(starts):
+        return np.zeros(0, np.int64)
+    first = starts // bs
+    last = (np.maximum(ends, starts + 1) - 1) // bs
+    if int((last - first).max()) <= 1:  # rows smaller than a block: each touches one or two
+        return np.unique(np.concatenate([first, last]))
+    return np.unique(np.concatenate([np.arange(a, b + 1) for a, b in zip(first.tolist(), last.tolist())]))
 
 
 def _runs(blocks: np.ndarray, bs: int, size: int, max_blocks: int) -> tuple[np.ndarray, np.ndarray]:

@@ -27,7 +27,7 @@ from unistore.storage.layout import (
 )
 from unistore.storage.location import Location, ShortReadError, retry_remote
 
-__all__ = ["gather", "read_rows", "read_contiguous", "ChunkCache", "chunk_cache", "MERGE_GAP_BYTES"]
+__all__ = ["gather", "prefetch", "read_rows", "read_contiguous", "ChunkCache", "chunk_cache", "MERGE_GAP_BYTES"]
 
 #: Two requested row ranges closer than this are fetched as one request.
 MERGE_GAP_BYTES = int(os.environ.get("UNISTORE_MERGE_GAP_BYTES", 16 * 1024))
@@ -214,6 +214,28 @@ def read_contiguous(layouts: dict[str, ContiguousLayout], stats: IOStats) -> dic
     return out
 
 
+def prefetch(layout: Layout, indices: np.ndarray, stats: IOStats) -> None:
+    """Bring rows ``indices`` close without returning them (read-ahead).
+
+    A remote uncompressed array with a disk cache only has the missing blocks
+    fetched into the cache (nothing is assembled, so a later read costs a
+    local page lookup); anything else is gathered and dropped, which fills
+    this process's caches.
+    """
+    if isinstance(layout, ContiguousLayout) and not layout.location.is_local and layout.location.cache is not None:
+        uniq = np.unique(indices)
+        if not len(uniq) or layout.row_nbytes == 0:
+            return
+        starts = layout.offset + uniq * layout.row_nbytes
+        run_starts, run_ends, _ = _merge(starts, starts + layout.row_nbytes, max(MERGE_GAP_BYTES, 0))
+        loc = layout.location
+        identity, size = loc.identity()
+        counts = loc.cache.ensure(identity, size, run_starts, run_ends, lambda s, e: _fetch_remote(loc, s, e, stats))
+        stats.add(disk_hits=counts["hits"], disk_misses=counts["misses"])
+        return
+    gather(layout, indices, stats)
+
+
 def _gather_ranges(layout: ContiguousLayout, indices: np.ndarray, stats: IOStats) -> np.ndarray:
     uniq, inverse = np.unique(indices, return_inverse=True)
     row = layout.row_nbytes
@@ -222,7 +244,9 @@ def _gather_ranges(layout: ContiguousLayout, indices: np.ndarray, stats: IOStats
         return np.empty((len(indices),) + layout.shape[1:], layout.dtype)
     starts = layout.offset + uniq * row
     ends = starts + row
-    run_starts, run_ends, run_id = _merge(starts, ends, max(MERGE_GAP_BYTES, 0))
+    # with a disk cache, requests are whole blocks anyway: ask it for the rows only, not the gaps between them
+    gap = 0 if layout.location.cache is not None else max(MERGE_GAP_BYTES, 0)
+    run_starts, run_ends, run_id = _merge(starts, ends, gap)
     blobs = fetch_ranges(layout.location, run_starts, run_ends, stats)
     if len(blobs) == 1:
         buf = np.frombuffer(blobs[0], dtype=np.uint8)
