@@ -86,3 +86,23 @@ def test_read_ahead_stops_with_the_loop(tmp_path: Any) -> None:
     it.close()  # an interrupted epoch stops its read-ahead thread
     assert loader.read_ahead_stats["batches"] <= 3 + 5
     assert isinstance(torch.zeros(1), torch.Tensor)
+
+
+@pytest.mark.s3
+def test_chunk_aware_order_is_chosen_for_chunked_remote_data(s3: dict[str, Any], tmp_path: Any) -> None:
+    data = np.random.default_rng(2).standard_normal((ROWS, DIM)).astype(np.float32)
+    local = str(tmp_path / "d.zarr")
+    _write(local, "zarr", data, chunks=(150, DIM), compression="zstd")
+    s3["fs"].put(local + "/", f"{s3['bucket']}/d.zarr", recursive=True)
+    remote = StoreDataset(f"s3://{s3['bucket']}/d.zarr", storage_options=s3["options"])
+    loader = make_loader(remote, 64, seed=1)
+    assert loader.sampler.chunk_rows == 150
+    ys = np.concatenate([b["y"].numpy() for b in loader])
+    assert sorted(ys.tolist()) == list(range(ROWS))
+    assert make_loader(remote, 64, shuffle=False).sampler.chunk_rows is None
+    assert make_loader(remote, 64, chunk_rows=None).sampler.chunk_rows is None
+    assert make_loader(StoreDataset(local), 64).sampler.chunk_rows is None  # local: plain shuffle
+    _write(str(tmp_path / "flat"), "npy", data)
+    assert make_loader(StoreDataset(str(tmp_path / "flat")), 64, chunk_rows=300).sampler.chunk_rows == 300
+    with pytest.raises(ValueError, match="chunk_rows"):
+        make_loader(remote, 64, chunk_rows="yes")

@@ -13,7 +13,7 @@ import numpy as np
 from unistore.datasets.base import collate
 from unistore.datasets.sampler import StoreSampler, dist_rank_and_world
 
-__all__ = ["create_loader", "set_epoch", "validate_first_batch", "make_loader"]
+__all__ = ["create_loader", "set_epoch", "validate_first_batch", "make_loader", "auto_chunk_rows"]
 
 log = logging.getLogger("unistore")
 
@@ -127,15 +127,40 @@ class _ReadAhead:
         self._thread.join(timeout=30)
 
 
+def auto_chunk_rows(dataset: Any) -> int | None:
+    """The chunk length to shuffle by, for a dataset whose sample ``i`` is row ``i`` of chunked remote arrays.
+
+    The chunks of the array with the widest rows set it (they dominate what an
+    epoch fetches).  None for local stores (a plain shuffle costs nothing there
+    once chunks are cached), for contiguous arrays, and for datasets that map
+    samples to rows their own way (they override ``_get_batch``).
+    """
+    from unistore.datasets.base import StoreDataset
+    from unistore.storage.array import Array
+
+    if not isinstance(dataset, StoreDataset) or type(dataset)._get_batch is not StoreDataset._get_batch:
+        return None
+    if dataset.store.location.is_local:
+        return None
+    chunked = [a for a in dataset.arrays.values() if isinstance(a, Array) and a.chunks and a.shape and a.shape[0]]
+    if not chunked:
+        return None
+    heaviest = max(chunked, key=lambda a: a.nbytes // a.shape[0])  # its chunks dominate what an epoch fetches
+    return int(heaviest.chunks[0]) if heaviest.chunks else None
+
+
 def make_loader(dataset: Any, batch_size: int, *, shuffle: bool = True, seed: int = 0, distributed: bool = False,
                 rank: int | None = None, world_size: int | None = None, drop_last: bool = False,
-                num_workers: int = 0, chunk_rows: int | None = None, read_ahead: int = 0,
+                num_workers: int = 0, chunk_rows: int | str | None = "auto", read_ahead: int = 0,
                 **loader_kwargs: Any) -> Any:
     """A DataLoader over any unistore dataset with a :class:`StoreSampler` and batch collation.
 
     ``distributed=True`` takes rank and world size from ``torch.distributed``
     (initialise the process group first) unless they are given.
-    ``chunk_rows`` selects the sampler's chunk-aware order.  ``read_ahead=N``
+    ``chunk_rows`` selects the sampler's chunk-aware order: ``"auto"`` (the
+    default) uses it when the samples are rows of chunked arrays in a remote
+    store (see :func:`auto_chunk_rows`), an int forces it, None turns it off.
+    ``read_ahead=N``
     reads the next ``N`` batches of the order in a background thread of this
     process (``dataset.prefetch``): with ``num_workers=0`` it fills this
     process's caches; with worker processes it helps through the persistent
@@ -145,6 +170,10 @@ def make_loader(dataset: Any, batch_size: int, *, shuffle: bool = True, seed: in
         d_rank, d_world = dist_rank_and_world()
         rank = d_rank if rank is None else rank
         world_size = d_world if world_size is None else world_size
+    if chunk_rows == "auto":
+        chunk_rows = auto_chunk_rows(dataset) if shuffle else None
+    elif isinstance(chunk_rows, str):
+        raise ValueError(f"chunk_rows must be 'auto', an int or None, got {chunk_rows!r}")
     sampler = StoreSampler(dataset, shuffle=shuffle, seed=seed, rank=rank if distributed else 0,
                            world_size=world_size if distributed else 1, drop_last=drop_last, chunk_rows=chunk_rows)
     loader_kwargs.setdefault("collate_fn", collate)
