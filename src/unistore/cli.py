@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -123,13 +122,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from unistore.storage.cache import DEFAULT_CACHE_BYTES, DiskCache
+    from unistore.storage.cache import default_cache
 
-    root = args.dir or os.environ.get("UNISTORE_CACHE_DIR")
-    if not root:
+    cache = default_cache(args.dir)
+    if cache is None:
         print("error: no cache directory: pass --dir or set UNISTORE_CACHE_DIR", file=sys.stderr)
         return 2
-    cache = DiskCache(root, int(os.environ.get("UNISTORE_CACHE_BYTES", DEFAULT_CACHE_BYTES)))
     if args.cache_command == "clear":
         print(f"removed {_human(cache.clear())} from {cache.root}")
         return 0

@@ -25,7 +25,6 @@ import numpy as np
 
 from unistore.datasets.factory import _join, data_root, get_dataset_config, write_classification_store
 from unistore.errors import CorruptDataError, DatasetNotFoundError, TruncatedDataError, UnsafePickleError
-from unistore.migrations.legacy import NumpyOnlyUnpickler
 from unistore.storage.location import Location, retry_remote
 
 __all__ = ["import_mnist", "import_cifar", "read_idx", "read_cifar_batch"]
@@ -106,10 +105,6 @@ def import_mnist(source_dir: str, data_dir: str | None = None, *, name: str = "m
     return _write(name, splits, data_dir, format, storage_options, overwrite, source.url)
 
 
-class _CifarUnpickler(NumpyOnlyUnpickler):
-    """Dicts, lists, bytes and numeric numpy arrays: everything a CIFAR batch holds, nothing that runs."""
-
-
 def read_cifar_batch(data: bytes, where: str) -> dict[str, Any]:
     """One CIFAR python batch as ``{"data": (N, 3072) uint8, "labels": (N,) int64, ...}``.
 
@@ -117,8 +112,11 @@ def read_cifar_batch(data: bytes, where: str) -> dict[str, Any]:
         UnsafePickleError: the pickle names anything but numpy's array builders (it is not run).
         CorruptDataError: not a pickle of a CIFAR batch dict.
     """
+    # dicts, lists, bytes and numeric numpy arrays: everything a CIFAR batch holds, nothing that runs
+    from unistore.migrations.legacy import NumpyOnlyUnpickler
+
     try:
-        value = _CifarUnpickler(io.BytesIO(data), encoding="bytes").load()
+        value = NumpyOnlyUnpickler(io.BytesIO(data), encoding="bytes").load()
     except UnsafePickleError as e:
         raise UnsafePickleError(f"{where}: {e}") from e
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,

@@ -14,9 +14,10 @@ in bytes with LRU eviction across processes nor checksum entries.  Here:
   for concurrent DataLoader workers and ranks), and carries a CRC-32 of its
   bytes: a corrupt or truncated entry is deleted and fetched again, never
   served;
-- the cache stays within ``max_bytes``: hits refresh an entry's mtime, and
-  the writer that pushes the total over budget evicts the least recently used
-  entries (under a file lock, one evictor at a time).
+- the cache stays within ``max_bytes``: a process's first use of an entry
+  refreshes its mtime, and the writer that pushes the total over budget
+  evicts the least recently used entries (under a file lock, one evictor at
+  a time).
 
 >>> store = unistore.open_store("s3://bucket/run1.npy", cache="/scratch/unistore-cache")
 >>> # or: export UNISTORE_CACHE_DIR=/scratch/unistore-cache  (UNISTORE_CACHE_BYTES, default 50 GiB)
@@ -49,9 +50,10 @@ _LOCK_NAME = ".evict.lock"
 _MAX_MAPS = 4096
 
 
-def default_cache() -> DiskCache | None:
-    """The cache named by ``$UNISTORE_CACHE_DIR`` (budget ``$UNISTORE_CACHE_BYTES``), or None when unset."""
-    root = os.environ.get("UNISTORE_CACHE_DIR")
+def default_cache(root: str | os.PathLike[str] | None = None) -> DiskCache | None:
+    """The cache at ``root``, else the one named by ``$UNISTORE_CACHE_DIR`` (budget ``$UNISTORE_CACHE_BYTES``),
+    or None when neither is given."""
+    root = root or os.environ.get("UNISTORE_CACHE_DIR")
     if not root:
         return None
     return DiskCache(root, int(os.environ.get("UNISTORE_CACHE_BYTES", DEFAULT_CACHE_BYTES)))
@@ -174,14 +176,29 @@ class DiskCache:
         for the missing blocks (neighbours merged).  Returns the ranges and
         ``{"hits", "misses", "bytes_local", "bytes_remote"}`` (blocks and bytes).
         """
+        blocks, counts = self._fill(identity, size, starts, ends, fetch)
+        out = [self._slice(blocks, s, e) for s, e in zip(starts.tolist(), ends.tolist())]
+        return out, counts
+
+    def ensure(self, identity: str, size: int, starts: np.ndarray, ends: np.ndarray,
+               fetch: Callable[[np.ndarray, np.ndarray], list[bytes]]) -> dict[str, int]:
+        """Make sure the blocks holding the ranges are cached, fetching only those that are not (read-ahead).
+
+        Nothing is assembled or returned but the counts of :meth:`read_ranges`.
+        """
+        return self._fill(identity, size, starts, ends, fetch)[1]
+
+    def _fill(self, identity: str, size: int, starts: np.ndarray, ends: np.ndarray,
+              fetch: Callable[[np.ndarray, np.ndarray], list[bytes]]) -> tuple[dict[int, Any], dict[str, int]]:
+        """The blocks holding the ranges (``{number: payload}``): cached ones as they are, missing ones fetched
+        in merged runs and kept."""
         bs = self.block_bytes
         wanted = _blocks_of(starts, ends, bs)
         folder = self._dir(identity)
-        blocks: dict[int, bytes] = {}
+        blocks: dict[int, Any] = {}
         missing = []
         for b in wanted.tolist():
-            want = min(bs, size - b * bs)
-            payload = self._get(os.path.join(folder, str(b)), want)
+            payload = self._get(os.path.join(folder, str(b)), min(bs, size - b * bs))
             if payload is None:
                 missing.append(b)
             else:
@@ -192,41 +209,18 @@ class DiskCache:
             run_starts, run_ends = _runs(np.array(missing, dtype=np.int64), bs, size, max(1, MAX_RUN_BYTES // bs))
             for rs, blob in zip(run_starts.tolist(), fetch(run_starts, run_ends)):
                 remote += len(blob)
-                for off in range(0, len(blob), bs):
-                    b = (rs + off) // bs
-                    blocks[b] = bytes(blob[off:off + bs])
-                    self._put(os.path.join(folder, str(b)), blocks[b])
-        out = []
-        for s, e in zip(starts.tolist(), ends.tolist()):
-            b0, b1 = s // bs, (max(e, s + 1) - 1) // bs
-            if b0 == b1:
-                out.append(bytes(blocks[b0][s - b0 * bs:e - b0 * bs]))
-            else:
-                joined = b"".join(blocks[b] for b in range(b0, b1 + 1))
-                out.append(joined[s - b0 * bs:e - b0 * bs])
-        return out, {"hits": len(wanted) - len(missing), "misses": len(missing), "bytes_local": local,
-                     "bytes_remote": remote}
+                blocks.update(self.store(identity, rs, blob))
+        return blocks, {"hits": len(wanted) - len(missing), "misses": len(missing), "bytes_local": local,
+                        "bytes_remote": remote}
 
-    def ensure(self, identity: str, size: int, starts: np.ndarray, ends: np.ndarray,
-               fetch: Callable[[np.ndarray, np.ndarray], list[bytes]]) -> dict[str, int]:
-        """Make sure the blocks holding the ranges are cached, fetching only those that are not (read-ahead).
-
-        Nothing is assembled or returned but the counts of :meth:`read_ranges`.
-        """
+    def _slice(self, blocks: dict[int, Any], start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` out of the blocks holding them."""
         bs = self.block_bytes
-        if not len(starts):
-            return {"hits": 0, "misses": 0, "bytes_local": 0, "bytes_remote": 0}
-        wanted = _blocks_of(starts, ends, bs)
-        folder = self._dir(identity)
-        missing = [b for b in wanted.tolist()
-                   if self._get(os.path.join(folder, str(b)), min(bs, size - b * bs)) is None]
-        remote = 0
-        if missing:
-            run_starts, run_ends = _runs(np.array(missing, dtype=np.int64), bs, size, max(1, MAX_RUN_BYTES // bs))
-            for rs, blob in zip(run_starts.tolist(), fetch(run_starts, run_ends)):
-                remote += len(blob)
-                self.store(identity, rs, blob)
-        return {"hits": len(wanted) - len(missing), "misses": len(missing), "bytes_local": 0, "bytes_remote": remote}
+        b0, b1 = start // bs, (max(end, start + 1) - 1) // bs
+        at = b0 * bs
+        if b0 == b1:
+            return bytes(blocks[b0][start - at:end - at])
+        return b"".join(blocks[b] for b in range(b0, b1 + 1))[start - at:end - at]
 
     def cover(self, start: int, end: int, size: int) -> tuple[int, int]:
         """The block-aligned byte range holding ``[start, end)`` of an object of ``size`` bytes."""
@@ -237,23 +231,23 @@ class DiskCache:
         """Bytes ``[start, end)`` when every block holding them is cached and intact, else None."""
         bs = self.block_bytes
         folder = self._dir(identity)
-        parts = []
+        blocks = {}
         for b in range(start // bs, (max(end, start + 1) - 1) // bs + 1):
-            payload = self._get(os.path.join(folder, str(b)), min(bs, size - b * bs))
-            if payload is None:
+            blocks[b] = self._get(os.path.join(folder, str(b)), min(bs, size - b * bs))
+            if blocks[b] is None:
                 return None
-            parts.append(payload)
-        at = (start // bs) * bs
-        if len(parts) == 1:
-            return bytes(parts[0][start - at:end - at])
-        return b"".join(parts)[start - at:end - at]
+        return self._slice(blocks, start, end)
 
-    def store(self, identity: str, block_start: int, blob: bytes) -> None:
-        """Keep ``blob``, fetched from block-aligned offset ``block_start``, as cache blocks."""
+    def store(self, identity: str, block_start: int, blob: bytes) -> dict[int, bytes]:
+        """Keep ``blob``, fetched from block-aligned offset ``block_start``, as cache blocks; returns them."""
         bs = self.block_bytes
         folder = self._dir(identity)
+        kept = {}
         for off in range(0, len(blob), bs):
-            self._put(os.path.join(folder, str((block_start + off) // bs)), bytes(blob[off:off + bs]))
+            b = (block_start + off) // bs
+            kept[b] = bytes(blob[off:off + bs])
+            self._put(os.path.join(folder, str(b)), kept[b])
+        return kept
 
     # ------------------------------------------------------------- upkeep
     def _entries(self) -> Iterator[os.DirEntry[str]]:
