@@ -147,10 +147,11 @@ class DiskCache:
             mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         return memoryview(mapping)[:n]
 
-    def _put(self, path: str, payload: bytes) -> None:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+    def _put(self, path: str, payload: Any) -> bool:
+        """Write an entry (temporary name, then rename); False when the disk refused it."""
         tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(tmp, "wb") as f:
                 f.write(payload)
                 f.write(_TRAILER.pack(len(payload), zlib.crc32(payload)))
@@ -158,7 +159,7 @@ class DiskCache:
         except OSError:
             with contextlib.suppress(OSError):
                 os.remove(tmp)
-            return  # a full or read-only disk: the read still succeeds, uncached
+            return False  # a full or read-only disk: the read still succeeds, uncached
         with self._lock:
             self._written += len(payload) + _TRAILER.size
             check = self._written > max(self.max_bytes // 20, self.block_bytes)
@@ -166,6 +167,36 @@ class DiskCache:
                 self._written = 0
         if check:
             self.evict()
+        return True
+
+    # ------------------------------------------------------- whole entries
+    def get_entry(self, identity: str, name: str, nbytes: int) -> memoryview | None:
+        """The entry ``name`` of ``identity`` (exactly ``nbytes`` long) as a read-only mapping, or None.
+
+        Every process that asks maps the same page-cache pages: decoded
+        chunks kept here cost no anonymous memory, however many DataLoader
+        workers read them.
+        """
+        payload = self._get(os.path.join(self._dir(identity), name), nbytes)
+        return payload if payload is None else memoryview(payload)
+
+    def put_entry(self, identity: str, name: str, payload: Any) -> memoryview | None:
+        """Keep ``payload`` (bytes-like) as entry ``name`` of ``identity``; returns its mapping, or None when the
+        disk refused it (the caller keeps its own copy)."""
+        path = os.path.join(self._dir(identity), name)
+        payload = memoryview(payload).cast("B")
+        if not self._put(path, payload):
+            return None
+        try:
+            st = os.stat(path)
+            view = self._map(path, len(payload))
+        except (OSError, ValueError):
+            return None
+        with self._lock:
+            self._maps[path] = ((st.st_ino, st.st_size, st.st_mtime_ns), view)
+            while len(self._maps) > _MAX_MAPS:
+                self._maps.popitem(last=False)
+        return view
 
     # ------------------------------------------------------------- reads
     def read_ranges(self, identity: str, size: int, starts: np.ndarray, ends: np.ndarray,

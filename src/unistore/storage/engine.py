@@ -217,11 +217,17 @@ def read_contiguous(layouts: dict[str, ContiguousLayout], stats: IOStats) -> dic
 def prefetch(layout: Layout, indices: np.ndarray, stats: IOStats) -> None:
     """Bring rows ``indices`` close without returning them (read-ahead).
 
-    A remote uncompressed array with a disk cache only has the missing blocks
-    fetched into the cache (nothing is assembled, so a later read costs a
-    local page lookup); anything else is gathered and dropped, which fills
-    this process's caches.
+    With a disk cache, a remote uncompressed array only has the missing
+    blocks fetched into it, and a chunked array only has its missing chunks
+    decoded into it (nothing is assembled, so a later read costs a local
+    page lookup); anything else is gathered and dropped, which fills this
+    process's caches.
     """
+    if isinstance(layout, ChunkedLayout) and len(indices):
+        decoded = _decoded_cache(layout)
+        if decoded is not None:
+            _decoded_chunks(layout, np.unique(indices // layout.chunk_rows), stats, *decoded)
+            return
     if isinstance(layout, ContiguousLayout) and not layout.location.is_local and layout.location.cache is not None:
         uniq = np.unique(indices)
         if not len(uniq) or layout.row_nbytes == 0:
@@ -351,9 +357,7 @@ def _load_runs(layout: ChunkedLayout, chunk_ids: np.ndarray, stats: IOStats) -> 
         slabs = [load(run) for run in runs]
     after = counter() if counter else None
     if before is not None and after is not None:  # the reader knows what it fetched from storage
-        extra = [a - b for a, b in zip(after[2:5], before[2:5])] + [0, 0, 0]
-        stats.add(requests=after[0] - before[0], nbytes=after[1] - before[1], chunks_decoded=len(chunk_ids),
-                  disk_hits=extra[0], disk_misses=extra[1], bytes_local=extra[2])
+        stats.add(requests=after[0] - before[0], nbytes=after[1] - before[1], chunks_decoded=len(chunk_ids))
     else:  # otherwise count one request per run and the decoded bytes
         stats.add(requests=len(runs), nbytes=sum(s.nbytes for _, s in slabs), chunks_decoded=len(chunk_ids))
     return slabs
@@ -364,6 +368,9 @@ def _gather_chunks(layout: ChunkedLayout, indices: np.ndarray, stats: IOStats) -
     if len(indices) == 0:
         return np.empty((0,) + layout.shape[1:], layout.dtype)
     chunk_of = indices // cr
+    decoded = _decoded_cache(layout)
+    if decoded is not None:
+        return _assemble(layout, indices, chunk_of, _decoded_chunks(layout, np.unique(chunk_of), stats, *decoded))
     nbytes = int(np.prod(layout.shape, dtype=np.int64)) * layout.dtype.itemsize
     if nbytes <= chunk_cache.max_bytes:
         n_chunks = -(-layout.shape[0] // cr)
@@ -394,8 +401,15 @@ def _gather_chunks(layout: ChunkedLayout, indices: np.ndarray, stats: IOStats) -
             block = np.ascontiguousarray(slab[j * cr:(j + 1) * cr])
             blocks[first + j] = block
             chunk_cache.put((layout.token, first + j), block, block.nbytes)
-    if len(needed) == 1:
-        cid = int(needed[0])
+    return _assemble(layout, indices, chunk_of, blocks)
+
+
+def _assemble(layout: ChunkedLayout, indices: np.ndarray, chunk_of: np.ndarray,
+              blocks: dict[int, np.ndarray]) -> np.ndarray:
+    """Rows ``indices`` out of the decoded chunks holding them."""
+    cr = layout.chunk_rows
+    if len(blocks) == 1:
+        cid = int(chunk_of[0])
         return blocks[cid][indices - cid * cr]
     out = np.empty((len(indices),) + layout.shape[1:], layout.dtype)
     order = np.argsort(chunk_of, kind="stable")
@@ -404,3 +418,45 @@ def _gather_chunks(layout: ChunkedLayout, indices: np.ndarray, stats: IOStats) -
         cid = int(chunk_of[part[0]])
         out[part] = blocks[cid][indices[part] - cid * cr]
     return out
+
+
+# ------------------------------------------------- decoded chunks on disk
+def _decoded_cache(layout: ChunkedLayout) -> tuple[Any, str] | None:
+    """``(disk cache, array identity)`` when the array's decoded chunks are kept in a disk cache, else None."""
+    loc = getattr(layout.reader, "location", None)
+    if loc is None or loc.cache is None or layout.dtype.itemsize == 0 or 0 in layout.shape[1:]:
+        return None
+    ident = layout.reader.identity()
+    return None if ident is None else (loc.cache, f"decoded|{ident}|{layout.chunk_rows}")
+
+
+def _decoded_chunks(layout: ChunkedLayout, needed: np.ndarray, stats: IOStats, cache: Any,
+                    ident: str) -> dict[int, np.ndarray]:
+    """Decoded chunks ``needed`` (sorted ids): mapped from the disk cache where it has them, else decoded once
+    and kept there as uncompressed files.
+
+    Every process on the machine maps the same cached pages, so many
+    DataLoader workers reading one array hold its decoded chunks once, in the
+    page cache, not once each in their own memory; the process's own
+    decoded-chunk LRU is not used for such arrays.
+    """
+    cr, n = layout.chunk_rows, layout.shape[0]
+    row_shape, row_nbytes = layout.shape[1:], int(np.prod(layout.shape[1:], dtype=np.int64)) * layout.dtype.itemsize
+    blocks: dict[int, np.ndarray] = {}
+    missing = []
+    local = 0
+    for cid in needed.tolist():
+        rows = min(cr, n - cid * cr)
+        view = cache.get_entry(ident, str(cid), rows * row_nbytes)
+        if view is None:
+            missing.append(cid)
+        else:
+            blocks[cid] = np.frombuffer(view, layout.dtype).reshape((rows,) + row_shape)
+            local += rows * row_nbytes
+    for first, slab in _load_runs(layout, np.asarray(missing, dtype=np.int64), stats):
+        for j in range(-(-len(slab) // cr)):
+            block = np.ascontiguousarray(slab[j * cr:(j + 1) * cr])
+            view = cache.put_entry(ident, str(first + j), block)
+            blocks[first + j] = block if view is None else np.frombuffer(view, layout.dtype).reshape(block.shape)
+    stats.add(disk_hits=len(needed) - len(missing), disk_misses=len(missing), bytes_local=local)
+    return blocks

@@ -55,8 +55,10 @@ class BlockReader(Protocol):
 
     Implementations must be picklable and (re)open their handles lazily.
     ``concurrent`` says whether several blocks may be read from threads at once.
-    A reader may also offer ``fetched() -> (requests, bytes[, disk hits, disk misses, bytes local])``, cumulative
-    counts of what it read from storage, for ``io_stats()``.
+    A reader may also offer ``fetched() -> (requests, bytes)``, cumulative counts of
+    what it read from storage, for ``io_stats()``, and ``identity() -> str | None``
+    (see :meth:`LazyBlockReader.identity`), which lets the engine keep decoded
+    chunks in a disk cache.
     """
 
     concurrent: bool
@@ -102,6 +104,11 @@ class LazyBlockReader:
         """The handle if this process already opened it, else None."""
         return self._handle if self._pid == os.getpid() else None
 
+    def identity(self) -> str | None:
+        """What the stored array is, for keying its decoded chunks in a disk cache: changes whenever a stored
+        byte of it does.  None (the default) when the reader cannot tell, and then nothing decoded is kept."""
+        return None
+
 
 @dataclass(frozen=True, slots=True)
 class ChunkedLayout:
@@ -131,8 +138,9 @@ class IOStats:
     ``requests``/``bytes``: storage reads issued and bytes they returned
     (range requests remotely; for local ``mmap`` reads, rows copied).
     ``cache_hits``: decoded chunks served from the chunk cache.
-    ``disk_hits``/``disk_misses``: blocks of remote objects found / not found
-    in the persistent local cache; ``bytes_local``: bytes it served.
+    ``disk_hits``/``disk_misses``: blocks of remote objects, or decoded chunks
+    of chunked arrays, found / not found in the persistent local cache;
+    ``bytes_local``: bytes it served.
     """
 
     requests: int = 0

@@ -424,11 +424,13 @@ def open_store(url: str | os.PathLike[str] | Location, mode: str = "r", format: 
     the format, e.g. ``raw={"base_embeddings": ((-1, 384), "float32")}`` for
     headerless memmap dumps in an ``npy`` directory.
 
-    ``cache`` keeps what reads of a remote store fetch on local disk (see
+    ``cache`` keeps what reads fetch or decode on local disk (see
     :mod:`unistore.storage.cache`): a directory, a
     :class:`~unistore.storage.cache.DiskCache`, ``False`` for none, or None
-    for ``$UNISTORE_CACHE_DIR`` when it is set.  Uncompressed arrays are
-    cached as byte blocks; local stores are never cached.
+    for ``$UNISTORE_CACHE_DIR`` when it is set.  Uncompressed remote arrays
+    are cached as byte blocks; chunked (compressed) arrays, remote or local,
+    as decoded chunks that every process maps; local uncompressed arrays are
+    read in place.
 
     Raises:
         StoreNotFoundError: nothing at ``url``.
@@ -443,7 +445,7 @@ def open_store(url: str | os.PathLike[str] | Location, mode: str = "r", format: 
         # fsspec caches listings per filesystem instance; a store published since
         # must not be judged by a stale listing
         location.fs.invalidate_cache(location.path)
-        location.cache = _as_cache(cache)
+    location.cache = _as_cache(cache)
     if format == "auto":
         format = detect_format(location)
     elif not location.exists():

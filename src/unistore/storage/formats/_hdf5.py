@@ -31,7 +31,14 @@ from unistore.storage.formats.base import (
     apply_meta,
     loads_meta,
 )
-from unistore.storage.layout import ChunkedLayout, ContiguousLayout, InMemoryLayout, LazyBlockReader, file_stamp
+from unistore.storage.layout import (
+    ChunkedLayout,
+    ContiguousLayout,
+    InMemoryLayout,
+    IOStats,
+    LazyBlockReader,
+    file_stamp,
+)
 from unistore.storage.location import Location, retry_remote
 
 _LOCK = threading.Lock()  # libhdf5 is not thread-safe across files opened from Python threads
@@ -45,7 +52,10 @@ def _open_h5(location: Location) -> tuple[Any, Any]:
     try:
         if location.is_local:
             return h5py.File(location.path, "r"), None
-        fileobj = _CountingFile(location.fs.open(location.path, "rb", block_size=1 << 20, cache_type="readahead"))
+        if location.cache is not None:
+            fileobj = _DiskCachedFile(location)
+        else:
+            fileobj = _CountingFile(location.fs.open(location.path, "rb", block_size=1 << 20, cache_type="readahead"))
         return h5py.File(fileobj, "r"), fileobj
     except OSError as e:
         if fileobj is not None:
@@ -95,6 +105,60 @@ class _CountingFile:
         self._f.close()
 
 
+class _DiskCachedFile:
+    """A remote HDF5 file read through the location's disk cache: every byte h5py asks for (superblock,
+    object headers, chunk index, chunks) is fetched once, in cache blocks, and read locally afterwards, by
+    this process and every other one on the machine."""
+
+    def __init__(self, location: Location):
+        self._loc = location
+        self._size = location.identity()[1]
+        self._pos = 0
+        self._stats = IOStats()
+
+    def readinto(self, buf: Any) -> int:
+        from unistore.storage.engine import fetch_ranges
+
+        view = memoryview(buf).cast("B")
+        end = min(self._pos + len(view), self._size)
+        if end <= self._pos:
+            return 0
+        blob = fetch_ranges(self._loc, np.array([self._pos]), np.array([end]), self._stats)[0]
+        view[:len(blob)] = blob
+        self._pos += len(blob)
+        return len(blob)
+
+    def read(self, size: int = -1) -> bytes:
+        n = self._size - self._pos if size is None or size < 0 else size
+        buf = bytearray(max(0, min(n, self._size - self._pos)))
+        return bytes(buf[:self.readinto(buf)])
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._pos = offset if whence == 0 else self._pos + offset if whence == 1 else self._size + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    @property
+    def requests(self) -> int:
+        """Range requests this file sent to storage (blocks missing from the cache)."""
+        return self._stats.requests
+
+    @property
+    def nbytes(self) -> int:
+        return self._stats.bytes
+
+    def close(self) -> None:
+        pass
+
+
 def _close_h5(h5: Any, fileobj: Any) -> None:
     # h5py first, then the Python file it reads through: the other order (or
     # leaving it to garbage collection at interpreter exit) can crash libhdf5
@@ -140,6 +204,15 @@ class Hdf5BlockReader(LazyBlockReader):
         if handle is None or handle[1] is None:
             return None
         return (handle[1].requests, handle[1].nbytes)
+
+    def identity(self) -> str | None:
+        """The file's identity (ETag and size remotely; inode, size and mtime locally) and the dataset name."""
+        if self.location.cache is None:
+            return None
+        if self.location.is_local:
+            st = os.stat(self.location.path)
+            return f"hdf5|{self.location.path}|{st.st_ino}|{st.st_size}|{st.st_mtime_ns}|{self.name}"
+        return f"hdf5|{self.location.identity()[0]}|{self.name}"
 
     def close(self) -> None:
         handle = self.current()

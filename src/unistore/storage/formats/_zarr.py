@@ -41,76 +41,45 @@ def _zarr_store(location: Location) -> Any:
 
 
 def _counting_store(location: Location) -> Any:
-    """The zarr store for ``location`` wrapped so every object read is counted (and disk-cached when remote).
-
-    With a :class:`~unistore.storage.cache.DiskCache` on the location, chunk
-    and shard objects are kept on local disk keyed by their ETag and size,
-    taken from one listing of the store when the handle opens; metadata
-    documents are always read from storage.
-    """
-    from zarr.abc.store import OffsetByteRequest, RangeByteRequest, SuffixByteRequest
+    """The zarr store for ``location`` wrapped so every object read from storage is counted."""
     from zarr.storage import WrapperStore
-
-    cache = location.cache
-    objects: dict[str, tuple[str, int]] = {}
-    if cache is not None and not location.is_local:
-        root = location.path.rstrip("/") + "/"
-        listing = retry_remote(lambda: location.fs.find(location.path, detail=True), location)
-        for path, info in listing.items():
-            key = path[len(root):] if path.startswith(root) else path
-            if not key.endswith(".json"):
-                tag = next((str(info[k]) for k in ("ETag", "etag", "VersionId", "LastModified", "mtime")
-                            if info.get(k)), "")
-                size = int(info.get("size") or 0)
-                objects[key] = (f"{location.protocol}://{path}|{tag}|{size}", size)
 
     class CountingStore(WrapperStore[Any]):
         requests = 0
         nbytes = 0
-        disk_hits = 0
-        disk_misses = 0
-        bytes_local = 0
 
-        async def _remote(self, key: str, prototype: Any, byte_range: Any) -> Any:
+        async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
             buf = await self._store.get(key, prototype, byte_range)
             self.requests += 1
             self.nbytes += len(buf) if buf is not None else 0
             return buf
 
-        async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
-            if key not in objects:
-                return await self._remote(key, prototype, byte_range)
-            identity, size = objects[key]
-            if byte_range is None:
-                start, end = 0, size
-            elif isinstance(byte_range, RangeByteRequest):
-                start, end = byte_range.start, byte_range.end
-            elif isinstance(byte_range, OffsetByteRequest):
-                start, end = byte_range.offset, size
-            elif isinstance(byte_range, SuffixByteRequest):
-                start, end = max(0, size - byte_range.suffix), size
-            else:
-                return await self._remote(key, prototype, byte_range)
-            assert cache is not None
-            n_blocks = len(range(start // cache.block_bytes, (max(end, start + 1) - 1) // cache.block_bytes + 1))
-            hit = cache.lookup(identity, size, start, end)
-            if hit is not None:
-                self.disk_hits += n_blocks
-                self.bytes_local += len(hit)
-                return prototype.buffer.from_bytes(hit)
-            self.disk_misses += n_blocks
-            lo, hi = cache.cover(start, end, size)
-            buf = await self._remote(key, prototype, RangeByteRequest(lo, hi))
-            if buf is None:
-                return None
-            blob = buf.to_bytes()
-            cache.store(identity, lo, blob)
-            return prototype.buffer.from_bytes(blob[start - lo:end - lo])
-
         async def get_partial_values(self, prototype: Any, key_ranges: Any) -> Any:
             return [await self.get(key, prototype, byte_range) for key, byte_range in key_ranges]
 
     return CountingStore(_zarr_store(location))
+
+
+def _listing_digest(location: Location, name: str) -> str:
+    """A digest of every object of array ``name`` (metadata and chunks) with its ETag or mtime and size: one
+    listing remotely, a directory walk locally."""
+    import hashlib
+
+    root = location.path.rstrip("/") + (f"/{name}" if name else "")
+    entries = []
+    if location.is_local:
+        for folder, _, files in os.walk(root):
+            for f in files:
+                st = os.stat(os.path.join(folder, f))
+                entries.append(f"{os.path.relpath(os.path.join(folder, f), root)}|{st.st_ino}|{st.st_size}|"
+                               f"{st.st_mtime_ns}")
+    else:
+        listing = retry_remote(lambda: location.fs.find(root, detail=True), location)
+        for path, info in listing.items():
+            tag = next((str(info[k]) for k in ("ETag", "etag", "VersionId", "LastModified", "mtime") if info.get(k)),
+                       "")
+            entries.append(f"{path[len(root):]}|{tag}|{int(info.get('size') or 0)}")
+    return hashlib.sha1("\n".join(sorted(entries)).encode()).hexdigest()
 
 
 def _open_node(location: Location, store: Any = None) -> Any:
@@ -146,14 +115,21 @@ class ZarrBlockReader(LazyBlockReader):
         node = retry_remote(lambda: _open_node(self.location, store), self.location)
         return store, (node[self.name] if self.name else node)
 
-    def fetched(self) -> tuple[int, ...]:
-        """Objects read and bytes they held, in this process (before decoding); then disk-cache hits,
-        misses and bytes served."""
+    def fetched(self) -> tuple[int, int]:
+        """Objects read from storage and the bytes they held, in this process (before decoding)."""
         handle = self.current()
         if handle is None:
-            return (0, 0, 0, 0, 0)
-        store = handle[0]
-        return (store.requests, store.nbytes, store.disk_hits, store.disk_misses, store.bytes_local)
+            return (0, 0)
+        return (handle[0].requests, handle[0].nbytes)
+
+    def identity(self) -> str | None:
+        """The store's URL and array path with a digest of the array's objects, listed once per process."""
+        if self.location.cache is None:
+            return None
+        if getattr(self, "_identity_pid", None) != os.getpid():
+            self._identity = f"zarr|{self.location.url}|{self.name}|{_listing_digest(self.location, self.name)}"
+            self._identity_pid = os.getpid()
+        return self._identity
 
     def read(self, start: int, stop: int) -> np.ndarray:
         arr = self.handle()[1]

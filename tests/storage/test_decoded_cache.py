@@ -1,0 +1,131 @@
+"""Decoded chunks of compressed arrays kept in the disk cache as uncompressed files that every process maps."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import pytest
+
+import unistore as us
+from unistore.storage.cache import DiskCache
+from unistore.storage.engine import chunk_cache
+
+from ..conftest import s3_options
+from .faulty_proxy import FaultyProxy
+
+ROWS, DIM, CHUNK = 2000, 48, 125  # 16 chunks
+FORMATS = {"zarr": {"compression": "zstd"}, "hdf5": {"compression": "gzip"}}
+
+
+def _write(path: str, fmt: str, data: np.ndarray) -> None:
+    with us.create_store(path, format=fmt, overwrite=True) as store:
+        store.write_array("emb", data, chunks=(CHUNK, DIM), **FORMATS[fmt])
+
+
+def _epoch(store: us.TensorStore, seed: int) -> np.ndarray:
+    arr = store["emb"]
+    n = arr.shape[0]
+    order = np.random.default_rng(seed).permutation(n)
+    rows = np.concatenate([arr.take(order[i:i + 200]) for i in range(0, n, 200)])
+    out = np.empty_like(rows)
+    out[order] = rows
+    return out
+
+
+@pytest.fixture
+def data() -> np.ndarray:
+    return np.random.default_rng(0).standard_normal((ROWS, DIM)).astype(np.float32)
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_chunks_are_decoded_once_then_mapped(tmp_path: Any, data: np.ndarray, fmt: str) -> None:
+    path = str(tmp_path / f"src.{fmt}")
+    _write(path, fmt, data)
+    cache = DiskCache(tmp_path / "cache")
+    store = us.open_store(path, cache=cache)
+    chunk_cache.clear()
+    np.testing.assert_array_equal(_epoch(store, 1), data)
+    first = store.io_stats()
+    assert first["chunks_decoded"] == ROWS // CHUNK and first["disk_misses"] == ROWS // CHUNK
+    assert chunk_cache.nbytes == 0  # the process's own decoded-chunk memory is not used
+    assert cache.info()["bytes"] >= data.nbytes  # uncompressed files
+    again = us.open_store(path, cache=cache)  # a fresh open maps what the first decoded
+    np.testing.assert_array_equal(_epoch(again, 2), data)
+    second = again.io_stats()
+    assert second["chunks_decoded"] == 0 and second["disk_misses"] == 0
+    assert second["disk_hits"] > 0 and second["bytes_local"] >= data.nbytes
+    plain = us.open_store(path, cache=False)
+    np.testing.assert_array_equal(_epoch(plain, 3), data)
+    assert plain.io_stats()["disk_hits"] == 0
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_a_rewritten_store_is_decoded_again(tmp_path: Any, data: np.ndarray, fmt: str) -> None:
+    path = str(tmp_path / f"src.{fmt}")
+    _write(path, fmt, data)
+    cache = DiskCache(tmp_path / "cache")
+    _epoch(us.open_store(path, cache=cache), 1)
+    _write(path, fmt, data[::-1].copy())  # same shape, new bytes
+    store = us.open_store(path, cache=cache)
+    np.testing.assert_array_equal(_epoch(store, 2), data[::-1])
+    assert store.io_stats()["chunks_decoded"] == ROWS // CHUNK == store.io_stats()["disk_misses"]
+
+
+def test_a_corrupt_decoded_chunk_is_decoded_again_not_served(tmp_path: Any, data: np.ndarray) -> None:
+    path = str(tmp_path / "src.zarr")
+    _write(path, "zarr", data)
+    cache = DiskCache(tmp_path / "cache")
+    _epoch(us.open_store(path, cache=cache), 1)
+    entries = sorted((e for e in os.scandir(cache.root) if e.is_dir()), key=lambda e: e.name)
+    files = [os.path.join(d, f) for top in entries for d, _, fs in os.walk(top.path) for f in fs]
+    assert len(files) == ROWS // CHUNK
+    with open(files[0], "r+b") as f:  # flip bytes of one entry in place
+        f.seek(100)
+        f.write(b"\xff" * 64)
+    with open(files[1], "r+b") as f:  # and truncate another
+        f.truncate(1000)
+    store = us.open_store(path, cache=DiskCache(tmp_path / "cache"))
+    np.testing.assert_array_equal(_epoch(store, 2), data)
+    assert store.io_stats()["chunks_decoded"] == 2 and store.io_stats()["disk_misses"] == 2
+
+
+def test_prefetch_decodes_into_the_cache_without_assembling(tmp_path: Any, data: np.ndarray) -> None:
+    path = str(tmp_path / "src.zarr")
+    _write(path, "zarr", data)
+    cache = DiskCache(tmp_path / "cache")
+    store = us.open_store(path, cache=cache)
+    store["emb"].prefetch(np.arange(0, 3 * CHUNK))
+    assert store.io_stats()["chunks_decoded"] == 3 and cache.info()["entries"] == 3
+    np.testing.assert_array_equal(store["emb"].take([5, 2 * CHUNK + 1]), data[[5, 2 * CHUNK + 1]])
+    assert store.io_stats()["chunks_decoded"] == 3  # the read maps what read-ahead decoded
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_remote_chunks_are_fetched_and_decoded_once(s3: dict[str, Any], tmp_path: Any, fmt: str) -> None:
+    """A compressed zarr or HDF5 array on S3: epoch 2 on a fresh open fetches no chunk bytes (proxy figures)."""
+    data = np.random.default_rng(1).standard_normal((8 * ROWS, DIM)).astype(np.float32)  # 3 MB
+    local = str(tmp_path / f"src.{fmt}")
+    _write(local, fmt, data)
+    name = f"src.{fmt}"
+    s3["fs"].put(local + ("/" if fmt == "zarr" else ""), f"{s3['bucket']}/{name}", recursive=fmt == "zarr")
+    stored = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(local) for f in fs) \
+        if fmt == "zarr" else os.path.getsize(local)
+    proxy = FaultyProxy(s3["endpoint"])
+    try:
+        url, options = f"s3://{s3['bucket']}/{name}", s3_options(proxy.endpoint)
+        cache = DiskCache(tmp_path / "cache")
+        store = us.open_store(url, storage_options=options, cache=cache)
+        np.testing.assert_array_equal(_epoch(store, 1), data)
+        assert store.io_stats()["chunks_decoded"] == len(data) // CHUNK
+        proxy.reset_counts()
+        again = us.open_store(url, storage_options=options, cache=cache)
+        np.testing.assert_array_equal(_epoch(again, 2), data)
+        assert again.io_stats()["chunks_decoded"] == 0
+        assert proxy.bytes_out < 0.1 * stored, (proxy.bytes_out, stored)  # metadata only
+        if fmt == "zarr":
+            assert not [p for (_, p) in proxy.paths if "/c/" in p], proxy.paths
+    finally:
+        proxy.close()
