@@ -424,9 +424,10 @@ def _assemble(layout: ChunkedLayout, indices: np.ndarray, chunk_of: np.ndarray,
 def _decoded_cache(layout: ChunkedLayout) -> tuple[Any, str] | None:
     """``(disk cache, array identity)`` when the array's decoded chunks are kept in a disk cache, else None."""
     loc = getattr(layout.reader, "location", None)
-    if loc is None or loc.cache is None or layout.dtype.itemsize == 0 or 0 in layout.shape[1:]:
+    identity = getattr(layout.reader, "identity", None)
+    if loc is None or loc.cache is None or identity is None or layout.dtype.itemsize == 0 or 0 in layout.shape[1:]:
         return None
-    ident = layout.reader.identity()
+    ident = identity()
     return None if ident is None else (loc.cache, f"decoded|{ident}|{layout.chunk_rows}")
 
 

@@ -48,7 +48,7 @@ def _open_h5(location: Location) -> tuple[Any, Any]:
     """(h5py.File, the fsspec file object under it or None)."""
     import h5py
 
-    fileobj = None
+    fileobj: Any = None
     try:
         if location.is_local:
             return h5py.File(location.path, "r"), None
