@@ -133,16 +133,18 @@ def loader_epoch(dataset: Any, chunk_rows: int, epoch: int, read_ahead: int) -> 
     return n / (time.perf_counter() - t)
 
 
-def latency_table(work: str, data: np.ndarray, chunk: int, latency_ms: float) -> None:
+def latency_table(work: str, data: np.ndarray, chunk: int, latency_ms: float, formats: list[str]) -> None:
     """DataLoader samples/s from S3 (with latency per request) / from local disk, epochs 1 and 2."""
     from unistore.datasets import StoreDataset
 
     rows = [["store", "local samples/s", "S3 epoch 1", "S3 epoch 2", "epoch 1 / local", "epoch 2 / local",
-             "epoch 2 GETs"]]
+             "epoch 1 GETs (bytes)", "epoch 2 GETs"]]
     with s3_behind_proxy("lat") as wire:
         proxy, options = wire.proxy, wire.options
         for name, fmt, opts in (("npy", "npy", {}), ("zarr zstd", "zarr", {"chunks": (chunk, data.shape[1]),
                                                                             "compression": "zstd"})):
+            if fmt not in formats:
+                continue
             local = os.path.join(work, f"lat-{fmt}")
             with us.create_store(local, format=fmt) as store:
                 store.write_array("x", data, **opts)
@@ -153,12 +155,15 @@ def latency_table(work: str, data: np.ndarray, chunk: int, latency_ms: float) ->
             local_rate = max(loader_epoch(StoreDataset(local), rows_per_unit, e, 0) for e in (0, 1))
             proxy.latency = latency_ms / 1000
             remote = StoreDataset(us.open_store(url, storage_options=options, cache=cache))
+            proxy.reset_counts()
             first = loader_epoch(remote, rows_per_unit, 0, 4)
+            first_gets, first_bytes = proxy.requests["GET"], proxy.bytes_out
             proxy.reset_counts()
             second = loader_epoch(remote, rows_per_unit, 1, 4)
             proxy.latency = 0.0
             rows.append([name, f"{local_rate:,.0f}", f"{first:,.0f}", f"{second:,.0f}", f"{first / local_rate:.2f}x",
-                         f"{second / local_rate:.2f}x", str(proxy.requests["GET"])])
+                         f"{second / local_rate:.2f}x", f"{first_gets} ({first_bytes / wire.stored(url):.2f}x stored)",
+                         str(proxy.requests["GET"])])
     print(f"\n## DataLoader (2 workers, chunk-aware order, read-ahead 4, disk cache) from S3 with {latency_ms:g} ms "
           f"added per request vs local disk: {data.shape[0]} x {data.shape[1]} float32\n")
     print(table(rows))
@@ -198,25 +203,29 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=1000)
     parser.add_argument("--remote-chunk", type=int, default=250, help="rows per chunk of the S3 array")
     parser.add_argument("--ranks", type=int, default=16)
-    parser.add_argument("--skip-s3", action="store_true")
-    parser.add_argument("--skip-local", action="store_true")
+    parser.add_argument("--parts", default="quality,local,s3,latency",
+                        help="comma-separated: quality, local, s3 (bytes per epoch), latency")
     parser.add_argument("--latency-ms", type=float, default=30.0)
-    parser.add_argument("--latency-rows", type=int, default=50_000)
+    parser.add_argument("--latency-rows", type=int, default=200_000)
+    parser.add_argument("--latency-formats", default="npy,zarr")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as work:
         data = rng.standard_normal((args.rows, args.dim), dtype=np.float32)
         chunk_cache.max_bytes = data.nbytes // 4
         chunk_cache.clear()
-        shuffle_quality(args.rows, args.chunk)
-        if not args.skip_local:
+        if "quality" in parts:
+            shuffle_quality(args.rows, args.chunk)
+        if "local" in parts:
             local_table(work, data, args.chunk)
-        if not args.skip_s3:
+        if "s3" in parts:
             remote = data[:args.remote_rows]
             chunk_cache.max_bytes = remote.nbytes // 4
             remote_tables(work, remote, args.remote_chunk, args.ranks)
+        if "latency" in parts:
             chunk_cache.max_bytes = 1 << 30
-            latency_table(work, data[:args.latency_rows], args.chunk, args.latency_ms)
+            latency_table(work, data[:args.latency_rows], args.chunk, args.latency_ms, args.latency_formats.split(","))
 
 
 if __name__ == "__main__":

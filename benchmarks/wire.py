@@ -32,6 +32,12 @@ class Wire:
         s3fs.S3FileSystem(**self.direct).put(local_dir.rstrip("/") + "/", f"{self.bucket}/{key}", recursive=True)
         return f"s3://{self.bucket}/{key}"
 
+    def stored(self, url: str) -> int:
+        """Bytes stored under ``url`` in the bucket."""
+        import s3fs
+
+        return int(s3fs.S3FileSystem(**self.direct).du(url.removeprefix("s3://")))
+
 
 @contextlib.contextmanager
 def s3_behind_proxy(bucket: str = "bench") -> Iterator[Wire]:

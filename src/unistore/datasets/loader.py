@@ -42,8 +42,10 @@ class _Loader(_TorchLoader):  # type: ignore[misc,valid-type]
         batches = super().__iter__()  # worker processes start here: before any read-ahead thread exists
         ahead = None
         if self.read_ahead > 0 and hasattr(self.dataset_obj, "prefetch"):
+            # the workers already have their prefetched batches in hand: read ahead past those too
+            in_workers = self.num_workers * (self.prefetch_factor or 2) if self.num_workers else 0
             ahead = _ReadAhead(self.dataset_obj, sampler.order()[self._start:], int(self.batch_size or 1),
-                               self.read_ahead)
+                               self.read_ahead + in_workers)
             self.read_ahead_stats = ahead.stats
         try:
             for batch in batches:

@@ -15,7 +15,7 @@ in bytes with LRU eviction across processes nor checksum entries.  Here:
   bytes: a corrupt or truncated entry is deleted and fetched again, never
   served;
 - the cache stays within ``max_bytes``: a process's first use of an entry
-  refreshes its mtime, and the writer that pushes the total over budget
+  refreshes its atime, and the writer that pushes the total over budget
   evicts the least recently used entries (under a file lock, one evictor at
   a time).
 
@@ -30,6 +30,7 @@ import hashlib
 import os
 import struct
 import threading
+import time
 import uuid
 import zlib
 from collections import OrderedDict
@@ -46,6 +47,9 @@ DEFAULT_BLOCK_BYTES = 512 << 10
 MAX_RUN_BYTES = 16 << 20
 _TRAILER = struct.Struct("<QI")  # payload length, CRC-32
 _LOCK_NAME = ".evict.lock"
+#: lock files (a fixed pool) that let one process fetch or decode an entry while others wait for it
+_LOCKS_DIR = ".producing"
+_N_LOCKS = 1024
 #: verified entries a process keeps mapped
 _MAX_MAPS = 4096
 
@@ -99,12 +103,14 @@ class DiskCache:
         return os.path.join(self.root, digest[:2], digest)
 
     def _get(self, path: str, want: int) -> Any:
-        """An entry's payload if it is intact and ``want`` bytes long; a bad entry is deleted.
+        """An entry's payload, mapped read-only, if it is intact and ``want`` bytes long; a bad entry is deleted.
 
-        The first use of an entry in a process checks its CRC; later uses of
-        the same file (same inode, size and mtime) map it without reading it
-        all again, so hot blocks cost a page-cache lookup, and every process
-        maps the same pages.
+        The first use of an entry in a process checks its CRC over the
+        mapping (no copy); later uses of the same file (same inode, size and
+        mtime) take the mapping as it is, so hot blocks cost a page-cache
+        lookup, and every process maps the same pages.  Use is recorded in
+        the entry's atime (for LRU eviction); its mtime only changes if its
+        bytes do, which makes every process check it again.
         """
         try:
             st = os.stat(path)
@@ -116,28 +122,35 @@ class DiskCache:
             if known is not None and known[0] == stamp:
                 self._maps.move_to_end(path)
                 return known[1]
-        try:
-            with open(path, "rb") as f:
-                blob = f.read()
-        except FileNotFoundError:
+        view = None
+        if st.st_size == want + _TRAILER.size:  # anything else is truncated or not this entry
+            try:
+                view = self._map(path, st.st_size)
+            except (OSError, ValueError):
+                return None
+            n, crc = _TRAILER.unpack_from(view, want)
+            view = view[:want]
+            if n != want or zlib.crc32(view) != crc:
+                view = None
+        if view is None:
+            with contextlib.suppress(OSError):
+                os.remove(path)  # corrupt or truncated: never served, fetched again
             return None
-        if len(blob) >= _TRAILER.size:
-            n, crc = _TRAILER.unpack_from(blob, len(blob) - _TRAILER.size)
-            payload = memoryview(blob)[:-_TRAILER.size]
-            if n == len(payload) == want and zlib.crc32(payload) == crc:
-                with contextlib.suppress(OSError):
-                    os.utime(path)  # recently used (mtime, which also marks the entry for this process)
-                    st = os.stat(path)
-                    view = self._map(path, len(payload))
-                    with self._lock:
-                        self._maps[path] = ((st.st_ino, st.st_size, st.st_mtime_ns), view)
-                        while len(self._maps) > _MAX_MAPS:
-                            self._maps.popitem(last=False)
-                    return view
-                return payload
         with contextlib.suppress(OSError):
-            os.remove(path)  # corrupt or truncated: never served, fetched again
-        return None
+            os.utime(path, ns=(time.time_ns(), st.st_mtime_ns))  # recently used
+        with self._lock:
+            self._maps[path] = (stamp, view)
+            while len(self._maps) > _MAX_MAPS:
+                self._maps.popitem(last=False)
+        return view
+
+    @staticmethod
+    def has(path: str, want: int) -> bool:
+        """Whether an entry of the right length is there (no read: for read-ahead, whose reader checks it)."""
+        try:
+            return os.stat(path).st_size == want + _TRAILER.size
+        except OSError:
+            return False
 
     @staticmethod
     def _map(path: str, n: int) -> memoryview:
@@ -180,6 +193,10 @@ class DiskCache:
         payload = self._get(os.path.join(self._dir(identity), name), nbytes)
         return payload if payload is None else memoryview(payload)
 
+    def has_entry(self, identity: str, name: str, nbytes: int) -> bool:
+        """Whether entry ``name`` of ``identity`` is there with the right length (not read or checked)."""
+        return self.has(os.path.join(self._dir(identity), name), nbytes)
+
     def put_entry(self, identity: str, name: str, payload: Any) -> memoryview | None:
         """Keep ``payload`` (bytes-like) as entry ``name`` of ``identity``; returns its mapping, or None when the
         disk refused it (the caller keeps its own copy)."""
@@ -198,6 +215,63 @@ class DiskCache:
                 self._maps.popitem(last=False)
         return view
 
+    # ------------------------------------------------------- who produces
+    def _lock_path(self, identity: str, name: str) -> str:
+        digest = hashlib.sha1(f"{identity}/{name}".encode()).digest()
+        return os.path.join(self.root, _LOCKS_DIR, str(int.from_bytes(digest[:4], "little") % _N_LOCKS))
+
+    def claim(self, identity: str, names: list[str]) -> tuple[list[str], list[str], list[Any]]:
+        """Split missing entries into ``(mine, others, token)`` so that one process fetches each.
+
+        ``mine``: entries the caller now produces, each under an exclusive
+        file lock (any process, any thread) until :meth:`release` of
+        ``token``; ``others``: entries someone is producing right now, to be
+        awaited with :meth:`wait` once the caller has released its own.
+        Locks are ``flock`` on a fixed pool of files, released by the kernel
+        if the holder dies; two entries sharing a lock file only cost a wait.
+        """
+        import fcntl
+
+        mine: list[str] = []
+        others: list[str] = []
+        token: list[Any] = []
+        try:
+            os.makedirs(os.path.join(self.root, _LOCKS_DIR), exist_ok=True)
+        except OSError:
+            return list(names), [], token  # no lock directory: produce everything, as without a cache
+        for name in names:
+            try:
+                f = open(self._lock_path(identity, name), "a")
+            except OSError:
+                mine.append(name)
+                continue
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.close()
+                others.append(name)
+            else:
+                mine.append(name)
+                token.append(f)
+        return mine, others, token
+
+    @staticmethod
+    def release(token: list[Any]) -> None:
+        """Give up the claims of :meth:`claim` (after the entries are written, or on failure)."""
+        for f in token:
+            f.close()  # closing the file drops its flock
+        token.clear()
+
+    def wait(self, identity: str, name: str) -> None:
+        """Block until nobody is producing entry ``name`` of ``identity``."""
+        import fcntl
+
+        try:
+            with open(self._lock_path(identity, name), "a") as f:
+                fcntl.flock(f, fcntl.LOCK_SH)
+        except OSError:
+            pass
+
     # ------------------------------------------------------------- reads
     def read_ranges(self, identity: str, size: int, starts: np.ndarray, ends: np.ndarray,
                     fetch: Callable[[np.ndarray, np.ndarray], list[bytes]]) -> tuple[list[bytes], dict[str, int]]:
@@ -215,32 +289,60 @@ class DiskCache:
                fetch: Callable[[np.ndarray, np.ndarray], list[bytes]]) -> dict[str, int]:
         """Make sure the blocks holding the ranges are cached, fetching only those that are not (read-ahead).
 
-        Nothing is assembled or returned but the counts of :meth:`read_ranges`.
+        Nothing is assembled or returned but the counts of :meth:`read_ranges`;
+        cached blocks are only looked at (the reader that uses them checks them).
         """
-        return self._fill(identity, size, starts, ends, fetch)[1]
+        return self._fill(identity, size, starts, ends, fetch, check=False)[1]
 
     def _fill(self, identity: str, size: int, starts: np.ndarray, ends: np.ndarray,
-              fetch: Callable[[np.ndarray, np.ndarray], list[bytes]]) -> tuple[dict[int, Any], dict[str, int]]:
+              fetch: Callable[[np.ndarray, np.ndarray], list[bytes]],
+              check: bool = True) -> tuple[dict[int, Any], dict[str, int]]:
         """The blocks holding the ranges (``{number: payload}``): cached ones as they are, missing ones fetched
-        in merged runs and kept."""
+        in merged runs and kept.  ``check=False`` only looks for cached blocks (and returns none of them)."""
         bs = self.block_bytes
         wanted = _blocks_of(starts, ends, bs)
         folder = self._dir(identity)
         blocks: dict[int, Any] = {}
         missing = []
         for b in wanted.tolist():
-            payload = self._get(os.path.join(folder, str(b)), min(bs, size - b * bs))
+            path, want = os.path.join(folder, str(b)), min(bs, size - b * bs)
+            if not check:
+                if not self.has(path, want):
+                    missing.append(b)
+                continue
+            payload = self._get(path, want)
             if payload is None:
                 missing.append(b)
             else:
                 blocks[b] = payload
         local = sum(len(p) for p in blocks.values())  # payloads (bytes or mapped views)
         remote = 0
-        if missing:
-            run_starts, run_ends = _runs(np.array(missing, dtype=np.int64), bs, size, max(1, MAX_RUN_BYTES // bs))
+
+        def fetch_blocks(numbers: list[int]) -> None:
+            nonlocal remote
+            if not numbers:
+                return
+            run_starts, run_ends = _runs(np.array(numbers, dtype=np.int64), bs, size, max(1, MAX_RUN_BYTES // bs))
             for rs, blob in zip(run_starts.tolist(), fetch(run_starts, run_ends)):
                 remote += len(blob)
                 blocks.update(self.store(identity, rs, blob))
+
+        if missing:
+            # blocks another process (or thread) is fetching right now are awaited, not fetched again
+            mine, others, token = self.claim(identity, [str(b) for b in missing])
+            try:
+                fetch_blocks([int(b) for b in mine])
+            finally:
+                self.release(token)
+            late = []
+            for name in others:
+                self.wait(identity, name)
+                payload = self._get(os.path.join(folder, name), min(bs, size - int(name) * bs))
+                if payload is None:
+                    late.append(int(name))
+                else:
+                    blocks[int(name)] = payload
+            fetch_blocks(sorted(late))
         return blocks, {"hits": len(wanted) - len(missing), "misses": len(missing), "bytes_local": local,
                         "bytes_remote": remote}
 
@@ -310,7 +412,7 @@ class DiskCache:
                 for e in self._entries():
                     with contextlib.suppress(FileNotFoundError):
                         st = e.stat()
-                        stats.append((st.st_mtime_ns, st.st_size, e.path))
+                        stats.append((st.st_atime_ns, st.st_size, e.path))
                 total = sum(s for _, s, _ in stats)
                 freed = 0
                 for _, nbytes, path in sorted(stats):

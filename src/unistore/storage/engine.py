@@ -226,7 +226,7 @@ def prefetch(layout: Layout, indices: np.ndarray, stats: IOStats) -> None:
     if isinstance(layout, ChunkedLayout) and len(indices):
         decoded = _decoded_cache(layout)
         if decoded is not None:
-            _decoded_chunks(layout, np.unique(indices // layout.chunk_rows), stats, *decoded)
+            _decoded_chunks(layout, np.unique(indices // layout.chunk_rows), stats, *decoded, check=False)
             return
     if isinstance(layout, ContiguousLayout) and not layout.location.is_local and layout.location.cache is not None:
         uniq = np.unique(indices)
@@ -431,15 +431,16 @@ def _decoded_cache(layout: ChunkedLayout) -> tuple[Any, str] | None:
     return None if ident is None else (loc.cache, f"decoded|{ident}|{layout.chunk_rows}")
 
 
-def _decoded_chunks(layout: ChunkedLayout, needed: np.ndarray, stats: IOStats, cache: Any,
-                    ident: str) -> dict[int, np.ndarray]:
+def _decoded_chunks(layout: ChunkedLayout, needed: np.ndarray, stats: IOStats, cache: Any, ident: str,
+                    check: bool = True) -> dict[int, np.ndarray]:
     """Decoded chunks ``needed`` (sorted ids): mapped from the disk cache where it has them, else decoded once
     and kept there as uncompressed files.
 
     Every process on the machine maps the same cached pages, so many
     DataLoader workers reading one array hold its decoded chunks once, in the
     page cache, not once each in their own memory; the process's own
-    decoded-chunk LRU is not used for such arrays.
+    decoded-chunk LRU is not used for such arrays.  ``check=False``
+    (read-ahead) only looks for cached chunks and returns the decoded ones.
     """
     cr, n = layout.chunk_rows, layout.shape[0]
     row_shape, row_nbytes = layout.shape[1:], int(np.prod(layout.shape[1:], dtype=np.int64)) * layout.dtype.itemsize
@@ -448,16 +449,40 @@ def _decoded_chunks(layout: ChunkedLayout, needed: np.ndarray, stats: IOStats, c
     local = 0
     for cid in needed.tolist():
         rows = min(cr, n - cid * cr)
+        if not check:
+            if not cache.has_entry(ident, str(cid), rows * row_nbytes):
+                missing.append(cid)
+            continue
         view = cache.get_entry(ident, str(cid), rows * row_nbytes)
         if view is None:
             missing.append(cid)
         else:
             blocks[cid] = np.frombuffer(view, layout.dtype).reshape((rows,) + row_shape)
             local += rows * row_nbytes
-    for first, slab in _load_runs(layout, np.asarray(missing, dtype=np.int64), stats):
-        for j in range(-(-len(slab) // cr)):
-            block = np.ascontiguousarray(slab[j * cr:(j + 1) * cr])
-            view = cache.put_entry(ident, str(first + j), block)
-            blocks[first + j] = block if view is None else np.frombuffer(view, layout.dtype).reshape(block.shape)
+    def decode(ids: list[int]) -> None:
+        for first, slab in _load_runs(layout, np.asarray(ids, dtype=np.int64), stats):
+            for j in range(-(-len(slab) // cr)):
+                block = np.ascontiguousarray(slab[j * cr:(j + 1) * cr])
+                view = cache.put_entry(ident, str(first + j), block)
+                blocks[first + j] = block if view is None else np.frombuffer(view, layout.dtype).reshape(block.shape)
+
+    if missing:
+        # chunks another worker (or the read-ahead) is decoding right now are awaited, not fetched twice
+        mine, others, token = cache.claim(ident, [str(c) for c in missing])
+        try:
+            decode([int(c) for c in mine])
+        finally:
+            cache.release(token)
+        late = []
+        for name in others:
+            cache.wait(ident, name)
+            cid = int(name)
+            rows = min(cr, n - cid * cr)
+            view = cache.get_entry(ident, name, rows * row_nbytes)
+            if view is None:
+                late.append(cid)
+            else:
+                blocks[cid] = np.frombuffer(view, layout.dtype).reshape((rows,) + row_shape)
+        decode(late)
     stats.add(disk_hits=len(needed) - len(missing), disk_misses=len(missing), bytes_local=local)
     return blocks
