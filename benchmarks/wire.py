@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -39,25 +38,54 @@ class Wire:
         return int(s3fs.S3FileSystem(**self.direct).du(url.removeprefix("s3://")))
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def _moto_process() -> Iterator[str]:
+    """moto's S3 server in a process of its own (a bucket is not in the reader's process either); its URL."""
+    import subprocess
+    import time
+    import urllib.request
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(endpoint + "/moto-api/", timeout=2).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("moto's S3 server did not start") from None
+                time.sleep(0.2)
+        yield endpoint
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 @contextlib.contextmanager
 def s3_behind_proxy(bucket: str = "bench") -> Iterator[Wire]:
-    """A fresh moto server with ``bucket``, and a counting proxy in front of it."""
+    """A fresh moto S3 server (its own process) with ``bucket``, and a counting proxy in front of it."""
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the server's access log
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    proxy = FaultyProxy(endpoint)
-    try:
-        boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="bench", aws_secret_access_key="bench",
-                     region_name="us-east-1").create_bucket(Bucket=bucket)
-        direct = {"key": "bench", "secret": "bench", "client_kwargs": {"endpoint_url": endpoint,
-                                                                      "region_name": "us-east-1"}}
-        options = {**direct, "client_kwargs": {"endpoint_url": proxy.endpoint, "region_name": "us-east-1"}}
-        yield Wire(bucket, proxy, direct, options)
-    finally:
-        proxy.close()
-        server.stop()
+    with _moto_process() as endpoint:
+        proxy = FaultyProxy(endpoint)
+        try:
+            boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="bench", aws_secret_access_key="bench",
+                         region_name="us-east-1").create_bucket(Bucket=bucket)
+            direct = {"key": "bench", "secret": "bench", "client_kwargs": {"endpoint_url": endpoint,
+                                                                          "region_name": "us-east-1"}}
+            options = {**direct, "client_kwargs": {"endpoint_url": proxy.endpoint, "region_name": "us-east-1"}}
+            yield Wire(bucket, proxy, direct, options)
+        finally:
+            proxy.close()

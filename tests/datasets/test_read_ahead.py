@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -41,7 +42,10 @@ def test_read_ahead_and_chunk_aware_give_the_same_batches(tmp_path: Any, workers
     for (xa, ya), (xb, yb) in zip(ahead, plain):
         np.testing.assert_array_equal(xa, xb)
         np.testing.assert_array_equal(ya, yb)
-    assert loader.read_ahead_stats["batches"] > 0 and loader.read_ahead_stats["errors"] == 0
+    if workers:  # each worker reads ahead in a thread of its own
+        assert loader.read_ahead_stats["where"] == "workers"
+    else:
+        assert loader.read_ahead_stats["batches"] > 0 and loader.read_ahead_stats["errors"] == 0
     aware = _batches(make_loader(ds, 64, seed=3, num_workers=workers, chunk_rows=100, read_ahead=2))
     ys = np.concatenate([y for _, y in aware])
     assert sorted(ys.tolist()) == list(range(ROWS))  # every sample once
@@ -64,9 +68,9 @@ def test_read_ahead_fills_the_shared_disk_cache_for_workers(s3: dict[str, Any], 
         for x, y in got:
             np.testing.assert_array_equal(x, data[y])
         assert sorted(np.concatenate([y for _, y in got]).tolist()) == list(range(ROWS))
-        assert loader.read_ahead_stats["batches"] > 0
-        # processes reading one block for the first time at once may each fetch it; never more than all of them
-        assert proxy.bytes_out <= (1 + 2 + 4) * data.nbytes + 64 * 1024
+        assert loader.read_ahead_stats["where"] == "workers"
+        # workers and their read-ahead threads wanting one block at once: one fetches it, the others wait
+        assert proxy.bytes_out <= 1.1 * data.nbytes + 64 * 1024, (proxy.bytes_out, data.nbytes)
         proxy.reset_counts()
         again = _batches(make_loader(StoreDataset(store), 128, seed=6, num_workers=2))  # epoch 2: from disk
         for x, y in again:
@@ -74,6 +78,51 @@ def test_read_ahead_fills_the_shared_disk_cache_for_workers(s3: dict[str, Any], 
         assert not [p for (m, p) in proxy.paths if p.endswith("x.npy") and m == "GET"], proxy.paths
     finally:
         proxy.close()
+
+
+class _LoggingPrefetch(StoreDataset):
+    """Notes which process read ahead which batch."""
+
+    log = ""
+
+    def prefetch(self, indices: Any) -> None:
+        with open(self.log, "a") as f:
+            f.write(f"{os.getpid()} {int(np.asarray(indices)[0])}\n")
+        super().prefetch(indices)
+
+
+def test_workers_read_ahead_in_threads_of_their_own(tmp_path: Any) -> None:
+    data = np.random.default_rng(6).standard_normal((ROWS, DIM)).astype(np.float32)
+    url = str(tmp_path / "d.zarr")
+    _write(url, "zarr", data, chunks=(100, DIM), compression="zstd")
+    ds = _LoggingPrefetch(url)
+    ds.log = str(tmp_path / "prefetch.log")
+    loader = make_loader(ds, 64, seed=2, num_workers=2, chunk_rows=100, read_ahead=3)
+    got = _batches(loader)
+    for x, y in got:
+        np.testing.assert_array_equal(x, data[y])
+    with open(ds.log) as f:
+        lines = [line.split() for line in f]
+    pids = {int(p) for p, _ in lines}
+    assert os.getpid() not in pids and 1 <= len(pids) <= 2  # the workers read ahead, not the loop's process
+    order = loader.sampler.order()
+    firsts = {int(order[k * 64]) for k in range(1, len(got))}
+    assert {int(i) for _, i in lines} <= firsts  # whole batches of this epoch's order, never the first one
+    assert len(lines) >= len(got) // 2
+
+
+def test_read_ahead_from_the_loop_with_persistent_workers(tmp_path: Any) -> None:
+    data = np.random.default_rng(4).standard_normal((ROWS, DIM)).astype(np.float32)
+    url = str(tmp_path / "d.zarr")
+    _write(url, "zarr", data, chunks=(100, DIM), compression="zstd")
+    loader = make_loader(StoreDataset(url), 64, seed=2, num_workers=2, persistent_workers=True, read_ahead=3)
+    for epoch in range(2):  # persistent workers keep the first epoch's dataset: the loop's thread reads ahead
+        loader.sampler.set_epoch(epoch)
+        got = _batches(loader)
+        assert sorted(np.concatenate([y for _, y in got]).tolist()) == list(range(ROWS))
+        for x, y in got:
+            np.testing.assert_array_equal(x, data[y])
+        assert loader.read_ahead_stats["where"] == "loop" and loader.read_ahead_stats["batches"] > 0
 
 
 def test_read_ahead_stops_with_the_loop(tmp_path: Any) -> None:

@@ -176,6 +176,9 @@ class StoreDataset(_TorchDataset):  # type: ignore[misc,valid-type]
 
     def __getitems__(self, indices: Any) -> Batch:
         idx = as_index_array(indices)
+        ahead = self.__dict__.get("_worker_read_ahead")  # make_loader's read-ahead, in worker processes
+        if ahead is not None:
+            ahead.saw(self, idx)
         return Batch(self._get_batch(idx), len(idx))
 
     def prefetch(self, indices: Any) -> None:

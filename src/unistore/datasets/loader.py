@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from unistore.datasets.base import collate
+from unistore.datasets.base import StoreDataset, collate
 from unistore.datasets.sampler import StoreSampler, dist_rank_and_world
 
 __all__ = ["create_loader", "set_epoch", "validate_first_batch", "make_loader", "auto_chunk_rows"]
@@ -39,14 +39,28 @@ class _Loader(_TorchLoader):  # type: ignore[misc,valid-type]
         sampler: Any = self.sampler
         self._start = sampler._resume
         self._delivered = 0
-        batches = super().__iter__()  # worker processes start here: before any read-ahead thread exists
         ahead = None
-        if self.read_ahead > 0 and hasattr(self.dataset_obj, "prefetch"):
-            # the workers already have their prefetched batches in hand: read ahead past those too
-            in_workers = self.num_workers * (self.prefetch_factor or 2) if self.num_workers else 0
+        wanted = self.read_ahead > 0 and hasattr(self.dataset_obj, "prefetch")
+        in_workers = wanted and self.num_workers > 0 and not self.persistent_workers and \
+            isinstance(self.dataset, StoreDataset)
+        if in_workers:
+            # each worker reads ahead in a thread of its own: chunks are fetched and decoded in the
+            # processes that assemble the batches, and this process, which receives them, stays free
+            self.dataset.__dict__["_worker_read_ahead"] = _WorkerReadAhead(
+                sampler.order()[self._start:], int(self.batch_size or 1), self.read_ahead)
+            self.read_ahead_stats = {"where": "workers"}
+        try:
+            batches = super().__iter__()  # worker processes start here: before any read-ahead thread exists
+        finally:
+            self.dataset.__dict__.pop("_worker_read_ahead", None)
+        if wanted and not in_workers:
+            # persistent workers hold last epoch's dataset: read ahead from here, past the batches
+            # the workers already have in hand
+            lead = self.num_workers * (self.prefetch_factor or 2) if self.num_workers else 0
             ahead = _ReadAhead(self.dataset_obj, sampler.order()[self._start:], int(self.batch_size or 1),
-                               self.read_ahead + in_workers)
+                               self.read_ahead + lead)
             self.read_ahead_stats = ahead.stats
+            self.read_ahead_stats["where"] = "loop"
         try:
             for batch in batches:
                 self._delivered += 1
@@ -82,7 +96,7 @@ class _ReadAhead:
 
     def __init__(self, dataset: Any, order: np.ndarray, batch_size: int, depth: int):
         self.dataset, self.order, self.batch_size, self.depth = dataset, order, batch_size, depth
-        self.stats = {"batches": 0, "errors": 0}
+        self.stats: dict[str, Any] = {"batches": 0, "errors": 0}
         self._delivered = 0
         self._stop = False
         self._cv = threading.Condition()
@@ -122,11 +136,66 @@ class _ReadAhead:
             self._delivered += 1
             self._cv.notify()
 
+    def reached(self, k: int) -> None:
+        """Batch ``k`` of the order is being read now: read ahead of it."""
+        with self._cv:
+            if k > self._delivered:
+                self._delivered = k
+                self._cv.notify()
+
     def close(self) -> None:
         with self._cv:
             self._stop = True
             self._cv.notify()
         self._thread.join(timeout=30)
+
+
+class _WorkerReadAhead:
+    """Read-ahead that travels with the dataset into DataLoader worker processes.
+
+    The loader attaches it to the dataset just before the workers start;
+    :meth:`StoreDataset.__getitems__` tells it which batch of the epoch's
+    order a worker is reading, and the worker reads the ``depth`` batches
+    after it in a thread of its own.  Workers reading ahead over the same
+    chunks do not fetch them twice: the disk cache lets one fetch while the
+    others wait.  Nothing runs in the loop's process.
+    """
+
+    def __init__(self, order: np.ndarray, batch_size: int, depth: int):
+        self.order, self.batch_size, self.depth = order, batch_size, depth
+        self._pid = -1
+        self._lock = threading.Lock()
+        self._ahead: _ReadAhead | None = None
+        self._position = np.zeros(0, np.int64)
+
+    def __getstate__(self) -> tuple[np.ndarray, int, int]:
+        return (self.order, self.batch_size, self.depth)
+
+    def __setstate__(self, state: tuple[np.ndarray, int, int]) -> None:
+        self.__init__(*state)  # type: ignore[misc]
+
+    def saw(self, dataset: Any, indices: np.ndarray) -> None:
+        """A worker is reading ``indices``: start (once per process) or move its read-ahead."""
+        if not len(indices) or not len(self.order):
+            return
+        if self._pid != os.getpid():
+            from torch.utils.data import get_worker_info
+
+            if get_worker_info() is None:
+                return  # not a worker process
+            with self._lock:
+                if self._pid != os.getpid():
+                    import atexit
+
+                    position = np.zeros(int(self.order.max()) + 1, np.int64)
+                    position[self.order] = np.arange(len(self.order))
+                    self._position = position
+                    self._ahead = _ReadAhead(dataset, self.order, self.batch_size, self.depth)
+                    atexit.register(self._ahead.close)
+                    self._pid = os.getpid()
+        first = int(indices[0])
+        if self._ahead is not None and first < len(self._position):
+            self._ahead.reached(int(self._position[first]) // self.batch_size)
 
 
 def auto_chunk_rows(dataset: Any) -> int | None:
