@@ -33,7 +33,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from wire import s3_behind_proxy  # noqa: E402
+from wire import cpu_busy, s3_behind_proxy  # noqa: E402
 
 import unistore as us  # noqa: E402
 from unistore.datasets import StoreSampler  # noqa: E402
@@ -138,7 +138,7 @@ def latency_table(work: str, data: np.ndarray, chunk: int, latency_ms: float, fo
     from unistore.datasets import StoreDataset
 
     rows = [["store", "local samples/s", "S3 epoch 1", "S3 epoch 2", "epoch 1 / local", "epoch 2 / local",
-             "epoch 1 GETs (bytes)", "epoch 2 GETs"]]
+             "epoch 1 GETs (bytes)", "epoch 2 GETs", "epoch 1 CPU busy"]]
     with s3_behind_proxy("lat") as wire:
         proxy, options = wire.proxy, wire.options
         for name, fmt, opts in (("npy", "npy", {}), ("zarr zstd", "zarr", {"chunks": (chunk, data.shape[1]),
@@ -156,14 +156,19 @@ def latency_table(work: str, data: np.ndarray, chunk: int, latency_ms: float, fo
             proxy.latency = latency_ms / 1000
             remote = StoreDataset(us.open_store(url, storage_options=options, cache=cache))
             proxy.reset_counts()
+            busy0, total0 = cpu_busy()
+            server0 = wire.server_cpu_seconds()
             first = loader_epoch(remote, rows_per_unit, 0, 4)
+            busy1, total1 = cpu_busy()
+            busy = (busy1 - busy0) / (total1 - total0)
+            server = (wire.server_cpu_seconds() - server0) / (busy1 - busy0)
             first_gets, first_bytes = proxy.requests["GET"], proxy.bytes_out
             proxy.reset_counts()
             second = loader_epoch(remote, rows_per_unit, 1, 4)
             proxy.latency = 0.0
             rows.append([name, f"{local_rate:,.0f}", f"{first:,.0f}", f"{second:,.0f}", f"{first / local_rate:.2f}x",
                          f"{second / local_rate:.2f}x", f"{first_gets} ({first_bytes / wire.stored(url):.2f}x stored)",
-                         str(proxy.requests["GET"])])
+                         str(proxy.requests["GET"]), f"{busy:.0%} ({server:.0%} the S3 server)"])
     print(f"\n## DataLoader (2 workers, chunk-aware order, read-ahead 4, disk cache) from S3 with {latency_ms:g} ms "
           f"added per request vs local disk: {data.shape[0]} x {data.shape[1]} float32\n")
     print(table(rows))

@@ -23,6 +23,13 @@ class Wire:
     proxy: FaultyProxy
     direct: dict[str, Any]
     options: dict[str, Any]
+    server_pid: int = 0
+
+    def server_cpu_seconds(self) -> float:
+        """CPU time the S3 server process has used so far."""
+        with open(f"/proc/{self.server_pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def upload(self, local_dir: str, key: str) -> str:
         """Copy a local directory into the bucket; returns its ``s3://`` URL."""
@@ -38,6 +45,15 @@ class Wire:
         return int(s3fs.S3FileSystem(**self.direct).du(url.removeprefix("s3://")))
 
 
+def cpu_busy() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = values[3] + values[4]
+    return (sum(values) - idle) / tick, sum(values) / tick
+
+
 def _free_port() -> int:
     import socket
 
@@ -47,14 +63,16 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _moto_process() -> Iterator[str]:
-    """moto's S3 server in a process of its own (a bucket is not in the reader's process either); its URL."""
+def _moto_process() -> Iterator[tuple[str, int]]:
+    """moto's S3 server (benchmarks/s3_server.py: range reads cost the range) in a process of its own, as a
+    bucket is not in the reader's process either; yields its URL and pid."""
     import subprocess
     import time
     import urllib.request
 
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+    server = os.path.join(os.path.dirname(__file__), "s3_server.py")
+    proc = subprocess.Popen([sys.executable, server, "-H", "127.0.0.1", "-p", str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     endpoint = f"http://127.0.0.1:{port}"
     try:
@@ -67,7 +85,7 @@ def _moto_process() -> Iterator[str]:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("moto's S3 server did not start") from None
                 time.sleep(0.2)
-        yield endpoint
+        yield endpoint, proc.pid
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -78,7 +96,7 @@ def s3_behind_proxy(bucket: str = "bench") -> Iterator[Wire]:
     """A fresh moto S3 server (its own process) with ``bucket``, and a counting proxy in front of it."""
     import boto3
 
-    with _moto_process() as endpoint:
+    with _moto_process() as (endpoint, pid):
         proxy = FaultyProxy(endpoint)
         try:
             boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="bench", aws_secret_access_key="bench",
@@ -86,6 +104,6 @@ def s3_behind_proxy(bucket: str = "bench") -> Iterator[Wire]:
             direct = {"key": "bench", "secret": "bench", "client_kwargs": {"endpoint_url": endpoint,
                                                                           "region_name": "us-east-1"}}
             options = {**direct, "client_kwargs": {"endpoint_url": proxy.endpoint, "region_name": "us-east-1"}}
-            yield Wire(bucket, proxy, direct, options)
+            yield Wire(bucket, proxy, direct, options, pid)
         finally:
             proxy.close()

@@ -194,3 +194,22 @@ def test_prefetch_fills_the_cache_without_assembling_rows(remote: Any, tmp_path:
     assert proxy.total_requests == 0
     with pytest.raises(us.errors.OutOfBoundsError):
         arr.prefetch([ROWS])
+
+
+@pytest.mark.parametrize("dim,block", [(7, 4096), (750, 4096), (5000, 4096), (64, 65536)])
+def test_rows_gathered_out_of_cached_blocks(s3: dict[str, Any], tmp_path: Any, dim: int, block: int) -> None:
+    """Rows inside one block, rows split between blocks, rows longer than a block: all equal to the source."""
+    data = np.random.default_rng(dim).standard_normal((300, dim))  # float64 rows of 56 B to 40 KB
+    local = str(tmp_path / "src")
+    with us.create_store(local, format="npy") as store:
+        store.write_array("emb", data)
+    s3["fs"].put(local + "/", f"{s3['bucket']}/g", recursive=True)
+    cache = DiskCache(tmp_path / "cache", block_bytes=block)
+    arr = us.open_store(f"s3://{s3['bucket']}/g", storage_options=s3["options"], cache=cache)["emb"]
+    rng = np.random.default_rng(1)
+    for idx in (rng.integers(0, 300, 64), np.arange(300)[::-1], [299, 0, 0, 150], rng.permutation(300)):
+        np.testing.assert_array_equal(arr.take(idx), data[idx])
+    again = us.open_store(f"s3://{s3['bucket']}/g", storage_options=s3["options"], cache=cache)
+    idx = rng.permutation(300)[:100]
+    np.testing.assert_array_equal(again["emb"].take(idx), data[idx])  # all from the cache now
+    assert again.io_stats()["disk_misses"] == 0 and again.io_stats()["requests"] == 0

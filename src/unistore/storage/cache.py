@@ -49,7 +49,7 @@ _TRAILER = struct.Struct("<QI")  # payload length, CRC-32
 _LOCK_NAME = ".evict.lock"
 #: lock files (a fixed pool) that let one process fetch or decode an entry while others wait for it
 _LOCKS_DIR = ".producing"
-_N_LOCKS = 1024
+_N_LOCKS = 4096
 #: verified entries a process keeps mapped
 _MAX_MAPS = 4096
 
@@ -255,6 +255,31 @@ class DiskCache:
                 token.append(f)
         return mine, others, token
 
+    def produce(self, identity: str, names: list[str], present: Callable[[str], bool],
+                make: Callable[[list[str]], None]) -> None:
+        """Make entries ``names`` of ``identity`` exist, each made by one process or thread only.
+
+        ``make(names)`` fetches or decodes and keeps entries; it is called for
+        entries this caller claimed that ``present(name)`` does not find (they
+        may have appeared since the caller looked).  Entries someone else is
+        making are awaited, then looked for again, and claimed in turn if
+        they are still missing (their maker failed, or only shared a lock).
+        """
+        pending = list(names)
+        while pending:
+            mine, others, token = self.claim(identity, pending)
+            try:
+                todo = [name for name in mine if not present(name)]
+                if todo:
+                    make(todo)
+            finally:
+                self.release(token)
+            pending = []
+            for name in others:
+                self.wait(identity, name)
+                if not present(name):
+                    pending.append(name)
+
     @staticmethod
     def release(token: list[Any]) -> None:
         """Give up the claims of :meth:`claim` (after the entries are written, or on failure)."""
@@ -284,6 +309,12 @@ class DiskCache:
         blocks, counts = self._fill(identity, size, starts, ends, fetch)
         out = [self._slice(blocks, s, e) for s, e in zip(starts.tolist(), ends.tolist())]
         return out, counts
+
+    def blocks(self, identity: str, size: int, starts: np.ndarray, ends: np.ndarray,
+               fetch: Callable[[np.ndarray, np.ndarray], list[bytes]]) -> tuple[dict[int, Any], dict[str, int]]:
+        """The blocks holding the ranges, ``{block number: payload}`` (mapped when cached), and the counts of
+        :meth:`read_ranges`: for readers that slice them themselves."""
+        return self._fill(identity, size, starts, ends, fetch)
 
     def ensure(self, identity: str, size: int, starts: np.ndarray, ends: np.ndarray,
                fetch: Callable[[np.ndarray, np.ndarray], list[bytes]]) -> dict[str, int]:
@@ -328,21 +359,18 @@ class DiskCache:
                 blocks.update(self.store(identity, rs, blob))
 
         if missing:
-            # blocks another process (or thread) is fetching right now are awaited, not fetched again
-            mine, others, token = self.claim(identity, [str(b) for b in missing])
-            try:
-                fetch_blocks([int(b) for b in mine])
-            finally:
-                self.release(token)
-            late = []
-            for name in others:
-                self.wait(identity, name)
-                payload = self._get(os.path.join(folder, name), min(bs, size - int(name) * bs))
-                if payload is None:
-                    late.append(int(name))
-                else:
+            def present(name: str) -> bool:
+                path, want = os.path.join(folder, name), min(bs, size - int(name) * bs)
+                if not check:
+                    return self.has(path, want)
+                payload = self._get(path, want)
+                if payload is not None:
                     blocks[int(name)] = payload
-            fetch_blocks(sorted(late))
+                return payload is not None
+
+            # blocks another process (or thread) is fetching right now are awaited, not fetched again
+            self.produce(identity, [str(b) for b in missing], present,
+                         lambda names: fetch_blocks(sorted(int(n) for n in names)))
         return blocks, {"hits": len(wanted) - len(missing), "misses": len(missing), "bytes_local": local,
                         "bytes_remote": remote}
 

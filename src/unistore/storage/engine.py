@@ -248,11 +248,11 @@ def _gather_ranges(layout: ContiguousLayout, indices: np.ndarray, stats: IOStats
     out_shape = (len(uniq),) + layout.shape[1:]
     if len(uniq) == 0 or row == 0:
         return np.empty((len(indices),) + layout.shape[1:], layout.dtype)
+    if layout.location.cache is not None:
+        return _gather_cached(layout, uniq, stats).view(layout.dtype).reshape(out_shape)[inverse.ravel()]
     starts = layout.offset + uniq * row
     ends = starts + row
-    # with a disk cache, requests are whole blocks anyway: ask it for the rows only, not the gaps between them
-    gap = 0 if layout.location.cache is not None else max(MERGE_GAP_BYTES, 0)
-    run_starts, run_ends, run_id = _merge(starts, ends, gap)
+    run_starts, run_ends, run_id = _merge(starts, ends, max(MERGE_GAP_BYTES, 0))
     blobs = fetch_ranges(layout.location, run_starts, run_ends, stats)
     if len(blobs) == 1:
         buf = np.frombuffer(blobs[0], dtype=np.uint8)
@@ -266,6 +266,44 @@ def _gather_ranges(layout: ContiguousLayout, indices: np.ndarray, stats: IOStats
         rows = buf[(pos[:, None] + np.arange(row)[None, :]).ravel()]
     result = rows.view(layout.dtype).reshape(out_shape)
     return result[inverse.ravel()]
+
+
+def _gather_cached(layout: ContiguousLayout, rows: np.ndarray, stats: IOStats) -> np.ndarray:
+    """Rows ``rows`` (sorted, unique) of a remote array with a disk cache, as a ``(len(rows), row bytes)`` uint8
+    array gathered straight out of the cached blocks (missing blocks fetched first).
+
+    Each block is viewed as the run of whole rows it holds, so the rows inside
+    one block are a single fancy index; a row split between two blocks is
+    joined from both.
+    """
+    loc, row, base = layout.location, layout.row_nbytes, layout.offset
+    identity, size = loc.identity()
+    starts = base + rows * row
+    blocks, counts = loc.cache.blocks(identity, size, starts, starts + row,
+                                      lambda s, e: _fetch_remote(loc, s, e, stats))
+    stats.add(disk_hits=counts["hits"], disk_misses=counts["misses"], bytes_local=counts["bytes_local"])
+    bs = loc.cache.block_bytes
+    first, last = starts // bs, (starts + row - 1) // bs
+    out = np.empty((len(rows), row), np.uint8)
+    inside = first == last
+    bounds = np.flatnonzero(np.diff(first)) + 1
+    for part in np.split(np.arange(len(rows)), bounds):
+        b = int(first[part[0]])
+        sel = part[inside[part]]
+        if not len(sel):
+            continue
+        block = blocks[b]
+        # the whole rows in block b: row r0 is the first to start at or after the block's first byte
+        r0 = max(0, -(-(b * bs - base) // row))
+        skip = base + r0 * row - b * bs
+        n = (len(block) - skip) // row
+        view = np.frombuffer(block, np.uint8, count=n * row, offset=skip).reshape(n, row)
+        out[sel] = view[rows[sel] - r0]
+    for i in np.flatnonzero(~inside).tolist():
+        s, b0, b1 = int(starts[i]), int(first[i]), int(last[i])
+        out[i] = np.frombuffer(b"".join(bytes(blocks[b]) for b in range(b0, b1 + 1)), np.uint8,
+                               count=row, offset=s - b0 * bs)
+    return out
 
 
 # ------------------------------------------------------------ chunk cache
@@ -445,44 +483,28 @@ def _decoded_chunks(layout: ChunkedLayout, needed: np.ndarray, stats: IOStats, c
     cr, n = layout.chunk_rows, layout.shape[0]
     row_shape, row_nbytes = layout.shape[1:], int(np.prod(layout.shape[1:], dtype=np.int64)) * layout.dtype.itemsize
     blocks: dict[int, np.ndarray] = {}
-    missing = []
-    local = 0
-    for cid in needed.tolist():
+
+    def present(name: str) -> bool:
+        cid = int(name)
         rows = min(cr, n - cid * cr)
         if not check:
-            if not cache.has_entry(ident, str(cid), rows * row_nbytes):
-                missing.append(cid)
-            continue
-        view = cache.get_entry(ident, str(cid), rows * row_nbytes)
-        if view is None:
-            missing.append(cid)
-        else:
+            return bool(cache.has_entry(ident, name, rows * row_nbytes))
+        view = cache.get_entry(ident, name, rows * row_nbytes)
+        if view is not None:
             blocks[cid] = np.frombuffer(view, layout.dtype).reshape((rows,) + row_shape)
-            local += rows * row_nbytes
-    def decode(ids: list[int]) -> None:
-        for first, slab in _load_runs(layout, np.asarray(ids, dtype=np.int64), stats):
+        return view is not None
+
+    def decode(names: list[str]) -> None:
+        for first, slab in _load_runs(layout, np.array(sorted(int(c) for c in names), dtype=np.int64), stats):
             for j in range(-(-len(slab) // cr)):
                 block = np.ascontiguousarray(slab[j * cr:(j + 1) * cr])
                 view = cache.put_entry(ident, str(first + j), block)
                 blocks[first + j] = block if view is None else np.frombuffer(view, layout.dtype).reshape(block.shape)
 
+    missing = [str(cid) for cid in needed.tolist() if not present(str(cid))]
+    local = sum(b.nbytes for b in blocks.values())
     if missing:
-        # chunks another worker (or the read-ahead) is decoding right now are awaited, not fetched twice
-        mine, others, token = cache.claim(ident, [str(c) for c in missing])
-        try:
-            decode([int(c) for c in mine])
-        finally:
-            cache.release(token)
-        late = []
-        for name in others:
-            cache.wait(ident, name)
-            cid = int(name)
-            rows = min(cr, n - cid * cr)
-            view = cache.get_entry(ident, name, rows * row_nbytes)
-            if view is None:
-                late.append(cid)
-            else:
-                blocks[cid] = np.frombuffer(view, layout.dtype).reshape((rows,) + row_shape)
-        decode(late)
+        # chunks another worker (or the read-ahead) is decoding right now are awaited, not decoded twice
+        cache.produce(ident, missing, present, decode)
     stats.add(disk_hits=len(needed) - len(missing), disk_misses=len(missing), bytes_local=local)
     return blocks
