@@ -115,6 +115,7 @@ def test_two_processes_fill_one_cache_at_once(remote: Any, tmp_path: Any) -> Non
     queue = ctx.Queue()
     root = str(tmp_path / "cache")
     procs = [ctx.Process(target=_fill, args=(remote["url"], remote["options"], root, seed, queue)) for seed in (1, 2)]
+    remote["proxy"].reset_counts()
     for p in procs:
         p.start()
     results = [queue.get(timeout=120) for _ in procs]
@@ -123,6 +124,8 @@ def test_two_processes_fill_one_cache_at_once(remote: Any, tmp_path: Any) -> Non
         assert p.exitcode == 0
     for raw, _ in results:
         np.testing.assert_array_equal(np.frombuffer(raw, np.float32).reshape(ROWS, DIM), remote["data"])
+    # a block both wanted at once was fetched by one while the other waited for it
+    assert remote["proxy"].bytes_out <= remote["data"].nbytes + 2 * (16 << 10), remote["proxy"].bytes_out
     cache = DiskCache(root, block_bytes=16 << 10)
     assert not [e for e in os.listdir(root) if ".tmp-" in e]
     got, stats = _epoch(remote["url"], remote["options"], cache, seed=3)  # every entry intact: all hits
@@ -213,3 +216,28 @@ def test_rows_gathered_out_of_cached_blocks(s3: dict[str, Any], tmp_path: Any, d
     idx = rng.permutation(300)[:100]
     np.testing.assert_array_equal(again["emb"].take(idx), data[idx])  # all from the cache now
     assert again.io_stats()["disk_misses"] == 0 and again.io_stats()["requests"] == 0
+
+
+def test_readers_wanting_one_block_at_once_fetch_it_once(remote: Any, tmp_path: Any) -> None:
+    """Eight threads, each with its own open store, ask for the same rows while every request takes 50 ms:
+    one fetches each block, the others wait for it (figures from the proxy)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cache_root = tmp_path / "cache"
+    proxy = remote["proxy"]
+    stores = [us.open_store(remote["url"], storage_options=remote["options"], cache=DiskCache(cache_root))
+              for _ in range(8)]
+    for s in stores:
+        s["emb"].layout.location.identity()
+    rows = np.arange(0, ROWS, 7)
+    proxy.reset_counts()
+    proxy.latency = 0.05
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(lambda s: s["emb"].take(rows), stores))
+    finally:
+        proxy.latency = 0.0
+    for g in got:
+        np.testing.assert_array_equal(g, remote["data"][rows])
+    assert proxy.bytes_out <= remote["data"].nbytes + 1024, proxy.bytes_out  # 8 readers, the array once
+    assert sum(s.io_stats()["requests"] for s in stores) == proxy.requests["GET"]
