@@ -249,7 +249,7 @@ def _gather_ranges(layout: ContiguousLayout, indices: np.ndarray, stats: IOStats
     if len(uniq) == 0 or row == 0:
         return np.empty((len(indices),) + layout.shape[1:], layout.dtype)
     if layout.location.cache is not None:
-        return _gather_cached(layout, uniq, stats).view(layout.dtype).reshape(out_shape)[inverse.ravel()]
+        return _gather_cached(layout, indices, stats).view(layout.dtype).reshape((len(indices),) + layout.shape[1:])
     starts = layout.offset + uniq * row
     ends = starts + row
     run_starts, run_ends, run_id = _merge(starts, ends, max(MERGE_GAP_BYTES, 0))
@@ -269,12 +269,13 @@ def _gather_ranges(layout: ContiguousLayout, indices: np.ndarray, stats: IOStats
 
 
 def _gather_cached(layout: ContiguousLayout, rows: np.ndarray, stats: IOStats) -> np.ndarray:
-    """Rows ``rows`` (sorted, unique) of a remote array with a disk cache, as a ``(len(rows), row bytes)`` uint8
-    array gathered straight out of the cached blocks (missing blocks fetched first).
+    """Rows ``rows`` (any order, repeats allowed) of a remote array with a disk cache, as a
+    ``(len(rows), row bytes)`` uint8 array gathered straight out of the cached blocks (missing blocks
+    fetched first).
 
     Each block is viewed as the run of whole rows it holds, so the rows inside
-    one block are a single fancy index; a row split between two blocks is
-    joined from both.
+    one block are a single fancy index into the output; a row split between
+    two blocks is joined from both.
     """
     loc, row, base = layout.location, layout.row_nbytes, layout.offset
     identity, size = loc.identity()
@@ -286,19 +287,20 @@ def _gather_cached(layout: ContiguousLayout, rows: np.ndarray, stats: IOStats) -
     first, last = starts // bs, (starts + row - 1) // bs
     out = np.empty((len(rows), row), np.uint8)
     inside = first == last
-    bounds = np.flatnonzero(np.diff(first)) + 1
-    for part in np.split(np.arange(len(rows)), bounds):
+    key = np.where(inside, first, -1)  # rows split between blocks go first, as one group
+    by_block = np.argsort(key, kind="stable")
+    bounds = np.flatnonzero(np.diff(key[by_block])) + 1
+    for part in np.split(by_block, bounds):
         b = int(first[part[0]])
-        sel = part[inside[part]]
-        if not len(sel):
-            continue
+        if not inside[part[0]]:
+            continue  # rows split between blocks: below
         block = blocks[b]
         # the whole rows in block b: row r0 is the first to start at or after the block's first byte
         r0 = max(0, -(-(b * bs - base) // row))
         skip = base + r0 * row - b * bs
         n = (len(block) - skip) // row
         view = np.frombuffer(block, np.uint8, count=n * row, offset=skip).reshape(n, row)
-        out[sel] = view[rows[sel] - r0]
+        out[part] = view[rows[part] - r0]
     for i in np.flatnonzero(~inside).tolist():
         s, b0, b1 = int(starts[i]), int(first[i]), int(last[i])
         out[i] = np.frombuffer(b"".join(bytes(blocks[b]) for b in range(b0, b1 + 1)), np.uint8,
