@@ -125,6 +125,33 @@ def remote_tables(work: str, data: np.ndarray, chunk: int, ranks: int) -> None:
         print(table(rows))
 
 
+def many_ranks_table(work: str, world: int, dim: int = 96, chunk: int = 25) -> None:
+    """``world`` ranks (fresh opens, each with its own chunk cache) over an array of 40 chunks per rank:
+    bytes fetched by all ranks together / stored, and chunks a rank read outside its shard."""
+    n = 40 * chunk * world
+    data = np.random.default_rng(3).standard_normal((n, dim), dtype=np.float32)
+    local = os.path.join(work, "ranks.zarr")
+    with us.create_store(local, format="zarr") as store:
+        store.write_array("emb", data, chunks=(chunk, dim), compression="zstd")
+        store.commit()
+    stored = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(local, "emb")) for f in fs
+                 if f != "zarr.json")
+    with s3_behind_proxy("ranks") as wire:
+        url = wire.upload(local, "ranks.zarr")
+        wire.proxy.reset_counts()
+        reads = 0
+        for order in orders(n, chunk, world, True):
+            chunk_cache.clear()
+            run_epoch(us.open_store(url, storage_options=wire.options, cache=False)["emb"], order)
+            reads += len(np.unique(order // chunk))
+        n_chunks = -(-n // chunk)
+        print(f"\n## {world} ranks, chunk-aware, zarr zstd {n} x {dim} in {n_chunks} chunks of {chunk} rows "
+              f"({stored / 1e6:.1f} MB stored), each rank a fresh open\n")
+        print(f"bytes fetched by all ranks together / stored: {wire.proxy.bytes_out / stored:.3f} "
+              f"({wire.proxy.requests['GET']} GETs); chunks read by two ranks (where shards meet): "
+              f"{reads - n_chunks} of {n_chunks}")
+
+
 def loader_epoch(dataset: Any, chunk_rows: int, epoch: int, read_ahead: int) -> float:
     from unistore.datasets import make_loader
 
@@ -223,8 +250,8 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=1000)
     parser.add_argument("--remote-chunk", type=int, default=250, help="rows per chunk of the S3 array")
     parser.add_argument("--ranks", type=int, default=16)
-    parser.add_argument("--parts", default="quality,local,s3,latency",
-                        help="comma-separated: quality, local, s3 (bytes per epoch), latency")
+    parser.add_argument("--parts", default="quality,local,s3,ranks64,latency",
+                        help="comma-separated: quality, local, s3 (bytes per epoch), ranks64, latency")
     parser.add_argument("--latency-ms", type=float, default=30.0)
     parser.add_argument("--latency-rows", type=int, default=200_000)
     parser.add_argument("--latency-formats", default="npy,zarr")
@@ -243,6 +270,8 @@ def main() -> None:
             remote = data[:args.remote_rows]
             chunk_cache.max_bytes = remote.nbytes // 4
             remote_tables(work, remote, args.remote_chunk, args.ranks)
+        if "ranks64" in parts:
+            many_ranks_table(work, 64)
         if "latency" in parts:
             chunk_cache.max_bytes = 1 << 30
             latency_table(work, data[:args.latency_rows], args.chunk, args.latency_ms, args.latency_formats.split(","))

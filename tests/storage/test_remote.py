@@ -198,3 +198,21 @@ def test_unistore_verdicts_and_names_with_500_are_not_retried() -> None:
     with pytest.raises(ValueError):
         retry_remote(missing_bucket, where)
     assert len(calls) == 2
+
+
+def test_opening_a_zarr_store_does_not_list_its_chunks(s3: dict[str, Any], tmp_path: Any) -> None:
+    """Many ranks open one store: opening reads metadata only; stored bytes are listed when asked."""
+    data = np.random.default_rng(0).standard_normal((4000, 8)).astype(np.float32)
+    local = str(tmp_path / "many.zarr")
+    with us.create_store(local, format="zarr") as store:
+        store.write_array("x", data, chunks=(10, 8), compression="zstd")  # 400 chunk objects
+    s3["fs"].put(local + "/", f"{s3['bucket']}/many.zarr", recursive=True)
+    proxy = FaultyProxy(s3["endpoint"])
+    try:
+        store = us.open_store(f"s3://{s3['bucket']}/many.zarr", storage_options=s3_options(proxy.endpoint))
+        assert proxy.requests["GET"] <= 16 and proxy.bytes_out < 20_000, (proxy.requests, proxy.bytes_out)
+        on_disk = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(local, "x"))
+                      for f in fs)
+        assert store["x"].stored_nbytes == on_disk
+    finally:
+        proxy.close()

@@ -117,8 +117,8 @@ class Array:
 
     @property
     def stored_nbytes(self) -> int | None:
-        """Bytes on storage, where the format knows it."""
-        return self._info.stored_nbytes
+        """Bytes on storage, where the format knows it (listed when first asked, for zarr)."""
+        return _stored(self._info)
 
     @property
     def layout(self) -> Any:
@@ -298,7 +298,7 @@ class RaggedArray:
 
     @property
     def stored_nbytes(self) -> int | None:
-        a, b = self._info.values.stored_nbytes, self._info.offsets.stored_nbytes
+        a, b = _stored(self._info.values), _stored(self._info.offsets)
         return None if a is None else a + (b or 0)
 
     def __len__(self) -> int:
@@ -348,3 +348,11 @@ class RaggedArray:
         if sel is Ellipsis:
             return self.read()
         return self.take(sel)
+
+
+def _stored(info: ArrayInfo) -> int | None:
+    """``info.stored_nbytes``, asking the format's callable once when it gave one."""
+    value = info.stored_nbytes
+    if callable(value):
+        value = info.stored_nbytes = value()
+    return value

@@ -111,6 +111,21 @@ def _codec_names(arr: Any) -> str | None:
     return ",".join(names) or None
 
 
+class _StoredBytes:
+    """Bytes the objects of one zarr array take on storage, from a listing made when first asked (opening a
+    store must not list every chunk: 64 ranks opening one array would list it 64 times)."""
+
+    def __init__(self, location: Location, name: str):
+        self.location, self.name = location, name
+
+    def __call__(self) -> int | None:
+        prefix = self.location.path.rstrip("/") + (f"/{self.name}" if self.name else "")
+        try:
+            return int(retry_remote(lambda: self.location.fs.du(prefix), self.location))
+        except Exception:  # noqa: BLE001 - a size for display only
+            return None
+
+
 class ZarrBlockReader(LazyBlockReader):
     """Reads rows ``[start, stop)`` of one zarr array; the handle is (counting store, array)."""
 
@@ -175,10 +190,7 @@ class ZarrFormat(Format):
                 continue
             shape = tuple(int(s) for s in arr.shape)
             chunks = tuple(int(c) for c in arr.chunks) if shape else None
-            try:
-                stored = int(arr.nbytes_stored())
-            except Exception:
-                stored = None
+            stored = _StoredBytes(location, path)  # a listing of every chunk: only when asked
             layout = ChunkedLayout(ZarrBlockReader(location, path), shape, np.dtype(arr.dtype),
                                    int(chunks[0]) if chunks else 1, token=f"zarr:{token}:{path}")
             opened.arrays[key] = ArrayInfo(key, shape, np.dtype(arr.dtype), layout, chunks=chunks,

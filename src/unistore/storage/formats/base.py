@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -68,7 +69,8 @@ class ArrayInfo:
     chunks: tuple[int, ...] | None = None
     compression: str | None = None
     attrs: dict[str, Any] = field(default_factory=dict)
-    stored_nbytes: int | None = None
+    #: bytes on storage; a format that must list objects to know gives a callable, asked on first use
+    stored_nbytes: int | None | Callable[[], int | None] = None
 
 
 @dataclass
