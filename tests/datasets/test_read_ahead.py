@@ -155,3 +155,12 @@ def test_chunk_aware_order_is_chosen_for_chunked_remote_data(s3: dict[str, Any],
     assert make_loader(StoreDataset(str(tmp_path / "flat")), 64, chunk_rows=300).sampler.chunk_rows == 300
     with pytest.raises(ValueError, match="chunk_rows"):
         make_loader(remote, 64, chunk_rows="yes")
+
+
+def test_read_ahead_is_bounded_in_bytes(tmp_path: Any) -> None:
+    _write(str(tmp_path / "d"), "npy", np.zeros((ROWS, 256), np.float32))  # rows of 1 KiB (+ 8 B labels)
+    ds = StoreDataset(str(tmp_path / "d"))
+    assert make_loader(ds, 100, read_ahead=8).read_ahead == 8
+    assert make_loader(ds, 100, read_ahead=8, read_ahead_bytes=300_000).read_ahead == 2  # 103,200 B a batch
+    assert make_loader(ds, 100, read_ahead=8, read_ahead_bytes=1).read_ahead == 1
+    assert make_loader(ds, 100).read_ahead == 0

@@ -223,7 +223,7 @@ def auto_chunk_rows(dataset: Any) -> int | None:
 def make_loader(dataset: Any, batch_size: int, *, shuffle: bool = True, seed: int = 0, distributed: bool = False,
                 rank: int | None = None, world_size: int | None = None, drop_last: bool = False,
                 num_workers: int = 0, chunk_rows: int | str | None = "auto", read_ahead: int = 0,
-                **loader_kwargs: Any) -> Any:
+                read_ahead_bytes: int = 256 << 20, **loader_kwargs: Any) -> Any:
     """A DataLoader over any unistore dataset with a :class:`StoreSampler` and batch collation.
 
     ``distributed=True`` takes rank and world size from ``torch.distributed``
@@ -231,11 +231,14 @@ def make_loader(dataset: Any, batch_size: int, *, shuffle: bool = True, seed: in
     ``chunk_rows`` selects the sampler's chunk-aware order: ``"auto"`` (the
     default) uses it when the samples are rows of chunked arrays in a remote
     store (see :func:`auto_chunk_rows`), an int forces it, None turns it off.
-    ``read_ahead=N``
-    reads the next ``N`` batches of the order in a background thread of this
-    process (``dataset.prefetch``): with ``num_workers=0`` it fills this
-    process's caches; with worker processes it helps through the persistent
-    disk cache (``open_store(..., cache=...)``), which the workers share.
+    ``read_ahead=N`` reads the next ``N`` batches of the order ahead of
+    their use (``dataset.prefetch``), at most ``read_ahead_bytes`` of rows
+    (256 MiB by default) and ``N`` batches in flight: in each worker
+    process, in a thread of its own, or with ``num_workers=0`` or
+    ``persistent_workers=True`` in a thread of this process.  Workers share
+    what it brings through the persistent disk cache
+    (``open_store(..., cache=...)``), where one process fetches each block or
+    chunk and the others wait for it.
     """
     if distributed and (rank is None or world_size is None):
         d_rank, d_world = dist_rank_and_world()
@@ -251,8 +254,21 @@ def make_loader(dataset: Any, batch_size: int, *, shuffle: bool = True, seed: in
     loader = _Loader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                      drop_last=drop_last, **loader_kwargs)
     loader.dataset_obj = dataset
-    loader.read_ahead = int(read_ahead)
+    loader.read_ahead = _read_ahead_depth(dataset, batch_size, int(read_ahead), int(read_ahead_bytes))
     return loader
+
+
+def _read_ahead_depth(dataset: Any, batch_size: int, batches: int, max_bytes: int) -> int:
+    """``batches``, fewer where that many batches' rows would exceed ``max_bytes`` (at least one)."""
+    if batches <= 0:
+        return 0
+    arrays = getattr(dataset, "arrays", None)
+    if not isinstance(arrays, dict):
+        return batches
+    row = sum(int(a.nbytes // max(len(a), 1)) for a in arrays.values() if hasattr(a, "nbytes"))
+    if row <= 0:
+        return batches
+    return max(1, min(batches, max_bytes // (row * max(batch_size, 1))))
 
 
 def create_loader(dataset_dir: str | os.PathLike[str] | Any, split: str = "train", batch_size: int = 32,
