@@ -181,6 +181,13 @@ class StoreDataset(_TorchDataset):  # type: ignore[misc,valid-type]
             ahead.saw(self, idx)
         return Batch(self._get_batch(idx), len(idx))
 
+    def prepare_for_workers(self) -> None:
+        """Learn, once in this process, what worker processes would each ask storage for on their first read
+        (the identities that key the disk cache), so that they inherit it instead."""
+        for arr in self.arrays.values():
+            if isinstance(arr, Array):
+                arr.prepare_for_workers()
+
     def prefetch(self, indices: Any) -> None:
         """Bring the batch ``indices`` into the caches before it is asked for (the loader's read-ahead).
 

@@ -40,6 +40,8 @@ class _Loader(_TorchLoader):  # type: ignore[misc,valid-type]
         self._start = sampler._resume
         self._delivered = 0
         ahead = None
+        if self.num_workers and hasattr(self.dataset_obj, "prepare_for_workers"):
+            self.dataset_obj.prepare_for_workers()  # fresh workers each epoch inherit, not re-ask, cache keys
         wanted = self.read_ahead > 0 and hasattr(self.dataset_obj, "prefetch")
         in_workers = wanted and self.num_workers > 0 and not self.persistent_workers and \
             isinstance(self.dataset, StoreDataset)

@@ -13,7 +13,7 @@ import numpy as np
 from unistore.errors import OutOfBoundsError, ShapeMismatchError
 from unistore.storage.engine import gather, read_rows
 from unistore.storage.formats.base import ArrayInfo, RaggedInfo, bfloat16, dtype_name
-from unistore.storage.layout import InMemoryLayout, IOStats
+from unistore.storage.layout import ChunkedLayout, ContiguousLayout, InMemoryLayout, IOStats
 
 __all__ = ["Array", "RaggedArray", "to_tensor", "normalize_indices", "DASK_BLOCK_BYTES"]
 
@@ -114,6 +114,15 @@ class Array:
     def nbytes(self) -> int:
         """Size of the decoded array in bytes."""
         return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def prepare_for_workers(self) -> None:
+        """Ask storage now, in this process, for what keys this array in a disk cache (an object's ETag and
+        size, a zarr array's listing), so processes this one starts or pickles the array to inherit it."""
+        layout = self._info.layout
+        if isinstance(layout, ContiguousLayout) and not layout.location.is_local and layout.location.cache:
+            layout.location.identity()
+        elif isinstance(layout, ChunkedLayout) and hasattr(layout.reader, "identity"):
+            layout.reader.identity()
 
     @property
     def stored_nbytes(self) -> int | None:

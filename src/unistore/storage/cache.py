@@ -105,12 +105,14 @@ class DiskCache:
     def _get(self, path: str, want: int) -> Any:
         """An entry's payload, mapped read-only, if it is intact and ``want`` bytes long; a bad entry is deleted.
 
-        The first use of an entry in a process checks its CRC over the
-        mapping (no copy); later uses of the same file (same inode, size and
-        mtime) take the mapping as it is, so hot blocks cost a page-cache
-        lookup, and every process maps the same pages.  Use is recorded in
-        the entry's atime (for LRU eviction); its mtime only changes if its
-        bytes do, which makes every process check it again.
+        An entry's CRC is checked over the mapping (no copy) the first time a
+        process uses it, unless the file says (an extended attribute holding
+        its inode, size and mtime) that it was written or checked as it is
+        now; later uses of the same file take the mapping as it is, so hot
+        blocks cost a page-cache lookup, and every process maps the same
+        pages.  Use is recorded in the entry's atime (for LRU eviction); its
+        mtime only changes if its bytes do, which makes every process check
+        it again.
         """
         try:
             st = os.stat(path)
@@ -130,8 +132,11 @@ class DiskCache:
                 return None
             n, crc = _TRAILER.unpack_from(view, want)
             view = view[:want]
-            if n != want or zlib.crc32(view) != crc:
+            trusted = _verified(path, st)
+            if n != want or (not trusted and zlib.crc32(view) != crc):
                 view = None
+            elif not trusted:
+                _mark_verified(path, st)
         if view is None:
             with contextlib.suppress(OSError):
                 os.remove(path)  # corrupt or truncated: never served, fetched again
@@ -168,6 +173,7 @@ class DiskCache:
             with open(tmp, "wb") as f:
                 f.write(payload)
                 f.write(_TRAILER.pack(len(payload), zlib.crc32(payload)))
+            _mark_verified(tmp)
             os.replace(tmp, path)
         except OSError:
             with contextlib.suppress(OSError):
@@ -461,6 +467,26 @@ class DiskCache:
                 freed += e.stat().st_size
                 os.remove(e.path)
         return freed
+
+
+_VERIFIED = "user.unistore.verified"
+
+
+def _stamp(st: os.stat_result) -> bytes:
+    return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}".encode()
+
+
+def _verified(path: str, st: os.stat_result) -> bool:
+    """Whether the entry was written or CRC-checked with exactly this inode, size and mtime."""
+    try:
+        return os.getxattr(path, _VERIFIED) == _stamp(st)
+    except OSError:  # no mark, or a filesystem without user extended attributes: check the CRC
+        return False
+
+
+def _mark_verified(path: str, st: os.stat_result | None = None) -> None:
+    with contextlib.suppress(OSError):
+        os.setxattr(path, _VERIFIED, _stamp(st or os.stat(path)))
 
 
 def _blocks_of(starts: np.ndarray, ends: np.ndarray, bs: int) -> np.ndarray:

@@ -143,14 +143,27 @@ class ZarrBlockReader(LazyBlockReader):
             return (0, 0)
         return (handle[0].requests, handle[0].nbytes)
 
+    _identity: str | None = None
+
     def identity(self) -> str | None:
-        """The store's URL and array path with a digest of the array's objects, listed once per process."""
+        """The store's URL and array path with a digest of the array's objects, from one listing.
+
+        Listed once per reader (a handle opened with :func:`open_store`), and
+        carried when the reader is pickled: DataLoader workers started after
+        it was listed do not list the array again.
+        """
         if self.location.cache is None:
             return None
-        if getattr(self, "_identity_pid", None) != os.getpid():
+        if self._identity is None:
             self._identity = f"zarr|{self.location.url}|{self.name}|{_listing_digest(self.location, self.name)}"
-            self._identity_pid = os.getpid()
         return self._identity
+
+    def __getstate__(self) -> tuple[Location, str, str | None]:  # type: ignore[override]
+        return (self.location, self.name, self._identity)
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        super().__setstate__(state[:2])
+        self._identity = state[2] if len(state) > 2 else None
 
     def read(self, start: int, stop: int) -> np.ndarray:
         arr = self.handle()[1]
