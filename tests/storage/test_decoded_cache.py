@@ -130,3 +130,30 @@ def test_remote_chunks_are_fetched_and_decoded_once(s3: dict[str, Any], tmp_path
             assert not [p for (_, p) in proxy.paths if "/c/" in p], proxy.paths
     finally:
         proxy.close()
+
+
+def _sit(ready: Any, go: Any) -> None:
+    ready.set()
+    go.wait(30)
+
+
+def test_a_forked_child_does_not_keep_its_parents_claims(tmp_path: Any) -> None:
+    """A DataLoader worker forked while a thread of the parent holds a claim must not hold it after release."""
+    import multiprocessing
+
+    cache = DiskCache(tmp_path / "cache")
+    mine, others, token = cache.claim("obj", ["0"])
+    assert mine == ["0"] and not others
+    ctx = multiprocessing.get_context("fork")
+    ready, go = ctx.Event(), ctx.Event()
+    child = ctx.Process(target=_sit, args=(ready, go))
+    child.start()
+    try:
+        assert ready.wait(30)
+        cache.release(token)
+        again, busy, token2 = DiskCache(tmp_path / "cache").claim("obj", ["0"])
+        assert again == ["0"] and not busy  # free although the child, which got a copy of the file, still runs
+        cache.release(token2)
+    finally:
+        go.set()
+        child.join(30)

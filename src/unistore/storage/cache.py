@@ -259,6 +259,7 @@ class DiskCache:
             else:
                 mine.append(name)
                 token.append(f)
+                _HELD.add(f)
         return mine, others, token
 
     def produce(self, identity: str, names: list[str], present: Callable[[str], bool],
@@ -290,6 +291,7 @@ class DiskCache:
     def release(token: list[Any]) -> None:
         """Give up the claims of :meth:`claim` (after the entries are written, or on failure)."""
         for f in token:
+            _HELD.discard(f)
             f.close()  # closing the file drops its flock
         token.clear()
 
@@ -299,7 +301,11 @@ class DiskCache:
 
         try:
             with open(self._lock_path(identity, name), "a") as f:
-                fcntl.flock(f, fcntl.LOCK_SH)
+                _HELD.add(f)
+                try:
+                    fcntl.flock(f, fcntl.LOCK_SH)
+                finally:
+                    _HELD.discard(f)
         except OSError:
             pass
 
@@ -468,6 +474,20 @@ class DiskCache:
                 os.remove(e.path)
         return freed
 
+
+#: lock files this process has open: a forked child (a DataLoader worker) would otherwise hold their locks,
+#: shared with the parent's open file, for as long as it lives
+_HELD: set[Any] = set()
+
+
+def _close_inherited_locks() -> None:
+    for f in list(_HELD):
+        with contextlib.suppress(OSError):
+            f.close()  # the child's copy only: the parent's claim stands until the parent releases it
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
 
 _VERIFIED = "user.unistore.verified"
 
