@@ -208,7 +208,6 @@ def auto_chunk_rows(dataset: Any) -> int | None:
     once chunks are cached), for contiguous arrays, and for datasets that map
     samples to rows their own way (they override ``_get_batch``).
     """
-    from unistore.datasets.base import StoreDataset
     from unistore.storage.array import Array
 
     if not isinstance(dataset, StoreDataset) or type(dataset)._get_batch is not StoreDataset._get_batch:

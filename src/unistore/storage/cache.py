@@ -143,8 +143,13 @@ class DiskCache:
             return None
         with contextlib.suppress(OSError):
             os.utime(path, ns=(time.time_ns(), st.st_mtime_ns))  # recently used
+        return self._remember(path, stamp, view)
+
+    def _remember(self, path: str, stamp: tuple[int, int, int], view: memoryview) -> memoryview:
+        """Keep a verified entry's mapping for this process's later uses (the most recent ``_MAX_MAPS``)."""
         with self._lock:
             self._maps[path] = (stamp, view)
+            self._maps.move_to_end(path)
             while len(self._maps) > _MAX_MAPS:
                 self._maps.popitem(last=False)
         return view
@@ -196,8 +201,8 @@ class DiskCache:
         chunks kept here cost no anonymous memory, however many DataLoader
         workers read them.
         """
-        payload = self._get(os.path.join(self._dir(identity), name), nbytes)
-        return payload if payload is None else memoryview(payload)
+        view: memoryview | None = self._get(os.path.join(self._dir(identity), name), nbytes)
+        return view
 
     def has_entry(self, identity: str, name: str, nbytes: int) -> bool:
         """Whether entry ``name`` of ``identity`` is there with the right length (not read or checked)."""
@@ -215,11 +220,7 @@ class DiskCache:
             view = self._map(path, len(payload))
         except (OSError, ValueError):
             return None
-        with self._lock:
-            self._maps[path] = ((st.st_ino, st.st_size, st.st_mtime_ns), view)
-            while len(self._maps) > _MAX_MAPS:
-                self._maps.popitem(last=False)
-        return view
+        return self._remember(path, (st.st_ino, st.st_size, st.st_mtime_ns), view)
 
     # ------------------------------------------------------- who produces
     def _lock_path(self, identity: str, name: str) -> str:
@@ -394,22 +395,6 @@ class DiskCache:
         if b0 == b1:
             return bytes(blocks[b0][start - at:end - at])
         return b"".join(blocks[b] for b in range(b0, b1 + 1))[start - at:end - at]
-
-    def cover(self, start: int, end: int, size: int) -> tuple[int, int]:
-        """The block-aligned byte range holding ``[start, end)`` of an object of ``size`` bytes."""
-        bs = self.block_bytes
-        return (start // bs) * bs, min(-(-max(end, start + 1) // bs) * bs, size)
-
-    def lookup(self, identity: str, size: int, start: int, end: int) -> bytes | None:
-        """Bytes ``[start, end)`` when every block holding them is cached and intact, else None."""
-        bs = self.block_bytes
-        folder = self._dir(identity)
-        blocks = {}
-        for b in range(start // bs, (max(end, start + 1) - 1) // bs + 1):
-            blocks[b] = self._get(os.path.join(folder, str(b)), min(bs, size - b * bs))
-            if blocks[b] is None:
-                return None
-        return self._slice(blocks, start, end)
 
     def store(self, identity: str, block_start: int, blob: bytes) -> dict[int, bytes]:
         """Keep ``blob``, fetched from block-aligned offset ``block_start``, as cache blocks; returns them."""
