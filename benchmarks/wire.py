@@ -5,13 +5,13 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from tests.storage.faulty_proxy import FaultyProxy  # noqa: E402
 
 
 @dataclass
@@ -20,7 +20,7 @@ class Wire:
     ``proxy``, which counts requests and bytes and can add latency."""
 
     bucket: str
-    proxy: FaultyProxy
+    proxy: ProxyProcess
     direct: dict[str, Any]
     options: dict[str, Any]
     server_pid: int = 0
@@ -43,6 +43,86 @@ class Wire:
         import s3fs
 
         return int(s3fs.S3FileSystem(**self.direct).du(url.removeprefix("s3://")))
+
+
+class ProxyProcess:
+    """The counting proxy (tests/storage/faulty_proxy.py) in a process of its own, as the network is not in
+    the reader's process either: its threads do not compete with the reader's for the GIL.  Same figures:
+    ``requests``, ``paths``, ``bytes_out``, ``total_requests``; ``latency`` is set in the proxy itself."""
+
+    def __init__(self, upstream: str):
+        import subprocess
+
+        self._proc = subprocess.Popen([sys.executable, __file__, "--proxy", upstream], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True)
+        self.endpoint: str = self._ask("endpoint")
+
+    def _ask(self, *command: Any) -> Any:
+        import json
+
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._proc.stdin.write(json.dumps(command) + "\n")
+        self._proc.stdin.flush()
+        return json.loads(self._proc.stdout.readline())
+
+    @property
+    def latency(self) -> float:
+        return float(self._ask("get", "latency"))
+
+    @latency.setter
+    def latency(self, seconds: float) -> None:
+        self._ask("set", "latency", seconds)
+
+    @property
+    def requests(self) -> Counter[str]:
+        return Counter(self._ask("get", "requests"))
+
+    @property
+    def paths(self) -> Counter[tuple[str, str]]:
+        return Counter({(m, p): n for m, p, n in self._ask("get", "paths")})
+
+    @property
+    def bytes_out(self) -> int:
+        return int(self._ask("get", "bytes_out"))
+
+    @property
+    def total_requests(self) -> int:
+        return sum(self.requests.values())
+
+    def reset_counts(self) -> None:
+        self._ask("reset")
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._ask("close")
+        self._proc.wait(timeout=30)
+
+
+def _serve_proxy(upstream: str) -> None:
+    """The proxy's process: answers one JSON command per line on stdin."""
+    import json
+
+    from tests.storage.faulty_proxy import FaultyProxy
+
+    proxy = FaultyProxy(upstream)
+    for line in sys.stdin:
+        command, *args = json.loads(line)
+        answer: Any = None
+        if command == "endpoint":
+            answer = proxy.endpoint
+        elif command == "get" and args[0] == "paths":
+            answer = [[m, p, n] for (m, p), n in proxy.paths.items()]
+        elif command == "get":
+            answer = getattr(proxy, args[0])
+        elif command == "set":
+            setattr(proxy, args[0], args[1])
+        elif command == "reset":
+            proxy.reset_counts()
+        else:
+            proxy.close()
+            print("null", flush=True)
+            return
+        print(json.dumps(answer), flush=True)
 
 
 def cpu_busy() -> tuple[float, float]:
@@ -93,11 +173,12 @@ def _moto_process() -> Iterator[tuple[str, int]]:
 
 @contextlib.contextmanager
 def s3_behind_proxy(bucket: str = "bench") -> Iterator[Wire]:
-    """A fresh moto S3 server (its own process) with ``bucket``, and a counting proxy in front of it."""
+    """A fresh moto S3 server (its own process) with ``bucket``, and a counting proxy (its own process too)
+    in front of it."""
     import boto3
 
     with _moto_process() as (endpoint, pid):
-        proxy = FaultyProxy(endpoint)
+        proxy = ProxyProcess(endpoint)
         try:
             boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="bench", aws_secret_access_key="bench",
                          region_name="us-east-1").create_bucket(Bucket=bucket)
@@ -107,3 +188,7 @@ def s3_behind_proxy(bucket: str = "bench") -> Iterator[Wire]:
             yield Wire(bucket, proxy, direct, options, pid)
         finally:
             proxy.close()
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--proxy"]:
+    _serve_proxy(sys.argv[2])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import numpy as np
@@ -25,8 +26,12 @@ def _write(url: str, fmt: str, data: np.ndarray, **options: Any) -> None:
         store.write_array("y", np.arange(len(data)))
 
 
-def _batches(loader: Any) -> list[tuple[np.ndarray, np.ndarray]]:
-    return [(b["x"].numpy(), b["y"].numpy()) for b in loader]
+def _batches(loader: Any, pause: float = 0.0) -> list[tuple[np.ndarray, np.ndarray]]:
+    out = []
+    for b in loader:
+        out.append((b["x"].numpy(), b["y"].numpy()))
+        time.sleep(pause)  # a training step: the read-ahead thread gets its turn however busy the machine is
+    return out
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -37,7 +42,7 @@ def test_read_ahead_and_chunk_aware_give_the_same_batches(tmp_path: Any, workers
     ds = StoreDataset(url)
     plain = _batches(make_loader(ds, 64, seed=3, num_workers=workers))
     loader = make_loader(ds, 64, seed=3, num_workers=workers, read_ahead=3)
-    ahead = _batches(loader)
+    ahead = _batches(loader, pause=0.01)
     assert len(ahead) == len(plain)
     for (xa, ya), (xb, yb) in zip(ahead, plain):
         np.testing.assert_array_equal(xa, xb)
@@ -164,3 +169,37 @@ def test_read_ahead_is_bounded_in_bytes(tmp_path: Any) -> None:
     assert make_loader(ds, 100, read_ahead=8, read_ahead_bytes=300_000).read_ahead == 2  # 103,200 B a batch
     assert make_loader(ds, 100, read_ahead=8, read_ahead_bytes=1).read_ahead == 1
     assert make_loader(ds, 100).read_ahead == 0
+
+
+@pytest.mark.s3
+def test_remote_cached_arrays_get_block_order_and_read_ahead_by_default(s3: dict[str, Any], tmp_path: Any) -> None:
+    """An uncompressed array on S3 read through a disk cache: make_loader shuffles 8 MiB blocks of rows and
+    reads two windows ahead, so epoch 1 fetches a few large ranges, each once (proxy figures)."""
+    from unistore.datasets.loader import REMOTE_BLOCK_BYTES
+
+    rows, dim = 24_000, 256  # 1 KiB rows: 8,192 rows a block, 3 blocks
+    data = np.random.default_rng(3).standard_normal((rows, dim)).astype(np.float32)
+    _write(f"s3://{s3['bucket']}/big", "npy", data, storage_options=s3["options"])
+    proxy = FaultyProxy(s3["endpoint"])
+    try:
+        url, options = f"s3://{s3['bucket']}/big", s3_options(proxy.endpoint)
+        ds = StoreDataset(us.open_store(url, storage_options=options, cache=DiskCache(tmp_path / "cache")))
+        loader = make_loader(ds, 500, seed=4, num_workers=2)
+        assert loader.sampler.chunk_rows == REMOTE_BLOCK_BYTES // (dim * 4)  # the widest rows (x) set it
+        window = loader.sampler.chunk_rows * loader.sampler.effective_window
+        assert loader.read_ahead == max(4, -(-2 * window // 500))
+        proxy.reset_counts()
+        got = _batches(loader)
+        for x, y in got:
+            np.testing.assert_array_equal(x, data[y])
+        assert sorted(np.concatenate([y for _, y in got]).tolist()) == list(range(rows))
+        x_gets = sum(n for (m, p), n in proxy.paths.items() if m == "GET" and p.endswith("x.npy"))
+        assert proxy.bytes_out <= 1.1 * (data.nbytes + rows * 8)
+        assert x_gets <= 2 * data.nbytes // (512 << 10) // 4, x_gets  # ranges of several blocks, not one a block
+        # no disk cache: rows are fetched one range each in any order, so no blocks and no read-ahead
+        plain = StoreDataset(us.open_store(url, storage_options=options, cache=False))
+        assert make_loader(plain, 500).sampler.chunk_rows is None and make_loader(plain, 500).read_ahead == 0
+        with pytest.raises(ValueError, match="read_ahead"):
+            make_loader(ds, 500, read_ahead="lots")
+    finally:
+        proxy.close()

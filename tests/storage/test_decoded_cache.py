@@ -157,3 +157,30 @@ def test_a_forked_child_does_not_keep_its_parents_claims(tmp_path: Any) -> None:
     finally:
         go.set()
         child.join(30)
+
+
+def test_an_entry_produced_while_producing_another_under_the_same_lock_does_not_wait_on_itself(tmp_path: Any) -> None:
+    """Entries share a fixed pool of lock files: a chunk decoded under one whose bytes are fetched under the
+    same lock file (or two entries of one claim sharing one) are produced by the thread holding it."""
+    import threading
+
+    cache = DiskCache(tmp_path / "cache")
+    outer = cache._lock_path("obj", "outer")
+    inner = next(f"b{i}" for i in range(1_000_000) if cache._lock_path("blocks", f"b{i}") == outer)
+    made: list[str] = []
+
+    def produce_inner(names: list[str]) -> None:
+        cache.produce("blocks", [inner, "other"], lambda n: n in made, made.extend)
+        made.extend(names)
+
+    worker = threading.Thread(target=cache.produce, args=("obj", ["outer"], lambda n: n in made, produce_inner))
+    worker.start()
+    worker.join(30)
+    assert not worker.is_alive(), "the thread waits on a lock it holds itself"
+    assert sorted(made) == sorted([inner, "other", "outer"])
+    mine, others, token = cache.claim("obj", ["outer"])  # every claim was released
+    assert mine == ["outer"] and not others
+    cache.release(token)
+    mine, others, token = DiskCache(tmp_path / "cache").claim("obj", ["outer", inner])
+    assert sorted(mine) == sorted(["outer", inner]) and not others  # one claim, one lock file, one producer
+    cache.release(token)

@@ -199,9 +199,10 @@ def test_prefetch_fills_the_cache_without_assembling_rows(remote: Any, tmp_path:
         arr.prefetch([ROWS])
 
 
-@pytest.mark.parametrize("dim,block", [(7, 4096), (750, 4096), (5000, 4096), (64, 65536)])
+@pytest.mark.parametrize("dim,block", [(7, 4096), (750, 4096), (5000, 4096), (64, 65536), (64, 5000), (750, 5000)])
 def test_rows_gathered_out_of_cached_blocks(s3: dict[str, Any], tmp_path: Any, dim: int, block: int) -> None:
-    """Rows inside one block, rows split between blocks, rows longer than a block: all equal to the source."""
+    """Rows inside one block, rows split between blocks, rows longer than a block: all equal to the source,
+    gathered from the blocks mapped side by side (blocks of whole pages) or block by block (others)."""
     data = np.random.default_rng(dim).standard_normal((300, dim))  # float64 rows of 56 B to 40 KB
     local = str(tmp_path / "src")
     with us.create_store(local, format="npy") as store:
@@ -216,6 +217,45 @@ def test_rows_gathered_out_of_cached_blocks(s3: dict[str, Any], tmp_path: Any, d
     idx = rng.permutation(300)[:100]
     np.testing.assert_array_equal(again["emb"].take(idx), data[idx])  # all from the cache now
     assert again.io_stats()["disk_misses"] == 0 and again.io_stats()["requests"] == 0
+    mapped = again["emb"].layout.location.mapped
+    if block % 4096:
+        assert mapped is False  # blocks that are not whole pages cannot be mapped side by side
+    else:
+        assert mapped.mapped.any() and mapped.size == again["emb"].layout.location.identity()[1]
+
+
+def _take_in_child(arr: Any, rows: np.ndarray, out: Any) -> None:
+    out.put(arr.take(rows).tobytes())
+
+
+def test_cached_blocks_are_mapped_once_and_inherited_by_forked_workers(remote: Any, tmp_path: Any) -> None:
+    """prepare_for_workers maps every cached block side by side; a forked child reads through that mapping
+    with no request, and mapped rows stay readable after their files are evicted."""
+    import multiprocessing
+
+    cache = DiskCache(tmp_path / "cache", block_bytes=64 << 10)
+    _epoch(remote["url"], remote["options"], cache, seed=1)
+    store = us.open_store(remote["url"], storage_options=remote["options"], cache=cache)
+    arr = store["emb"]
+    proxy = remote["proxy"]
+    arr.prepare_for_workers()
+    whole = arr.layout.location.mapped
+    assert whole.mapped.all()  # every block the cache holds, mapped before any read
+    proxy.reset_counts()
+    rows = np.random.default_rng(7).permutation(ROWS)[:1000]
+    queue = multiprocessing.get_context("fork").Queue()
+    child = multiprocessing.get_context("fork").Process(target=_take_in_child, args=(arr, rows, queue))
+    child.start()
+    got = np.frombuffer(queue.get(timeout=60), np.float32).reshape(len(rows), DIM)
+    child.join(30)
+    np.testing.assert_array_equal(got, remote["data"][rows])
+    assert proxy.total_requests == 0
+    cache.clear()  # evicted while mapped: this open still serves the bytes it checked
+    np.testing.assert_array_equal(arr.take(rows), remote["data"][rows])
+    assert proxy.total_requests == 0 and store.io_stats()["disk_misses"] == 0
+    got, stats = _epoch(remote["url"], remote["options"], cache, seed=2)  # a new open fetches them again
+    np.testing.assert_array_equal(got, remote["data"])
+    assert stats["disk_misses"] > 0 and proxy.bytes_out >= remote["data"].nbytes
 
 
 def test_readers_wanting_one_block_at_once_fetch_it_once(remote: Any, tmp_path: Any) -> None:
@@ -241,3 +281,18 @@ def test_readers_wanting_one_block_at_once_fetch_it_once(remote: Any, tmp_path: 
         np.testing.assert_array_equal(g, remote["data"][rows])
     assert proxy.bytes_out <= remote["data"].nbytes + 1024, proxy.bytes_out  # 8 readers, the array once
     assert sum(s.io_stats()["requests"] for s in stores) == proxy.requests["GET"]
+
+
+def test_objects_beyond_the_mapping_budget_are_read_block_by_block(remote: Any, tmp_path: Any,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import unistore.storage.cache as cache_module
+
+    monkeypatch.setattr(cache_module, "MAX_MAPPED_BLOCKS", cache_module._MAPPED[0] + 3)  # the object has 17
+    cache = DiskCache(tmp_path / "cache", block_bytes=64 << 10)
+    for _ in range(2):  # fetched, then from the cache
+        store = us.open_store(remote["url"], storage_options=remote["options"], cache=cache)
+        order = np.random.default_rng(3).permutation(ROWS)
+        for i in range(0, ROWS, 500):
+            np.testing.assert_array_equal(store["emb"].take(order[i:i + 500]), remote["data"][order[i:i + 500]])
+        assert store["emb"].layout.location.mapped is False
+    assert store.io_stats()["requests"] == 0 and store.io_stats()["disk_hits"] > 0

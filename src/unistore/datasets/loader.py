@@ -13,7 +13,7 @@ import numpy as np
 from unistore.datasets.base import StoreDataset, collate
 from unistore.datasets.sampler import StoreSampler, dist_rank_and_world
 
-__all__ = ["create_loader", "set_epoch", "validate_first_batch", "make_loader", "auto_chunk_rows"]
+__all__ = ["create_loader", "set_epoch", "validate_first_batch", "make_loader", "auto_chunk_rows", "auto_read_ahead"]
 
 log = logging.getLogger("unistore")
 
@@ -87,6 +87,10 @@ class _Loader(_TorchLoader):  # type: ignore[misc,valid-type]
         sampler.load_state_dict(state)
 
 
+#: batches a read-ahead reads at once (each batch's missing blocks or chunks are themselves fetched concurrently)
+MAX_READS_AHEAD = 8
+
+
 class _ReadAhead:
     """Reads the next ``depth`` batches of the sampler's order in a background thread.
 
@@ -110,8 +114,8 @@ class _ReadAhead:
 
         n_batches = -(-len(self.order) // self.batch_size)
         k = 1  # batch 0 is being read by the loop itself
-        # up to ``depth`` batches in flight at once: on a distant bucket each waits on latency, not bandwidth
-        with ThreadPoolExecutor(self.depth, thread_name_prefix="unistore-read-ahead") as pool:
+        # up to ``depth`` batches ahead, 8 read at once: on a distant bucket each waits on latency, not bandwidth
+        with ThreadPoolExecutor(min(self.depth, MAX_READS_AHEAD), thread_name_prefix="unistore-read-ahead") as pool:
             while True:
                 with self._cv:
                     self._cv.wait_for(lambda k=k: self._stop or k < self._delivered + 1 + self.depth)  # type: ignore[misc]
@@ -200,13 +204,22 @@ class _WorkerReadAhead:
             self._ahead.reached(int(self._position[first]) // self.batch_size)
 
 
-def auto_chunk_rows(dataset: Any) -> int | None:
-    """The chunk length to shuffle by, for a dataset whose sample ``i`` is row ``i`` of chunked remote arrays.
+#: rows of remote uncompressed arrays the chunk-aware order keeps together: ranges this large keep a bucket's
+#: bandwidth busy, where a request per row (or per small block) waits on latency
+REMOTE_BLOCK_BYTES = 8 << 20
 
-    The chunks of the array with the widest rows set it (they dominate what an
-    epoch fetches).  None for local stores (a plain shuffle costs nothing there
-    once chunks are cached), for contiguous arrays, and for datasets that map
-    samples to rows their own way (they override ``_get_batch``).
+
+def auto_chunk_rows(dataset: Any) -> int | None:
+    """The block length to shuffle by, for a dataset whose sample ``i`` is row ``i`` of remote arrays.
+
+    The array with the widest rows sets it (it dominates what an epoch
+    fetches): its chunk length when chunked; for an uncompressed array read
+    through a disk cache, the rows in :data:`REMOTE_BLOCK_BYTES` (8 MiB),
+    fetched as a few large ranges, each once.  None for local stores (a plain
+    shuffle costs nothing there once chunks are cached), for uncompressed
+    remote arrays without a disk cache (their rows are fetched one range
+    each, in any order), and for datasets that map samples to rows their own
+    way (they override ``_get_batch``).
     """
     from unistore.storage.array import Array
 
@@ -214,16 +227,38 @@ def auto_chunk_rows(dataset: Any) -> int | None:
         return None
     if dataset.store.location.is_local:
         return None
-    chunked = [a for a in dataset.arrays.values() if isinstance(a, Array) and a.chunks and a.shape and a.shape[0]]
-    if not chunked:
+    arrays = [a for a in dataset.arrays.values() if isinstance(a, Array) and a.shape and a.shape[0]]
+    if not arrays:
         return None
-    heaviest = max(chunked, key=lambda a: a.nbytes // a.shape[0])  # its chunks dominate what an epoch fetches
-    return int(heaviest.chunks[0]) if heaviest.chunks else None
+    heaviest = max(arrays, key=lambda a: a.nbytes // a.shape[0])  # its reads dominate what an epoch fetches
+    if heaviest.chunks:
+        return int(heaviest.chunks[0])
+    if not _remote_cached(heaviest):
+        return None
+    return max(1, REMOTE_BLOCK_BYTES // max(1, heaviest.nbytes // heaviest.shape[0]))
+
+
+def _remote_cached(array: Any) -> bool:
+    """Whether ``array`` is read from remote storage through a disk cache."""
+    layout = getattr(array, "layout", None)
+    loc = getattr(layout, "location", None) or getattr(getattr(layout, "reader", None), "location", None)
+    return loc is not None and not loc.is_local and loc.cache is not None
+
+
+def auto_read_ahead(dataset: Any, sampler: StoreSampler, batch_size: int) -> int:
+    """Batches to read ahead by default: for remote arrays read through a disk cache, enough to cover the
+    sampler's next two windows of blocks (at least 4), so the next window is fetched while this one is
+    used; 0 (off) otherwise."""
+    arrays = getattr(dataset, "arrays", None)
+    if not isinstance(arrays, dict) or not any(_remote_cached(a) for a in arrays.values()):
+        return 0
+    window_rows = (sampler.chunk_rows or 0) * sampler.effective_window
+    return max(4, -(-2 * window_rows // max(batch_size, 1)))
 
 
 def make_loader(dataset: Any, batch_size: int, *, shuffle: bool = True, seed: int = 0, distributed: bool = False,
                 rank: int | None = None, world_size: int | None = None, drop_last: bool = False,
-                num_workers: int = 0, chunk_rows: int | str | None = "auto", read_ahead: int = 0,
+                num_workers: int = 0, chunk_rows: int | str | None = "auto", read_ahead: int | str = "auto",
                 read_ahead_bytes: int = 256 << 20, **loader_kwargs: Any) -> Any:
     """A DataLoader over any unistore dataset with a :class:`StoreSampler` and batch collation.
 
@@ -234,7 +269,10 @@ def make_loader(dataset: Any, batch_size: int, *, shuffle: bool = True, seed: in
     store (see :func:`auto_chunk_rows`), an int forces it, None turns it off.
     ``read_ahead=N`` reads the next ``N`` batches of the order ahead of
     their use (``dataset.prefetch``), at most ``read_ahead_bytes`` of rows
-    (256 MiB by default) and ``N`` batches in flight: in each worker
+    (256 MiB by default) and ``N`` batches (8 reads) in flight; ``"auto"``
+    (the default) reads ahead two windows of the chunk-aware order for remote
+    arrays read through a disk cache (:func:`auto_read_ahead`) and nothing
+    otherwise, 0 turns it off.  It runs in each worker
     process, in a thread of its own, or with ``num_workers=0`` or
     ``persistent_workers=True`` in a thread of this process.  Workers share
     what it brings through the persistent disk cache
@@ -255,6 +293,10 @@ def make_loader(dataset: Any, batch_size: int, *, shuffle: bool = True, seed: in
     loader = _Loader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                      drop_last=drop_last, **loader_kwargs)
     loader.dataset_obj = dataset
+    if read_ahead == "auto":
+        read_ahead = auto_read_ahead(dataset, sampler, batch_size)
+    elif isinstance(read_ahead, str):
+        raise ValueError(f"read_ahead must be 'auto' or a number of batches, got {read_ahead!r}")
     loader.read_ahead = _read_ahead_depth(dataset, batch_size, int(read_ahead), int(read_ahead_bytes))
     return loader
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from unistore.errors import OutOfBoundsError, ShapeMismatchError
-from unistore.storage.engine import gather, read_rows
+from unistore.storage.engine import gather, map_cached, read_rows
 from unistore.storage.formats.base import ArrayInfo, RaggedInfo, bfloat16, dtype_name
 from unistore.storage.layout import ChunkedLayout, ContiguousLayout, InMemoryLayout, IOStats
 
@@ -117,10 +117,12 @@ class Array:
 
     def prepare_for_workers(self) -> None:
         """Ask storage now, in this process, for what keys this array in a disk cache (an object's ETag and
-        size, a zarr array's listing), so processes this one starts or pickles the array to inherit it."""
+        size, a zarr array's listing), so processes this one starts or pickles the array to inherit it; an
+        uncompressed remote array also has the blocks the cache holds mapped, so forked workers inherit the
+        mapping."""
         layout = self._info.layout
         if isinstance(layout, ContiguousLayout) and not layout.location.is_local and layout.location.cache:
-            layout.location.identity()
+            map_cached(layout)
         elif isinstance(layout, ChunkedLayout) and hasattr(layout.reader, "identity"):
             layout.reader.identity()
 

@@ -26,9 +26,12 @@ in bytes with LRU eviction across processes nor checksum entries.  Here:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
+import mmap
 import os
 import struct
+import sys
 import threading
 import time
 import uuid
@@ -145,6 +148,14 @@ class DiskCache:
             os.utime(path, ns=(time.time_ns(), st.st_mtime_ns))  # recently used
         return self._remember(path, stamp, view)
 
+    def checked(self, path: str, want: int) -> tuple[int, int, int] | None:
+        """The (inode, size, mtime) with which the entry at ``path`` was found intact (:meth:`_get`), or None."""
+        if self._get(path, want) is None:
+            return None
+        with self._lock:
+            known = self._maps.get(path)
+        return None if known is None else known[0]
+
     def _remember(self, path: str, stamp: tuple[int, int, int], view: memoryview) -> memoryview:
         """Keep a verified entry's mapping for this process's later uses (the most recent ``_MAX_MAPS``)."""
         with self._lock:
@@ -164,8 +175,6 @@ class DiskCache:
 
     @staticmethod
     def _map(path: str, n: int) -> memoryview:
-        import mmap
-
         with open(path, "rb") as f:
             mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         return memoryview(mapping)[:n]
@@ -246,9 +255,16 @@ class DiskCache:
             os.makedirs(os.path.join(self.root, _LOCKS_DIR), exist_ok=True)
         except OSError:
             return list(names), [], token  # no lock directory: produce everything, as without a cache
+        held = _held_here()
         for name in names:
+            path = self._lock_path(identity, name)
+            if path in held:
+                # this thread holds that lock already (two entries sharing a lock file, or an entry produced
+                # while producing another: a chunk's bytes read while decoding it): it produces this one too
+                mine.append(name)
+                continue
             try:
-                f = open(self._lock_path(identity, name), "a")
+                f = open(path, "a")
             except OSError:
                 mine.append(name)
                 continue
@@ -260,6 +276,7 @@ class DiskCache:
             else:
                 mine.append(name)
                 token.append(f)
+                held.add(path)
                 _HELD.add(f)
         return mine, others, token
 
@@ -291,8 +308,10 @@ class DiskCache:
     @staticmethod
     def release(token: list[Any]) -> None:
         """Give up the claims of :meth:`claim` (after the entries are written, or on failure)."""
+        held = _held_here()
         for f in token:
             _HELD.discard(f)
+            held.discard(f.name)
             f.close()  # closing the file drops its flock
         token.clear()
 
@@ -300,8 +319,11 @@ class DiskCache:
         """Block until nobody is producing entry ``name`` of ``identity``."""
         import fcntl
 
+        path = self._lock_path(identity, name)
+        if path in _held_here():
+            return  # this thread is the producer: nobody else is
         try:
-            with open(self._lock_path(identity, name), "a") as f:
+            with open(path, "a") as f:
                 _HELD.add(f)
                 try:
                     fcntl.flock(f, fcntl.LOCK_SH)
@@ -344,7 +366,7 @@ class DiskCache:
         """The blocks holding the ranges (``{number: payload}``): cached ones as they are, missing ones fetched
         in merged runs and kept.  ``check=False`` only looks for cached blocks (and returns none of them)."""
         bs = self.block_bytes
-        wanted = _blocks_of(starts, ends, bs)
+        wanted = blocks_of(starts, ends, bs)
         folder = self._dir(identity)
         blocks: dict[int, Any] = {}
         missing = []
@@ -460,9 +482,158 @@ class DiskCache:
         return freed
 
 
+class MappedObject:
+    """One remote object's cached blocks mapped side by side into one address range of this process.
+
+    The range (the object's size, rounded up to whole blocks) is reserved
+    without access; each block, once this process has found it intact in
+    the cache (:meth:`DiskCache._get`), is mapped over its place read-only
+    (``MAP_FIXED``).  Rows whose blocks are all in place are then gathered
+    with one fancy index over :attr:`buffer`, as from a local ``memmap``,
+    instead of looking up and slicing each block for each batch.  Every
+    process maps the same page-cache pages.
+
+    A block is checked when it is mapped, not at each read: the object stays
+    valid for the life of the open store that holds it (a store opened again
+    checks its blocks again).  An evicted block's file stays on disk while
+    it is mapped.  Linux only (:meth:`create` returns None elsewhere, or when
+    blocks are not whole pages); readers fall back to block-by-block gathers.
+    """
+
+    def __init__(self, cache: DiskCache, identity: str, size: int, libc: Any, address: int):
+        self.cache, self.identity, self.size = cache, identity, size
+        self._libc, self._address = libc, address
+        self._nblocks = -(-size // cache.block_bytes)
+        #: which blocks are mapped in place
+        self.mapped = np.zeros(self._nblocks, dtype=bool)
+        #: every block is mapped: rows are read with no lookup at all
+        self.complete = False
+        self.buffer = np.ctypeslib.as_array((ctypes.c_ubyte * size).from_address(address))
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+
+    @classmethod
+    def create(cls, cache: DiskCache, identity: str, size: int) -> MappedObject | None:
+        """Reserve the range for an object of ``size`` bytes; None where that cannot be done here, or when
+        this process already maps :data:`MAX_MAPPED_BLOCKS` blocks (each block is one kernel mapping, and
+        a process may hold about 65,000: a larger cache block, ``UNISTORE_CACHE_BLOCK_BYTES``, maps more)."""
+        libc = _libc()
+        if libc is None or size <= 0 or cache.block_bytes % mmap.PAGESIZE:
+            return None
+        nblocks = -(-size // cache.block_bytes)
+        with _BUDGET_LOCK:
+            if _MAPPED[0] + nblocks > MAX_MAPPED_BLOCKS:
+                return None
+            _MAPPED[0] += nblocks
+        address = _reserve(libc, None, nblocks * cache.block_bytes)
+        if address is None:
+            with _BUDGET_LOCK:
+                _MAPPED[0] -= nblocks
+            return None
+        return cls(cache, identity, size, libc, address)
+
+    def rows(self, offset: int, row: int, n: int) -> np.ndarray:
+        """The object's bytes ``[offset, offset + n * row)`` as ``n`` rows of ``row`` bytes (only rows whose
+        blocks are in place may be read)."""
+        return self.buffer[offset:offset + n * row].reshape(n, row)
+
+    def covers(self, blocks: np.ndarray) -> bool:
+        """Whether every block of ``blocks`` (numbers) is mapped in place."""
+        return self.complete or bool(self.mapped[blocks].all())
+
+    def add(self, blocks: np.ndarray) -> None:
+        """Map blocks ``blocks`` in place, each one this process finds intact in the cache (others stay out)."""
+        cache, bs = self.cache, self.cache.block_bytes
+        folder = cache._dir(self.identity)
+        if self._pid != os.getpid():  # a forked child: the parent's lock may have been held at the fork
+            self._lock, self._pid = threading.Lock(), os.getpid()
+        with self._lock:
+            for b in blocks.tolist():
+                if self.mapped[b]:
+                    continue
+                path, want = os.path.join(folder, str(b)), min(bs, self.size - b * bs)
+                known = cache.checked(path, want)
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except OSError:
+                    continue
+                try:
+                    st = os.fstat(fd)
+                    if known != (st.st_ino, st.st_size, st.st_mtime_ns):
+                        continue  # replaced since it was checked: left to the block-by-block path
+                    at = self._address + b * bs
+                    got = self._libc.mmap(at, want, mmap.PROT_READ, mmap.MAP_SHARED | _MAP_FIXED, fd, 0)
+                    self.mapped[b] = got == at
+                    if got != at:  # a failed fixed mapping may have dropped the reservation there: put it back
+                        _reserve(self._libc, at, bs)
+                finally:
+                    os.close(fd)
+            self.complete = bool(self.mapped.all())
+
+    def add_cached(self) -> None:
+        """Map in place every block of the object the cache holds now (for a process about to start workers,
+        which inherit the mapping instead of each making its own)."""
+        try:
+            names = os.listdir(self.cache._dir(self.identity))
+        except OSError:
+            return
+        found = np.array([int(n) for n in names if n.isdigit()], dtype=np.int64)
+        found = found[found < len(self.mapped)]
+        self.add(found[~self.mapped[found]])
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self._libc.munmap(self._address, self._nblocks * self.cache.block_bytes)
+            with _BUDGET_LOCK:
+                _MAPPED[0] -= self._nblocks
+
+
+#: blocks one process maps side by side at most, over all its objects (half the kernel's default limit on a
+#: process's mappings, ``vm.max_map_count``); objects beyond it are read block by block
+MAX_MAPPED_BLOCKS = 32768
+_MAPPED = [0]
+_BUDGET_LOCK = threading.Lock()
+_MAP_FIXED, _MAP_NORESERVE = 0x10, 0x4000  # Linux, every architecture unistore runs on
+_MAP_FAILED = ctypes.c_void_p(-1).value
+_LIBC: list[Any] = []
+
+
+def _reserve(libc: Any, address: int | None, nbytes: int) -> int | None:
+    """Reserve ``nbytes`` of address space with no access (at ``address`` exactly, when given); its address."""
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE | (_MAP_FIXED if address is not None else 0)
+    got = libc.mmap(address, nbytes, 0, flags, -1, 0)  # protection 0: PROT_NONE
+    return None if got in (None, _MAP_FAILED) else int(got)
+
+
+def _libc() -> Any:
+    """libc's ``mmap``/``munmap`` through ctypes (Python's ``mmap`` cannot place a mapping), or None off Linux."""
+    if not _LIBC:
+        lib = None
+        if sys.platform.startswith("linux"):
+            with contextlib.suppress(OSError, AttributeError):
+                lib = ctypes.CDLL(None, use_errno=True)
+                lib.mmap.restype = ctypes.c_void_p
+                lib.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                     ctypes.c_long]
+                lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        _LIBC.append(lib)
+    return _LIBC[0]
+
+
 #: lock files this process has open: a forked child (a DataLoader worker) would otherwise hold their locks,
 #: shared with the parent's open file, for as long as it lives
 _HELD: set[Any] = set()
+
+
+#: per thread, the lock files it holds claims on (by path): a thread never waits on a lock it holds
+_HELD_HERE = threading.local()
+
+
+def _held_here() -> set[str]:
+    held: set[str] | None = getattr(_HELD_HERE, "paths", None)
+    if held is None:
+        held = _HELD_HERE.paths = set()
+    return held
 
 
 def _close_inherited_locks() -> None:
@@ -470,6 +641,7 @@ def _close_inherited_locks() -> None:
         with contextlib.suppress(OSError):
             f.close()  # the child's copy only: the parent's claim stands until the parent releases it
     _HELD.clear()
+    _held_here().clear()
 
 
 os.register_at_fork(after_in_child=_close_inherited_locks)
@@ -494,7 +666,7 @@ def _mark_verified(path: str, st: os.stat_result | None = None) -> None:
         os.setxattr(path, _VERIFIED, _stamp(st or os.stat(path)))
 
 
-def _blocks_of(starts: np.ndarray, ends: np.ndarray, bs: int) -> np.ndarray:
+def blocks_of(starts: np.ndarray, ends: np.ndarray, bs: int) -> np.ndarray:
     """Sorted unique numbers of the blocks that byte ranges ``[starts, ends)`` touch."""
     if not len(starts):
         return np.zeros(0, np.int64)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from unistore.errors import TruncatedDataError
+from unistore.storage.cache import MappedObject, blocks_of
 from unistore.storage.layout import (
     ChunkedLayout,
     ContiguousLayout,
@@ -27,7 +28,8 @@ from unistore.storage.layout import (
 )
 from unistore.storage.location import Location, ShortReadError, retry_remote
 
-__all__ = ["gather", "prefetch", "read_rows", "read_contiguous", "ChunkCache", "chunk_cache", "MERGE_GAP_BYTES"]
+__all__ = ["gather", "prefetch", "map_cached", "read_rows", "read_contiguous", "ChunkCache", "chunk_cache",
+           "MERGE_GAP_BYTES"]
 
 #: Two requested row ranges closer than this are fetched as one request.
 MERGE_GAP_BYTES = int(os.environ.get("UNISTORE_MERGE_GAP_BYTES", 16 * 1024))
@@ -229,27 +231,36 @@ def prefetch(layout: Layout, indices: np.ndarray, stats: IOStats) -> None:
             _decoded_chunks(layout, np.unique(indices // layout.chunk_rows), stats, *decoded, check=False)
             return
     if isinstance(layout, ContiguousLayout) and not layout.location.is_local and layout.location.cache is not None:
-        uniq = np.unique(indices)
-        if not len(uniq) or layout.row_nbytes == 0:
+        row, loc = layout.row_nbytes, layout.location
+        if not len(indices) or row == 0:
             return
-        starts = layout.offset + uniq * layout.row_nbytes
-        run_starts, run_ends, _ = _merge(starts, starts + layout.row_nbytes, max(MERGE_GAP_BYTES, 0))
-        loc = layout.location
         identity, size = loc.identity()
+        whole, bs = _mapped_object(loc), loc.cache.block_bytes
+        if whole is not None and whole.complete:
+            return  # the whole object is in place: nothing to read ahead
+        if whole is not None:
+            need = _touched(len(whole.mapped), layout.offset + indices * row, row, bs)
+            if whole.covers(need):
+                return  # in place already: nothing to look up
+        uniq = np.unique(indices)
+        starts = layout.offset + uniq * row
+        run_starts, run_ends, _ = _merge(starts, starts + row, max(MERGE_GAP_BYTES, 0))
         counts = loc.cache.ensure(identity, size, run_starts, run_ends, lambda s, e: _fetch_remote(loc, s, e, stats))
         stats.add(disk_hits=counts["hits"], disk_misses=counts["misses"])
+        if whole is not None:
+            whole.add(need[~whole.mapped[need]])  # checked and mapped here, off the reader's path
         return
     gather(layout, indices, stats)
 
 
 def _gather_ranges(layout: ContiguousLayout, indices: np.ndarray, stats: IOStats) -> np.ndarray:
-    uniq, inverse = np.unique(indices, return_inverse=True)
     row = layout.row_nbytes
-    out_shape = (len(uniq),) + layout.shape[1:]
-    if len(uniq) == 0 or row == 0:
+    if len(indices) == 0 or row == 0:
         return np.empty((len(indices),) + layout.shape[1:], layout.dtype)
     if layout.location.cache is not None:
         return _gather_cached(layout, indices, stats).view(layout.dtype).reshape((len(indices),) + layout.shape[1:])
+    uniq, inverse = np.unique(indices, return_inverse=True)
+    out_shape = (len(uniq),) + layout.shape[1:]
     starts = layout.offset + uniq * row
     ends = starts + row
     run_starts, run_ends, run_id = _merge(starts, ends, max(MERGE_GAP_BYTES, 0))
@@ -270,21 +281,32 @@ def _gather_ranges(layout: ContiguousLayout, indices: np.ndarray, stats: IOStats
 
 def _gather_cached(layout: ContiguousLayout, rows: np.ndarray, stats: IOStats) -> np.ndarray:
     """Rows ``rows`` (any order, repeats allowed) of a remote array with a disk cache, as a
-    ``(len(rows), row bytes)`` uint8 array gathered straight out of the cached blocks (missing blocks
-    fetched first).
+    ``(len(rows), row bytes)`` uint8 array gathered out of the cached blocks (missing blocks fetched first).
 
-    Each block is viewed as the run of whole rows it holds, so the rows inside
-    one block are a single fancy index into the output; a row split between
-    two blocks is joined from both.
+    Blocks are mapped side by side into one range of this process
+    (:class:`~unistore.storage.cache.MappedObject`) as they are first used,
+    so once a batch's blocks are all in place its rows are one fancy index,
+    as from a local ``memmap``.  Where that cannot be done, each block is
+    viewed as the run of whole rows it holds and rows are copied block by
+    block.
     """
     loc, row, base = layout.location, layout.row_nbytes, layout.offset
     identity, size = loc.identity()
+    bs = loc.cache.block_bytes
     starts = base + rows * row
+    first, last = starts // bs, (starts + row - 1) // bs
+    whole = _mapped_object(loc)
+    need = None if whole is None else _touched(len(whole.mapped), starts, row, bs)
+    if whole is not None and need is not None and whole.covers(need):
+        stats.add(disk_hits=len(need), bytes_local=int(np.minimum(bs, size - need * bs).sum()))
+        return whole.rows(base, row, layout.shape[0])[rows]
     blocks, counts = loc.cache.blocks(identity, size, starts, starts + row,
                                       lambda s, e: _fetch_remote(loc, s, e, stats))
     stats.add(disk_hits=counts["hits"], disk_misses=counts["misses"], bytes_local=counts["bytes_local"])
-    bs = loc.cache.block_bytes
-    first, last = starts // bs, (starts + row - 1) // bs
+    if whole is not None and need is not None:
+        whole.add(need[~whole.mapped[need]])
+        if whole.covers(need):
+            return whole.rows(base, row, layout.shape[0])[rows]
     out = np.empty((len(rows), row), np.uint8)
     inside = first == last
     key = np.where(inside, first, -1)  # rows split between blocks go first, as one group
@@ -306,6 +328,33 @@ def _gather_cached(layout: ContiguousLayout, rows: np.ndarray, stats: IOStats) -
         out[i] = np.frombuffer(b"".join(bytes(blocks[b]) for b in range(b0, b1 + 1)), np.uint8,
                                count=row, offset=s - b0 * bs)
     return out
+
+
+def _mapped_object(loc: Location) -> MappedObject | None:
+    """This process's :class:`~unistore.storage.cache.MappedObject` of a cached remote object (made on first
+    use), or None where none can be made."""
+    if loc.mapped is None:
+        identity, size = loc.identity()
+        loc.mapped = MappedObject.create(loc.cache, identity, size) or False
+    return loc.mapped or None
+
+
+def map_cached(layout: ContiguousLayout) -> None:
+    """Learn a cached remote object's identity and map in place the blocks the disk cache holds of it."""
+    whole = _mapped_object(layout.location)
+    if whole is not None:
+        whole.add_cached()
+
+
+def _touched(nblocks: int, starts: np.ndarray, row: int, bs: int) -> np.ndarray:
+    """Sorted numbers of the blocks that rows of ``row`` bytes starting at ``starts`` touch, in an object of
+    ``nblocks`` blocks of ``bs`` bytes."""
+    if row > bs or nblocks > 1 << 16:
+        return blocks_of(starts, starts + row, bs)
+    seen = np.zeros(nblocks, dtype=bool)  # a mask of the object's blocks costs less than sorting the rows'
+    seen[starts // bs] = True
+    seen[(starts + row - 1) // bs] = True
+    return np.flatnonzero(seen)
 
 
 # ------------------------------------------------------------ chunk cache

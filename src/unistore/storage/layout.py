@@ -6,6 +6,7 @@ engine (:mod:`unistore.storage.engine`) dispatches on their type.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ class ContiguousLayout:
 
     @property
     def row_nbytes(self) -> int:
-        return int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        return math.prod(self.shape[1:]) * self.dtype.itemsize
 
 
 def file_stamp(location: Location) -> int:

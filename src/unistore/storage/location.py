@@ -65,7 +65,7 @@ class Location:
     Location('s3://bucket/run1.zarr', storage_options=<2 keys hidden>)
     """
 
-    __slots__ = ("url", "protocol", "path", "_options", "_fs", "_pid", "cache", "_identity")
+    __slots__ = ("url", "protocol", "path", "_options", "_fs", "_pid", "cache", "_identity", "mapped")
 
     def __init__(self, url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None):
         import fsspec.core
@@ -91,6 +91,9 @@ class Location:
         #: a :class:`~unistore.storage.cache.DiskCache` for remote reads (set by ``open_store``), or None
         self.cache: Any = None
         self._identity: tuple[str, int] | None = None
+        #: this process's :class:`~unistore.storage.cache.MappedObject` of the cached object (False: none can be
+        #: made), set by its first cached read; never pickled
+        self.mapped: Any = None
 
     # -- pickling: secrets travel with the object (workers need them), handles do not; the object
     # identity travels too, so every process caches the bytes of the object its opener saw
@@ -102,6 +105,7 @@ class Location:
         self.cache, self._identity = (state[4], state[5]) if len(state) > 4 else (None, None)
         self._fs = None
         self._pid = -1
+        self.mapped = None
 
     def identity(self) -> tuple[str, int]:
         """``(identity, size)`` of the remote object: URL, ETag or version id (else mtime), and size.
