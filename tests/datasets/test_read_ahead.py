@@ -86,13 +86,14 @@ def test_read_ahead_fills_the_shared_disk_cache_for_workers(s3: dict[str, Any], 
 
 
 class _LoggingPrefetch(StoreDataset):
-    """Notes which process read ahead which batch."""
+    """Notes which process read ahead which rows: pid, first row, rows, first and last 100-row block."""
 
     log = ""
 
     def prefetch(self, indices: Any) -> None:
+        idx = np.asarray(indices)
         with open(self.log, "a") as f:
-            f.write(f"{os.getpid()} {int(np.asarray(indices)[0])}\n")
+            f.write(f"{os.getpid()} {int(idx[0])} {len(idx)} {int(idx.min()) // 100} {int(idx.max()) // 100}\n")
         super().prefetch(indices)
 
 
@@ -102,18 +103,41 @@ def test_workers_read_ahead_in_threads_of_their_own(tmp_path: Any) -> None:
     _write(url, "zarr", data, chunks=(100, DIM), compression="zstd")
     ds = _LoggingPrefetch(url)
     ds.log = str(tmp_path / "prefetch.log")
-    loader = make_loader(ds, 64, seed=2, num_workers=2, chunk_rows=100, read_ahead=3)
-    got = _batches(loader)
+    loader = make_loader(ds, 64, seed=2, num_workers=2, chunk_rows=None, read_ahead=3)
+    got = _batches(loader, pause=0.005)
     for x, y in got:
         np.testing.assert_array_equal(x, data[y])
     with open(ds.log) as f:
-        lines = [line.split() for line in f]
-    pids = {int(p) for p, _ in lines}
+        lines = [[int(v) for v in line.split()] for line in f]
+    pids = {line[0] for line in lines}
     assert os.getpid() not in pids and 1 <= len(pids) <= 2  # the workers read ahead, not the loop's process
     order = loader.sampler.order()
     firsts = {int(order[k * 64]) for k in range(1, len(got))}
-    assert {int(i) for _, i in lines} <= firsts  # whole batches of this epoch's order, never the first one
+    assert {line[1] for line in lines} <= firsts  # whole batches of this epoch's order, never the first one
     assert len(lines) >= len(got) // 2
+
+
+def test_workers_read_ahead_of_the_chunk_aware_order_by_block_each_its_own(tmp_path: Any) -> None:
+    data = np.random.default_rng(7).standard_normal((ROWS, DIM)).astype(np.float32)
+    url = str(tmp_path / "d.zarr")
+    _write(url, "zarr", data, chunks=(100, DIM), compression="zstd")
+    ds = _LoggingPrefetch(url)
+    ds.log = str(tmp_path / "prefetch.log")
+    loader = make_loader(ds, 64, seed=2, num_workers=2, chunk_rows=100, read_ahead=8)
+    got = _batches(loader, pause=0.005)
+    for x, y in got:
+        np.testing.assert_array_equal(x, data[y])
+    with open(ds.log) as f:
+        lines = [[int(v) for v in line.split()] for line in f]
+    pids = {line[0] for line in lines}
+    assert os.getpid() not in pids and len(pids) == 2
+    # each read-ahead is one whole block (the order's 100 rows of it), not a batch spread over a window
+    assert all(first == last and rows == 100 for _, _, rows, first, last in lines)
+    blocks = [line[3] for line in lines]
+    assert len(blocks) == len(set(blocks))  # the workers split the blocks: none is read ahead twice
+    assert len(blocks) >= ROWS // 100 // 2
+    by_worker = [[line[3] for line in lines if line[0] == pid] for pid in pids]
+    assert all(len(b) >= len(blocks) // 4 for b in by_worker)  # both take their share
 
 
 def test_read_ahead_from_the_loop_with_persistent_workers(tmp_path: Any) -> None:

@@ -43,13 +43,14 @@ class _Loader(_TorchLoader):  # type: ignore[misc,valid-type]
         if self.num_workers and hasattr(self.dataset_obj, "prepare_for_workers"):
             self.dataset_obj.prepare_for_workers()  # fresh workers each epoch inherit, not re-ask, cache keys
         wanted = self.read_ahead > 0 and hasattr(self.dataset_obj, "prefetch")
+        unit_rows = sampler.chunk_rows if _samples_are_rows(self.dataset_obj) else None
         in_workers = wanted and self.num_workers > 0 and not self.persistent_workers and \
             isinstance(self.dataset, StoreDataset)
         if in_workers:
             # each worker reads ahead in a thread of its own: chunks are fetched and decoded in the
             # processes that assemble the batches, and this process, which receives them, stays free
             self.dataset.__dict__["_worker_read_ahead"] = _WorkerReadAhead(
-                sampler.order()[self._start:], int(self.batch_size or 1), self.read_ahead)
+                sampler.order()[self._start:], int(self.batch_size or 1), self.read_ahead, unit_rows)
             self.read_ahead_stats = {"where": "workers"}
         try:
             batches = super().__iter__()  # worker processes start here: before any read-ahead thread exists
@@ -60,7 +61,7 @@ class _Loader(_TorchLoader):  # type: ignore[misc,valid-type]
             # the workers already have in hand
             lead = self.num_workers * (self.prefetch_factor or 2) if self.num_workers else 0
             ahead = _ReadAhead(self.dataset_obj, sampler.order()[self._start:], int(self.batch_size or 1),
-                               self.read_ahead + lead)
+                               self.read_ahead + lead, unit_rows)
             self.read_ahead_stats = ahead.stats
             self.read_ahead_stats["where"] = "loop"
         try:
@@ -92,17 +93,29 @@ MAX_READS_AHEAD = 8
 
 
 class _ReadAhead:
-    """Reads the next ``depth`` batches of the sampler's order in a background thread.
+    """Reads what the next ``depth`` batches of the sampler's order need, in a background thread.
 
     The sampler itself is not advanced (its state stays what the loop consumed);
     the thread walks the epoch's order and stays at most ``depth`` batches
     ahead of the batches delivered.  A failed read-ahead is only logged: the
     real read raises.
+
+    With ``unit_rows`` (the chunk-aware order's blocks, samples being rows),
+    it reads by block rather than by batch: the order's rows of each block,
+    once, when the first batch that needs the block comes within ``depth``,
+    up to 8 blocks at once.  Batch by batch, the 8 reads would all wait on the
+    same blocks (every batch of a window touches all of its blocks).
+    ``share=(i, n)`` splits the blocks among ``n`` readers walking the same
+    order (DataLoader workers): reader ``i`` takes every ``n``-th block in
+    order of first use, so the workers fetch different blocks at once and
+    each waits for (or, if it gets there first, fetches) the others' blocks.
     """
 
-    def __init__(self, dataset: Any, order: np.ndarray, batch_size: int, depth: int):
+    def __init__(self, dataset: Any, order: np.ndarray, batch_size: int, depth: int,
+                 unit_rows: int | None = None, share: tuple[int, int] = (0, 1)):
         self.dataset, self.order, self.batch_size, self.depth = dataset, order, batch_size, depth
-        self.stats: dict[str, Any] = {"batches": 0, "errors": 0}
+        self.unit_rows, self.share = unit_rows, share
+        self.stats: dict[str, Any] = {"batches": 0, "units": 0, "errors": 0}
         self._delivered = 0
         self._stop = False
         self._cv = threading.Condition()
@@ -113,6 +126,8 @@ class _ReadAhead:
         from concurrent.futures import ThreadPoolExecutor
 
         n_batches = -(-len(self.order) // self.batch_size)
+        units = _Units(self.order, self.unit_rows) if self.unit_rows else None
+        mine, readers = self.share
         k = 1  # batch 0 is being read by the loop itself
         # up to ``depth`` batches ahead, 8 read at once: on a distant bucket each waits on latency, not bandwidth
         with ThreadPoolExecutor(min(self.depth, MAX_READS_AHEAD), thread_name_prefix="unistore-read-ahead") as pool:
@@ -121,21 +136,30 @@ class _ReadAhead:
                     self._cv.wait_for(lambda k=k: self._stop or k < self._delivered + 1 + self.depth)  # type: ignore[misc]
                     if self._stop:
                         return
-                    k = max(k, self._delivered + 1)
+                    if units is None:  # batches the reader passed need no reading ahead; blocks are
+                        k = max(k, self._delivered + 1)  # numbered as first used, all alike in every reader
                 if k >= n_batches:
                     return
-                pool.submit(self._one, k)
+                if units is None:
+                    pool.submit(self._one, k)
+                else:
+                    for seq, rows in units.new(k * self.batch_size, (k + 1) * self.batch_size):
+                        if seq % readers == mine:
+                            pool.submit(self._read, rows, "units")
                 k += 1
 
     def _one(self, k: int) -> None:
+        self._read(self.order[k * self.batch_size:(k + 1) * self.batch_size], "batches")
+
+    def _read(self, indices: np.ndarray, what: str) -> None:
         if self._stop:
             return
         try:
-            self.dataset.prefetch(self.order[k * self.batch_size:(k + 1) * self.batch_size])
-            self.stats["batches"] += 1
-        except Exception as e:  # noqa: BLE001 - the loop's own read of this batch reports it
+            self.dataset.prefetch(indices)
+            self.stats[what] += 1
+        except Exception as e:  # noqa: BLE001 - the loop's own read of these rows reports it
             self.stats["errors"] += 1
-            log.debug("read-ahead of batch %d failed: %s", k, e)
+            log.debug("read-ahead of %d rows failed: %s", len(indices), e)
 
     def advance(self) -> None:
         with self._cv:
@@ -156,6 +180,28 @@ class _ReadAhead:
         self._thread.join(timeout=30)
 
 
+class _Units:
+    """The blocks of ``unit_rows`` rows an order touches, each handed out once, in order of first use."""
+
+    def __init__(self, order: np.ndarray, unit_rows: int):
+        units = order // unit_rows
+        self.order, self.units = order, units
+        self.by_unit = np.argsort(units, kind="stable")  # positions in the order, grouped by block
+        self.bounds = np.searchsorted(units[self.by_unit], np.arange(int(units.max(initial=-1)) + 2))
+        self.seen = np.zeros(len(self.bounds), bool)
+        self.count = 0
+
+    def new(self, start: int, stop: int) -> list[tuple[int, np.ndarray]]:
+        """``(sequence number, rows of the order in the block)`` of the blocks first used in ``order[start:stop]``."""
+        out = []
+        for u in dict.fromkeys(self.units[start:stop].tolist()):
+            if not self.seen[u]:
+                self.seen[u] = True
+                out.append((self.count, self.order[self.by_unit[self.bounds[u]:self.bounds[u + 1]]]))
+                self.count += 1
+        return out
+
+
 class _WorkerReadAhead:
     """Read-ahead that travels with the dataset into DataLoader worker processes.
 
@@ -167,17 +213,17 @@ class _WorkerReadAhead:
     others wait.  Nothing runs in the loop's process.
     """
 
-    def __init__(self, order: np.ndarray, batch_size: int, depth: int):
-        self.order, self.batch_size, self.depth = order, batch_size, depth
+    def __init__(self, order: np.ndarray, batch_size: int, depth: int, unit_rows: int | None = None):
+        self.order, self.batch_size, self.depth, self.unit_rows = order, batch_size, depth, unit_rows
         self._pid = -1
         self._lock = threading.Lock()
         self._ahead: _ReadAhead | None = None
         self._position = np.zeros(0, np.int64)
 
-    def __getstate__(self) -> tuple[np.ndarray, int, int]:
-        return (self.order, self.batch_size, self.depth)
+    def __getstate__(self) -> tuple[np.ndarray, int, int, int | None]:
+        return (self.order, self.batch_size, self.depth, self.unit_rows)
 
-    def __setstate__(self, state: tuple[np.ndarray, int, int]) -> None:
+    def __setstate__(self, state: tuple[np.ndarray, int, int, int | None]) -> None:
         self.__init__(*state)  # type: ignore[misc]
 
     def saw(self, dataset: Any, indices: np.ndarray) -> None:
@@ -187,7 +233,8 @@ class _WorkerReadAhead:
         if self._pid != os.getpid():
             from torch.utils.data import get_worker_info
 
-            if get_worker_info() is None:
+            info = get_worker_info()
+            if info is None:
                 return  # not a worker process
             with self._lock:
                 if self._pid != os.getpid():
@@ -196,12 +243,19 @@ class _WorkerReadAhead:
                     position = np.zeros(int(self.order.max()) + 1, np.int64)
                     position[self.order] = np.arange(len(self.order))
                     self._position = position
-                    self._ahead = _ReadAhead(dataset, self.order, self.batch_size, self.depth)
+                    # the workers split the order's blocks among them: each fetches its own while reading
+                    self._ahead = _ReadAhead(dataset, self.order, self.batch_size, self.depth, self.unit_rows,
+                                             share=(info.id, info.num_workers))
                     atexit.register(self._ahead.close)
                     self._pid = os.getpid()
         first = int(indices[0])
         if self._ahead is not None and first < len(self._position):
             self._ahead.reached(int(self._position[first]) // self.batch_size)
+
+
+def _samples_are_rows(dataset: Any) -> bool:
+    """Whether sample ``i`` of ``dataset`` is row ``i`` of its arrays (a plain :class:`StoreDataset`)."""
+    return isinstance(dataset, StoreDataset) and type(dataset)._get_batch is StoreDataset._get_batch
 
 
 #: rows of remote uncompressed arrays the chunk-aware order keeps together: ranges this large keep a bucket's
@@ -223,7 +277,7 @@ def auto_chunk_rows(dataset: Any) -> int | None:
     """
     from unistore.storage.array import Array
 
-    if not isinstance(dataset, StoreDataset) or type(dataset)._get_batch is not StoreDataset._get_batch:
+    if not _samples_are_rows(dataset):
         return None
     if dataset.store.location.is_local:
         return None
