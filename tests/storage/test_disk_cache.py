@@ -296,3 +296,51 @@ def test_objects_beyond_the_mapping_budget_are_read_block_by_block(remote: Any, 
             np.testing.assert_array_equal(store["emb"].take(order[i:i + 500]), remote["data"][order[i:i + 500]])
         assert store["emb"].layout.location.mapped is False
     assert store.io_stats()["requests"] == 0 and store.io_stats()["disk_hits"] > 0
+
+
+def test_read_ahead_leaves_blocks_someone_is_fetching_to_them(tmp_path: Any) -> None:
+    """``ensure`` (what a read-ahead calls) fetches the blocks nobody has claimed and does not wait for the
+    others; a reader that needs a claimed block waits for it and then finds it."""
+    import threading
+
+    cache = DiskCache(tmp_path / "cache", block_bytes=4096)
+    payload = np.random.default_rng(0).integers(0, 256, 4 * 4096, dtype=np.uint8).tobytes()
+    fetched: list[tuple[int, int]] = []
+
+    def fetch(starts: np.ndarray, ends: np.ndarray) -> list[bytes]:
+        fetched.extend(zip(starts.tolist(), ends.tolist()))
+        return [payload[s:e] for s, e in zip(starts.tolist(), ends.tolist())]
+
+    held = threading.Event()
+    done = threading.Event()
+    waited_out: list[bool] = []
+
+    def producer() -> None:  # another thread is fetching block 1 until ensure has returned
+        _, _, token = cache.claim("obj", ["1"])
+        held.set()
+        waited_out.append(not done.wait(5))
+        cache._put(os.path.join(cache._dir("obj"), "1"), payload[4096:8192])
+        cache.release(token)
+
+    t = threading.Thread(target=producer)
+    t.start()
+    held.wait(30)
+    try:
+        counts = cache.ensure("obj", len(payload), np.array([0]), np.array([len(payload)]), fetch)
+        assert sorted(fetched) == [(0, 4096), (8192, 16384)]  # blocks 0, 2, 3; block 1 left to its fetcher
+        assert counts["misses"] == 4
+    finally:
+        done.set()
+        t.join()
+    assert waited_out == [False]  # ensure returned while block 1 was still being fetched
+    fetched.clear()
+    got, _ = cache.read_ranges("obj", len(payload), np.array([0]), np.array([len(payload)]), fetch)
+    assert b"".join(got) == payload and fetched == []
+
+
+def test_an_entry_written_again_replaces_the_one_there(tmp_path: Any) -> None:
+    cache = DiskCache(tmp_path / "cache")
+    path = os.path.join(cache._dir("obj"), "0")
+    assert cache._put(path, b"a" * 100) and cache._put(path, b"b" * 100)
+    assert bytes(cache._get(path, 100)) == b"b" * 100
+    assert sorted(os.listdir(os.path.dirname(path))) == ["0"]  # no temporary file left behind

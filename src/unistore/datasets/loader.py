@@ -90,6 +90,9 @@ class _Loader(_TorchLoader):  # type: ignore[misc,valid-type]
 
 #: batches a read-ahead reads at once (each batch's missing blocks or chunks are themselves fetched concurrently)
 MAX_READS_AHEAD = 8
+#: blocks of the chunk-aware order a read-ahead reads at once: a few large requests keep a distant bucket's
+#: bandwidth busy, and more only share it, delaying the blocks needed first
+MAX_BLOCKS_AHEAD = 4
 
 
 class _ReadAhead:
@@ -103,7 +106,7 @@ class _ReadAhead:
     With ``unit_rows`` (the chunk-aware order's blocks, samples being rows),
     it reads by block rather than by batch: the order's rows of each block,
     once, when the first batch that needs the block comes within ``depth``,
-    up to 8 blocks at once.  Batch by batch, the 8 reads would all wait on the
+    up to 4 blocks at once.  Batch by batch, the 8 reads would all wait on the
     same blocks (every batch of a window touches all of its blocks).
     ``share=(i, n)`` splits the blocks among ``n`` readers walking the same
     order (DataLoader workers): reader ``i`` takes every ``n``-th block in
@@ -130,7 +133,8 @@ class _ReadAhead:
         mine, readers = self.share
         k = 1  # batch 0 is being read by the loop itself
         # up to ``depth`` batches ahead, 8 read at once: on a distant bucket each waits on latency, not bandwidth
-        with ThreadPoolExecutor(min(self.depth, MAX_READS_AHEAD), thread_name_prefix="unistore-read-ahead") as pool:
+        width = min(self.depth, MAX_READS_AHEAD if units is None else MAX_BLOCKS_AHEAD)
+        with ThreadPoolExecutor(width, thread_name_prefix="unistore-read-ahead") as pool:
             while True:
                 with self._cv:
                     self._cv.wait_for(lambda k=k: self._stop or k < self._delivered + 1 + self.depth)  # type: ignore[misc]

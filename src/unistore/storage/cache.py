@@ -281,7 +281,7 @@ class DiskCache:
         return mine, others, token
 
     def produce(self, identity: str, names: list[str], present: Callable[[str], bool],
-                make: Callable[[list[str]], None]) -> None:
+                make: Callable[[list[str]], None], wait: bool = True) -> None:
         """Make entries ``names`` of ``identity`` exist, each made by one process or thread only.
 
         ``make(names)`` fetches or decodes and keeps entries; it is called for
@@ -289,6 +289,8 @@ class DiskCache:
         may have appeared since the caller looked).  Entries someone else is
         making are awaited, then looked for again, and claimed in turn if
         they are still missing (their maker failed, or only shared a lock).
+        ``wait=False`` (read-ahead) leaves those to their maker and returns:
+        the reader that needs them waits, if it gets there first.
         """
         pending = list(names)
         while pending:
@@ -300,6 +302,8 @@ class DiskCache:
             finally:
                 self.release(token)
             pending = []
+            if not wait:
+                return
             for name in others:
                 self.wait(identity, name)
                 if not present(name):
@@ -403,9 +407,10 @@ class DiskCache:
                     blocks[int(name)] = payload
                 return payload is not None
 
-            # blocks another process (or thread) is fetching right now are awaited, not fetched again
+            # blocks another process (or thread) is fetching right now are awaited (a read-ahead leaves them
+            # to it), not fetched again
             self.produce(identity, [str(b) for b in missing], present,
-                         lambda names: fetch_blocks(sorted(int(n) for n in names)))
+                         lambda names: fetch_blocks(sorted(int(n) for n in names)), wait=check)
         return blocks, {"hits": len(wanted) - len(missing), "misses": len(missing), "bytes_local": local,
                         "bytes_remote": remote}
 

@@ -529,7 +529,8 @@ def _decoded_chunks(layout: ChunkedLayout, needed: np.ndarray, stats: IOStats, c
     DataLoader workers reading one array hold its decoded chunks once, in the
     page cache, not once each in their own memory; the process's own
     decoded-chunk LRU is not used for such arrays.  ``check=False``
-    (read-ahead) only looks for cached chunks and returns the decoded ones.
+    (read-ahead) only looks for cached chunks, returns the decoded ones and
+    does not wait for chunks someone else is decoding.
     """
     cr, n = layout.chunk_rows, layout.shape[0]
     row_shape, row_nbytes = layout.shape[1:], int(np.prod(layout.shape[1:], dtype=np.int64)) * layout.dtype.itemsize
@@ -555,7 +556,8 @@ def _decoded_chunks(layout: ChunkedLayout, needed: np.ndarray, stats: IOStats, c
     missing = [str(cid) for cid in needed.tolist() if not present(str(cid))]
     local = sum(b.nbytes for b in blocks.values())
     if missing:
-        # chunks another worker (or the read-ahead) is decoding right now are awaited, not decoded twice
-        cache.produce(ident, missing, present, decode)
+        # chunks another worker (or the read-ahead) is decoding right now are awaited, not decoded twice;
+        # a read-ahead leaves them to whoever decodes them
+        cache.produce(ident, missing, present, decode, wait=check)
     stats.add(disk_hits=len(needed) - len(missing), disk_misses=len(missing), bytes_local=local)
     return blocks
