@@ -227,3 +227,44 @@ def test_remote_cached_arrays_get_block_order_and_read_ahead_by_default(s3: dict
             make_loader(ds, 500, read_ahead="lots")
     finally:
         proxy.close()
+
+
+class _Finalised:
+    """Garbage in a reference cycle that notes which process collects it."""
+
+    def __init__(self, log: str):
+        self.log, self.me = log, self
+
+    def __del__(self) -> None:
+        with open(self.log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+
+def test_workers_do_not_collect_the_loops_garbage(tmp_path: Any) -> None:
+    """Objects of the loop's process are frozen while the workers fork: a worker's garbage collector never
+    finalises them (an unclosed client session of the loop's process warned once in every worker)."""
+    import gc
+
+    data = np.random.default_rng(8).standard_normal((ROWS, DIM)).astype(np.float32)
+    _write(str(tmp_path / "d"), "npy", data)
+    log = str(tmp_path / "collected")
+    gc.disable()
+    try:
+        for _ in range(50):
+            _Finalised(log)  # unreachable, left for the cycle collector
+        loader = make_loader(StoreDataset(str(tmp_path / "d")), 64, num_workers=2, worker_init_fn=_collect)
+        got = _batches(loader)
+    finally:
+        gc.enable()
+    assert sum(len(y) for _, y in got) == ROWS
+    gc.collect()
+    with open(log) as f:
+        pids = {int(line) for line in f}
+    assert pids == {os.getpid()}  # collected here, by the process that made them, and by no worker
+
+
+def _collect(worker_id: int) -> None:
+    import gc
+
+    gc.enable()
+    gc.collect()  # a worker's collection, as any allocation may start one

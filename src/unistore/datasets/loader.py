@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
@@ -52,9 +53,16 @@ class _Loader(_TorchLoader):  # type: ignore[misc,valid-type]
             self.dataset.__dict__["_worker_read_ahead"] = _WorkerReadAhead(
                 sampler.order()[self._start:], int(self.batch_size or 1), self.read_ahead, unit_rows)
             self.read_ahead_stats = {"where": "workers"}
+        if self.num_workers:
+            # what this process holds is frozen while the workers fork, so their garbage collector never walks
+            # it: it neither collects garbage of this process (an unclosed client session warns when it is
+            # collected) nor writes to the pages of objects it only reads
+            gc.freeze()
         try:
             batches = super().__iter__()  # worker processes start here: before any read-ahead thread exists
         finally:
+            if self.num_workers:
+                gc.unfreeze()
             self.dataset.__dict__.pop("_worker_read_ahead", None)
         if wanted and not in_workers:
             # persistent workers hold last epoch's dataset: read ahead from here, past the batches
