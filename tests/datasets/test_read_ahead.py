@@ -268,3 +268,30 @@ def _collect(worker_id: int) -> None:
 
     gc.enable()
     gc.collect()  # a worker's collection, as any allocation may start one
+
+
+@pytest.mark.s3
+def test_create_loader_orders_jasper_pairs_by_their_chunks_on_s3(s3: dict[str, Any], tmp_path: Any) -> None:
+    """A JASPER split read from a remote zarr store (use_mmap): create_loader groups the split's samples by the
+    chunks of the per-pair arrays their pairs live in."""
+    from unistore.datasets import copy_dataset, create_loader
+
+    from .builders import make_jasper, write_jasper_pt
+
+    data = make_jasper(n_pairs=3000, dim=32, seed=4)
+    pt = write_jasper_pt(str(tmp_path / "pt"), data)
+    local = copy_dataset(pt, str(tmp_path / "zarr"), "zarr", compression="zstd", chunks=(100,))
+    s3["fs"].put(local + "/", f"{s3['bucket']}/jasper", recursive=True)
+    loader = create_loader(f"s3://{s3['bucket']}/jasper", "train", batch_size=64, use_mmap=True,
+                           storage_options=s3["options"], seed=1)
+    split = data["train_idx"]
+    assert loader.sampler.chunk_rows == 100 and np.array_equal(loader.sampler.rows, split)
+    order = loader.sampler.order()
+    assert sorted(order.tolist()) == list(range(len(split)))
+    got = [b["relevance"].numpy() for b in loader]
+    np.testing.assert_array_equal(np.concatenate(got), data["pair_relevance"][split[order]])
+    for k in range(len(got)):
+        assert len(np.unique(split[order[k * 64:(k + 1) * 64]] // 100)) <= 8  # at most two windows of 4 chunks
+    # preloaded (the default for small data): the order does not matter, the plain shuffle stays
+    assert create_loader(f"s3://{s3['bucket']}/jasper", "train", batch_size=64,
+                         storage_options=s3["options"]).sampler.chunk_rows is None

@@ -182,3 +182,38 @@ def test_chunk_aware_order_is_deterministic_shuffled_within_windows_and_resumabl
         StoreSampler(n, seed=7, chunk_rows=10, rank=0, world_size=1).load_state_dict(state)
     with pytest.raises(ValueError):
         StoreSampler(n, chunk_rows=0, rank=0, world_size=1)
+
+
+def test_chunk_aware_order_over_samples_that_read_other_rows() -> None:
+    """``rows=``: samples reading rows of storage (a split of pairs, a subset) are grouped by their rows' chunks."""
+    n_rows, chunk, window = 5000, 50, 4
+    rows = np.sort(np.random.default_rng(1).choice(n_rows, 3000, replace=False))  # a split: 3,000 of the rows
+    rows = np.random.default_rng(2).permutation(rows)  # in any order
+    a = StoreSampler(len(rows), seed=5, chunk_rows=chunk, window_chunks=window, rank=0, world_size=1, rows=rows)
+    first = np.array(list(a))
+    assert sorted(first.tolist()) == list(range(len(rows)))  # every sample once
+    chunks = rows[first] // chunk
+    n_chunks = len(np.unique(rows // chunk))
+    # each chunk of storage is read in one stretch of the order, done with before the chunk `window` stretches
+    # later starts (windows of 4 chunks, shuffled within)
+    spans: dict[int, list[int]] = {}
+    for k, c in enumerate(chunks.tolist()):
+        spans.setdefault(c, [k, k])[1] = k
+    assert len(spans) == n_chunks
+    stretches = sorted(spans.values())
+    for (_, hi), (lo, _) in zip(stretches, stretches[window:]):
+        assert lo > hi
+    b = StoreSampler(len(rows), seed=5, chunk_rows=chunk, window_chunks=window, rank=0, world_size=1, rows=rows)
+    assert np.array_equal(first, np.array(list(b)))  # deterministic
+    # rows 0..n-1 give exactly the order over the samples themselves
+    plain = StoreSampler(1000, seed=3, chunk_rows=chunk, rank=0, world_size=1)
+    same = StoreSampler(1000, seed=3, chunk_rows=chunk, rank=0, world_size=1, rows=np.arange(1000))
+    assert np.array_equal(np.array(list(plain)), np.array(list(same)))
+    # ranks: disjoint shards covering the samples, each reading its own chunks but at boundaries
+    shards = [np.array(list(StoreSampler(len(rows), seed=5, chunk_rows=chunk, rank=r, world_size=4, rows=rows)))
+              for r in range(4)]
+    assert sorted(np.concatenate(shards).tolist()) == list(range(len(rows)))
+    per_rank = [set((rows[s] // chunk).tolist()) for s in shards]
+    assert sum(len(c) for c in per_rank) <= n_chunks + 2 * 4
+    with pytest.raises(ShapeMismatchError, match="one per sample"):
+        StoreSampler(10, chunk_rows=5, rows=np.arange(9))

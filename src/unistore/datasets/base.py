@@ -181,6 +181,19 @@ class StoreDataset(_TorchDataset):  # type: ignore[misc,valid-type]
             ahead.saw(self, idx)
         return Batch(self._get_batch(idx), len(idx))
 
+    def sample_rows(self) -> tuple[np.ndarray | None, list[Array]] | None:
+        """Which row each sample reads, and of which arrays: what the loader's chunk-aware order groups samples by.
+
+        ``(None, arrays)`` when sample ``i`` is row ``i`` of every array (this
+        class); ``(rows, arrays)`` for a subclass whose sample ``i`` reads row
+        ``rows[i]`` of ``arrays`` (a split or subset of them); None when the
+        order does not matter or cannot be told (a subclass that says nothing,
+        or one holding its data in memory).
+        """
+        if type(self)._get_batch is not StoreDataset._get_batch:
+            return None
+        return None, [a for a in self.arrays.values() if isinstance(a, Array)]
+
     def prepare_for_workers(self) -> None:
         """Learn, once in this process, what worker processes would each ask storage for on their first read
         (the identities that key the disk cache), so that they inherit it instead."""

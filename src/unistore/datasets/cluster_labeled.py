@@ -352,6 +352,9 @@ class ClusterLabeledDataset(StoreDataset):
         self._init_cache()
 
     # ------------------------------------------------------------- reading
+    def sample_rows(self) -> tuple[np.ndarray | None, list[Any]] | None:
+        return self._embedding_idx, [self.arrays["base_embeddings"], self.arrays["steering_embeddings"]]
+
     def _get_batch(self, indices: np.ndarray) -> Any:
         import torch
 

@@ -203,6 +203,9 @@ class ClassificationDataset(StoreDataset):
     def __len__(self) -> int:
         return len(self.rows)
 
+    def sample_rows(self) -> tuple[np.ndarray | None, list[Any]] | None:
+        return self.rows, [self.arrays[f"{self.split}/images"], self.arrays[f"{self.split}/labels"]]
+
     def _get_batch(self, indices: np.ndarray) -> Any:
         import torch
 

@@ -307,6 +307,12 @@ class JASPERSteeringDataset(StoreDataset):
         src = self._data[name]
         return np.asarray(src[idx] if isinstance(src, np.ndarray) else src.take(idx), dtype=np.int64)
 
+    def sample_rows(self) -> tuple[np.ndarray | None, list[Any]] | None:
+        """The split's pairs and the per-pair arrays read from storage (None when the arrays are preloaded)."""
+        per_pair = [src for name, src in self._data.items()
+                    if name not in ("question_embs", "source_embs") and isinstance(src, Array)]
+        return (self._split, per_pair) if self.use_mmap and per_pair else None
+
     def _get_batch(self, indices: np.ndarray) -> dict[str, Any]:
         import torch
 

@@ -265,6 +265,12 @@ class _WorkerReadAhead:
             self._ahead.reached(int(self._position[first]) // self.batch_size)
 
 
+def _sample_rows(dataset: Any) -> tuple[np.ndarray | None, list[Any]] | None:
+    """``dataset.sample_rows()`` where a dataset has it (see :meth:`StoreDataset.sample_rows`), else None."""
+    said = getattr(dataset, "sample_rows", None)
+    return said() if callable(said) and getattr(dataset, "store", None) is not None else None
+
+
 def _samples_are_rows(dataset: Any) -> bool:
     """Whether sample ``i`` of ``dataset`` is row ``i`` of its arrays (a plain :class:`StoreDataset`)."""
     return isinstance(dataset, StoreDataset) and type(dataset)._get_batch is StoreDataset._get_batch
@@ -276,24 +282,24 @@ REMOTE_BLOCK_BYTES = 8 << 20
 
 
 def auto_chunk_rows(dataset: Any) -> int | None:
-    """The block length to shuffle by, for a dataset whose sample ``i`` is row ``i`` of remote arrays.
+    """The block length to shuffle by, for a dataset whose samples read rows of remote arrays.
 
-    The array with the widest rows sets it (it dominates what an epoch
-    fetches): its chunk length when chunked; for an uncompressed array read
-    through a disk cache, the rows in :data:`REMOTE_BLOCK_BYTES` (8 MiB),
+    The array with the widest rows among those the samples read
+    (:meth:`StoreDataset.sample_rows`) sets it, since it dominates what an
+    epoch fetches: its chunk length when chunked; for an uncompressed array
+    read through a disk cache, the rows in :data:`REMOTE_BLOCK_BYTES` (8 MiB),
     fetched as a few large ranges, each once.  None for local stores (a plain
     shuffle costs nothing there once chunks are cached), for uncompressed
     remote arrays without a disk cache (their rows are fetched one range
-    each, in any order), and for datasets that map samples to rows their own
-    way (they override ``_get_batch``).
+    each, in any order), and for datasets that cannot say which rows their
+    samples read, or hold them in memory.
     """
     from unistore.storage.array import Array
 
-    if not _samples_are_rows(dataset):
+    said = _sample_rows(dataset)
+    if said is None or dataset.store.location.is_local:
         return None
-    if dataset.store.location.is_local:
-        return None
-    arrays = [a for a in dataset.arrays.values() if isinstance(a, Array) and a.shape and a.shape[0]]
+    arrays = [a for a in said[1] if isinstance(a, Array) and a.shape and a.shape[0]]
     if not arrays:
         return None
     heaviest = max(arrays, key=lambda a: a.nbytes // a.shape[0])  # its reads dominate what an epoch fetches
@@ -331,8 +337,11 @@ def make_loader(dataset: Any, batch_size: int, *, shuffle: bool = True, seed: in
     ``distributed=True`` takes rank and world size from ``torch.distributed``
     (initialise the process group first) unless they are given.
     ``chunk_rows`` selects the sampler's chunk-aware order: ``"auto"`` (the
-    default) uses it when the samples are rows of chunked arrays in a remote
-    store (see :func:`auto_chunk_rows`), an int forces it, None turns it off.
+    default) uses it when the samples read rows of chunked arrays in a remote
+    store, or of uncompressed ones through a disk cache (see
+    :func:`auto_chunk_rows`), an int forces it, None turns it off.  Samples
+    are grouped by the rows they read (:meth:`StoreDataset.sample_rows`: a
+    split, a subset or pairs over the rows are grouped by their rows' chunks).
     ``read_ahead=N`` reads the next ``N`` batches of the order ahead of
     their use (``dataset.prefetch``), at most ``read_ahead_bytes`` of rows
     (256 MiB by default) and ``N`` batches (8 reads) in flight; ``"auto"``
@@ -353,8 +362,10 @@ def make_loader(dataset: Any, batch_size: int, *, shuffle: bool = True, seed: in
         chunk_rows = auto_chunk_rows(dataset) if shuffle else None
     elif isinstance(chunk_rows, str):
         raise ValueError(f"chunk_rows must be 'auto', an int or None, got {chunk_rows!r}")
+    said = _sample_rows(dataset) if chunk_rows is not None else None
     sampler = StoreSampler(dataset, shuffle=shuffle, seed=seed, rank=rank if distributed else 0,
-                           world_size=world_size if distributed else 1, drop_last=drop_last, chunk_rows=chunk_rows)
+                           world_size=world_size if distributed else 1, drop_last=drop_last, chunk_rows=chunk_rows,
+                           rows=None if said is None else said[0])
     loader_kwargs.setdefault("collate_fn", collate)
     loader = _Loader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                      drop_last=drop_last, **loader_kwargs)

@@ -59,6 +59,10 @@ class StoreSampler(_TorchSampler):  # type: ignore[misc,valid-type]
       capped at one rank's share of the blocks), about once per epoch, while
       it is in use; what is given up is mixing across windows (a batch draws
       from ``window_chunks`` chunks, not from the whole dataset).
+      ``rows=`` (one per sample) says which row each sample reads, for
+      datasets whose samples are not their rows (a split or subset of the
+      rows, pairs indexing them): the blocks are then the samples whose rows
+      fall in the same ``chunk_rows`` of storage.
 
     >>> sampler = StoreSampler(dataset, seed=0)          # rank/world from torch.distributed
     >>> loader = DataLoader(dataset, batch_size=256, sampler=sampler)
@@ -68,8 +72,12 @@ class StoreSampler(_TorchSampler):  # type: ignore[misc,valid-type]
 
     def __init__(self, data_source: Sized | int, *, shuffle: bool = True, seed: int = 0, rank: int | None = None,
                  world_size: int | None = None, drop_last: bool = False, chunk_rows: int | None = None,
-                 window_chunks: int = 4):
+                 window_chunks: int = 4, rows: np.ndarray | None = None):
         self.n = data_source if isinstance(data_source, int) else len(data_source)
+        if rows is not None and len(rows) != self.n:
+            raise ShapeMismatchError(f"rows has {len(rows)} entries, one per sample is {self.n}")
+        self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
+        self._groups: list[np.ndarray] | None = None
         if rank is None or world_size is None:
             d_rank, d_world = dist_rank_and_world()
             rank = d_rank if rank is None else rank
@@ -110,14 +118,24 @@ class StoreSampler(_TorchSampler):  # type: ignore[misc,valid-type]
         """Blocks mixed together: ``window_chunks``, but no more than one rank's share of the blocks."""
         if self.chunk_rows is None:
             return 0
-        n_blocks = -(-self.n // self.chunk_rows)
+        n_blocks = -(-self.n // self.chunk_rows) if self.rows is None else len(self._blocks())
         return max(1, min(self.window_chunks, n_blocks // self.world_size))
+
+    def _blocks(self) -> list[np.ndarray]:
+        """With ``rows``: the samples of each block of ``chunk_rows`` rows that some sample reads, in row order."""
+        if self._groups is None:
+            assert self.rows is not None and self.chunk_rows is not None
+            ids = self.rows // self.chunk_rows
+            by_row = np.argsort(ids, kind="stable")
+            self._groups = np.split(by_row, np.flatnonzero(np.diff(ids[by_row])) + 1) if self.n else []
+        return self._groups
 
     def _chunk_order(self, epoch: int) -> np.ndarray:
         """Blocks of ``chunk_rows`` in shuffled order, rows shuffled within windows of ``window_chunks`` blocks."""
         assert self.chunk_rows is not None
         rng = np.random.default_rng([self.seed, epoch, 1])
-        n_blocks = -(-self.n // self.chunk_rows)
+        groups = None if self.rows is None else self._blocks()
+        n_blocks = -(-self.n // self.chunk_rows) if groups is None else len(groups)
         window = self.effective_window
         parts = []
         blocks = rng.permutation(n_blocks)
@@ -125,9 +143,9 @@ class StoreSampler(_TorchSampler):  # type: ignore[misc,valid-type]
         bounds = np.linspace(0, n_blocks, self.world_size + 1).round().astype(np.int64)
         for lo, hi in zip(bounds[:-1], bounds[1:]):
             for w in range(lo, hi, window):
-                rows = np.concatenate([np.arange(b * self.chunk_rows, min((b + 1) * self.chunk_rows, self.n))
-                                       for b in blocks[w:min(w + window, hi)]])
-                parts.append(rng.permutation(rows))
+                samples = np.concatenate([np.arange(b * self.chunk_rows, min((b + 1) * self.chunk_rows, self.n))
+                                          if groups is None else groups[b] for b in blocks[w:min(w + window, hi)]])
+                parts.append(rng.permutation(samples))
         return np.concatenate(parts) if parts else np.arange(0)
 
     def __iter__(self) -> Iterator[int]:
