@@ -220,6 +220,15 @@ def test_remote_cached_arrays_get_block_order_and_read_ahead_by_default(s3: dict
         x_gets = sum(n for (m, p), n in proxy.paths.items() if m == "GET" and p.endswith("x.npy"))
         assert proxy.bytes_out <= 1.1 * (data.nbytes + rows * 8)
         assert x_gets <= 2 * data.nbytes // (512 << 10) // 4, x_gets  # ranges of several blocks, not one a block
+        assert loader.read_ahead_stats["where"] == "workers" and not ds.is_cached()  # not mapped here yet
+        # epoch 2: every row is in the cache, mapped before the workers start: nothing is read ahead
+        loader.sampler.set_epoch(1)
+        proxy.reset_counts()
+        again = _batches(loader)
+        assert ds.is_cached() and loader.read_ahead_stats["where"] == "nowhere"
+        assert proxy.requests["GET"] == 0 and len(again) == len(got)
+        for x, y in again:
+            np.testing.assert_array_equal(x, data[y])
         # no disk cache: rows are fetched one range each in any order, so no blocks and no read-ahead
         plain = StoreDataset(us.open_store(url, storage_options=options, cache=False))
         assert make_loader(plain, 500).sampler.chunk_rows is None and make_loader(plain, 500).read_ahead == 0

@@ -201,6 +201,11 @@ class StoreDataset(_TorchDataset):  # type: ignore[misc,valid-type]
             if isinstance(arr, Array):
                 arr.prepare_for_workers()
 
+    def is_cached(self) -> bool:
+        """Whether every array is remote and wholly in place in the disk cache (see :meth:`Array.is_cached`):
+        the loader then reads nothing ahead."""
+        return bool(self.arrays) and all(isinstance(a, Array) and a.is_cached() for a in self.arrays.values())
+
     def prefetch(self, indices: Any) -> None:
         """Bring the batch ``indices`` into the caches before it is asked for (the loader's read-ahead).
 

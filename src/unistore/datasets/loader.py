@@ -43,7 +43,11 @@ class _Loader(_TorchLoader):  # type: ignore[misc,valid-type]
         ahead = None
         if self.num_workers and hasattr(self.dataset_obj, "prepare_for_workers"):
             self.dataset_obj.prepare_for_workers()  # fresh workers each epoch inherit, not re-ask, cache keys
-        wanted = self.read_ahead > 0 and hasattr(self.dataset_obj, "prefetch")
+        # nothing to read ahead when every row is in the disk cache already (a later epoch): the thread would
+        # only compete with the reads
+        wanted = self.read_ahead > 0 and hasattr(self.dataset_obj, "prefetch") and \
+            not (hasattr(self.dataset_obj, "is_cached") and self.dataset_obj.is_cached())
+        self.read_ahead_stats: dict[str, Any] = {"where": "nowhere"}
         unit_rows = sampler.chunk_rows if _samples_are_rows(self.dataset_obj) else None
         in_workers = wanted and self.num_workers > 0 and not self.persistent_workers and \
             isinstance(self.dataset, StoreDataset)

@@ -126,6 +126,13 @@ class Array:
         elif isinstance(layout, ChunkedLayout) and hasattr(layout.reader, "identity"):
             layout.reader.identity()
 
+    def is_cached(self) -> bool:
+        """Whether every row of this remote array is in place in the disk cache, mapped by this process (after
+        :meth:`prepare_for_workers` or a read); False for local arrays and whatever else cannot tell."""
+        from unistore.storage.engine import wholly_mapped
+
+        return wholly_mapped(self._info.layout)
+
     @property
     def stored_nbytes(self) -> int | None:
         """Bytes on storage, where the format knows it (listed when first asked, for zarr)."""

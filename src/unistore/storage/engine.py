@@ -346,6 +346,15 @@ def map_cached(layout: ContiguousLayout) -> None:
         whole.add_cached()
 
 
+def wholly_mapped(layout: Layout) -> bool:
+    """Whether ``layout`` is a remote object this process has wholly mapped out of the disk cache (every row in
+    place locally: reading ahead has nothing to do)."""
+    if not isinstance(layout, ContiguousLayout) or layout.location.is_local or layout.location.cache is None:
+        return False
+    whole = layout.location.mapped
+    return bool(whole) and whole.complete
+
+
 def _touched(nblocks: int, starts: np.ndarray, row: int, bs: int) -> np.ndarray:
     """Sorted numbers of the blocks that rows of ``row`` bytes starting at ``starts`` touch, in an object of
     ``nblocks`` blocks of ``bs`` bytes."""
