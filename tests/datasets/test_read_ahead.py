@@ -97,18 +97,24 @@ class _LoggingPrefetch(StoreDataset):
         super().prefetch(indices)
 
 
-def test_workers_read_ahead_in_threads_of_their_own(tmp_path: Any) -> None:
-    data = np.random.default_rng(6).standard_normal((ROWS, DIM)).astype(np.float32)
+def _logged_epoch(tmp_path: Any, seed: int, **options: Any) -> tuple[Any, list[Any], list[list[int]]]:
+    """One epoch with 2 workers over a zarr array of 100-row chunks: the loader, its batches and the read-ahead
+    log (pid, first row, rows, first and last block of each read-ahead)."""
+    data = np.random.default_rng(seed).standard_normal((ROWS, DIM)).astype(np.float32)
     url = str(tmp_path / "d.zarr")
     _write(url, "zarr", data, chunks=(100, DIM), compression="zstd")
     ds = _LoggingPrefetch(url)
     ds.log = str(tmp_path / "prefetch.log")
-    loader = make_loader(ds, 64, seed=2, num_workers=2, chunk_rows=None, read_ahead=3)
+    loader = make_loader(ds, 64, seed=2, num_workers=2, **options)
     got = _batches(loader, pause=0.005)
     for x, y in got:
         np.testing.assert_array_equal(x, data[y])
     with open(ds.log) as f:
-        lines = [[int(v) for v in line.split()] for line in f]
+        return loader, got, [[int(v) for v in line.split()] for line in f]
+
+
+def test_workers_read_ahead_in_threads_of_their_own(tmp_path: Any) -> None:
+    loader, got, lines = _logged_epoch(tmp_path, 6, chunk_rows=None, read_ahead=3)
     pids = {line[0] for line in lines}
     assert os.getpid() not in pids and 1 <= len(pids) <= 2  # the workers read ahead, not the loop's process
     order = loader.sampler.order()
@@ -118,17 +124,7 @@ def test_workers_read_ahead_in_threads_of_their_own(tmp_path: Any) -> None:
 
 
 def test_workers_read_ahead_of_the_chunk_aware_order_by_block_each_its_own(tmp_path: Any) -> None:
-    data = np.random.default_rng(7).standard_normal((ROWS, DIM)).astype(np.float32)
-    url = str(tmp_path / "d.zarr")
-    _write(url, "zarr", data, chunks=(100, DIM), compression="zstd")
-    ds = _LoggingPrefetch(url)
-    ds.log = str(tmp_path / "prefetch.log")
-    loader = make_loader(ds, 64, seed=2, num_workers=2, chunk_rows=100, read_ahead=8)
-    got = _batches(loader, pause=0.005)
-    for x, y in got:
-        np.testing.assert_array_equal(x, data[y])
-    with open(ds.log) as f:
-        lines = [[int(v) for v in line.split()] for line in f]
+    _, _, lines = _logged_epoch(tmp_path, 7, chunk_rows=100, read_ahead=8)
     pids = {line[0] for line in lines}
     assert os.getpid() not in pids and len(pids) == 2
     # each read-ahead is one whole block (the order's 100 rows of it), not a batch spread over a window
