@@ -277,7 +277,8 @@ def _sample_rows(dataset: Any) -> tuple[np.ndarray | None, list[Any]] | None:
 
 def _samples_are_rows(dataset: Any) -> bool:
     """Whether sample ``i`` of ``dataset`` is row ``i`` of its arrays (a plain :class:`StoreDataset`)."""
-    return isinstance(dataset, StoreDataset) and type(dataset)._get_batch is StoreDataset._get_batch
+    said = _sample_rows(dataset)
+    return said is not None and said[0] is None
 
 
 #: rows of remote uncompressed arrays the chunk-aware order keeps together: ranges this large keep a bucket's
