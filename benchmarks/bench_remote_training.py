@@ -171,8 +171,6 @@ def latency_table(work: str, data: np.ndarray, chunk: int, latency_ms: float, fo
     epoch, then a first S3 epoch with a fresh disk cache and a fresh open,
     then a second one from that cache), as the local figure always was.
     """
-    import shutil
-
     from unistore.datasets import StoreDataset, StoreSampler
     from unistore.datasets.loader import auto_chunk_rows, auto_read_ahead
 
@@ -191,8 +189,10 @@ def latency_table(work: str, data: np.ndarray, chunk: int, latency_ms: float, fo
             url = wire.upload(local, fmt)
             local_rates, firsts, seconds, busy, gets, fetched, second_gets = [], [], [], [], [], [], 0
             for r in range(rounds):
-                root = os.path.join(work, f"lat-cache-{fmt}")
-                shutil.rmtree(root, ignore_errors=True)
+                # a fresh directory each round, the earlier ones kept: on ext4 without a journal (this machine's
+                # disk) a new file's inode is searched for past every inode freed in the last 5 to 300 s, which
+                # a cache filled just after another was deleted pays for (perf: up to a fifth of worker time)
+                root = os.path.join(work, f"lat-cache-{fmt}-{r}")
                 remote = StoreDataset(us.open_store(url, storage_options=options, cache=DiskCache(root)))
                 rows_per_unit = auto_chunk_rows(remote)  # what make_loader picks: the chunks, or 8 MiB of rows
                 ahead = auto_read_ahead(remote, StoreSampler(remote, chunk_rows=rows_per_unit), BATCH)
