@@ -145,6 +145,7 @@ def test_cache_from_environment_and_cli(remote: Any, tmp_path: Any, monkeypatch:
     assert DiskCache(tmp_path / "envcache").info()["bytes"] >= remote["data"].nbytes
     assert main(["cache", "clear"]) == 0
     assert DiskCache(tmp_path / "envcache").info()["entries"] == 0
+    assert os.listdir(tmp_path / "envcache") in ([], [".evict.lock"])  # no folders or lock files left either
     _, stats = _epoch(remote["url"], remote["options"], False, seed=1)  # cache=False: none
     assert stats["disk_hits"] == stats["disk_misses"] == 0
 

@@ -478,12 +478,24 @@ class DiskCache:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def clear(self) -> int:
-        """Delete every entry; returns bytes freed."""
+        """Delete every entry, and the folders and lock files that held them; returns bytes freed.
+
+        A process producing an entry meanwhile keeps its own lock; one that
+        starts producing the same entry after the clear may fetch it again.
+        """
         freed = 0
         for e in list(self._entries()):
             with contextlib.suppress(FileNotFoundError):
                 freed += e.stat().st_size
                 os.remove(e.path)
+        if os.path.isdir(self.root):
+            for top in os.scandir(self.root):
+                if top.is_dir():
+                    for leftover in (os.path.join(top.path, name) for name in os.listdir(top.path)):
+                        with contextlib.suppress(OSError):
+                            (os.remove if top.name == _LOCKS_DIR else os.rmdir)(leftover)
+                    with contextlib.suppress(OSError):
+                        os.rmdir(top.path)
         return freed
 
 
