@@ -349,7 +349,8 @@ def make_loader(dataset: Any, batch_size: int, *, shuffle: bool = True, seed: in
     split, a subset or pairs over the rows are grouped by their rows' chunks).
     ``read_ahead=N`` reads the next ``N`` batches of the order ahead of
     their use (``dataset.prefetch``), at most ``read_ahead_bytes`` of rows
-    (256 MiB by default) and ``N`` batches (8 reads) in flight; ``"auto"``
+    (256 MiB by default), reading 8 batches (or 4 blocks of the chunk-aware
+    order, split among the workers) at once; ``"auto"``
     (the default) reads ahead two windows of the chunk-aware order for remote
     arrays read through a disk cache (:func:`auto_read_ahead`) and nothing
     otherwise, 0 turns it off.  It runs in each worker
