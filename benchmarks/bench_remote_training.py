@@ -191,7 +191,7 @@ def latency_table(work: str, data: np.ndarray, chunk: int, latency_ms: float, fo
             for r in range(rounds):
                 # a fresh directory each round, the earlier ones kept: on ext4 without a journal (this machine's
                 # disk) a new file's inode is searched for past every inode freed in the last 5 to 300 s, which
-                # a cache filled just after another was deleted pays for (perf: up to a fifth of worker time)
+                # a cache filled just after another was deleted pays for (perf: about a quarter of worker time)
                 root = os.path.join(work, f"lat-cache-{fmt}-{r}")
                 remote = StoreDataset(us.open_store(url, storage_options=options, cache=DiskCache(root)))
                 rows_per_unit = auto_chunk_rows(remote)  # what make_loader picks: the chunks, or 8 MiB of rows
