@@ -225,6 +225,13 @@ def test_remote_cached_arrays_get_block_order_and_read_ahead_by_default(s3: dict
         assert proxy.requests["GET"] == 0 and len(again) == len(got)
         for x, y in again:
             np.testing.assert_array_equal(x, data[y])
+        # the same epoch without read-ahead, from a cache of its own, gives the same batches
+        fresh = StoreDataset(us.open_store(url, storage_options=options, cache=DiskCache(tmp_path / "other")))
+        without = _batches(make_loader(fresh, 500, seed=4, num_workers=2, read_ahead=0))
+        assert len(without) == len(got)
+        for (xa, ya), (xb, yb) in zip(got, without):
+            np.testing.assert_array_equal(ya, yb)
+            np.testing.assert_array_equal(xa, xb)
         # no disk cache: rows are fetched one range each in any order, so no blocks and no read-ahead
         plain = StoreDataset(us.open_store(url, storage_options=options, cache=False))
         assert make_loader(plain, 500).sampler.chunk_rows is None and make_loader(plain, 500).read_ahead == 0
