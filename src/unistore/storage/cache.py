@@ -424,14 +424,16 @@ class DiskCache:
             return bytes(blocks[b0][start - at:end - at])
         return b"".join(blocks[b] for b in range(b0, b1 + 1))[start - at:end - at]
 
-    def store(self, identity: str, block_start: int, blob: bytes) -> dict[int, bytes]:
-        """Keep ``blob``, fetched from block-aligned offset ``block_start``, as cache blocks; returns them."""
+    def store(self, identity: str, block_start: int, blob: bytes) -> dict[int, memoryview]:
+        """Keep ``blob``, fetched from block-aligned offset ``block_start``, as cache blocks; returns them (views
+        of ``blob``, not copies)."""
         bs = self.block_bytes
         folder = self._dir(identity)
+        view = memoryview(blob)
         kept = {}
         for off in range(0, len(blob), bs):
             b = (block_start + off) // bs
-            kept[b] = bytes(blob[off:off + bs])
+            kept[b] = view[off:off + bs]
             self._put(os.path.join(folder, str(b)), kept[b])
         return kept
 
