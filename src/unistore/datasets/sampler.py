@@ -118,8 +118,11 @@ class StoreSampler(_TorchSampler):  # type: ignore[misc,valid-type]
         """Blocks mixed together: ``window_chunks``, but no more than one rank's share of the blocks."""
         if self.chunk_rows is None:
             return 0
-        n_blocks = -(-self.n // self.chunk_rows) if self.rows is None else len(self._blocks())
-        return max(1, min(self.window_chunks, n_blocks // self.world_size))
+        return max(1, min(self.window_chunks, self._n_blocks() // self.world_size))
+
+    def _n_blocks(self) -> int:
+        assert self.chunk_rows is not None
+        return -(-self.n // self.chunk_rows) if self.rows is None else len(self._blocks())
 
     def _blocks(self) -> list[np.ndarray]:
         """With ``rows``: the samples of each block of ``chunk_rows`` rows that some sample reads, in row order."""
@@ -135,7 +138,7 @@ class StoreSampler(_TorchSampler):  # type: ignore[misc,valid-type]
         assert self.chunk_rows is not None
         rng = np.random.default_rng([self.seed, epoch, 1])
         groups = None if self.rows is None else self._blocks()
-        n_blocks = -(-self.n // self.chunk_rows) if groups is None else len(groups)
+        n_blocks = self._n_blocks()
         window = self.effective_window
         parts = []
         blocks = rng.permutation(n_blocks)

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from unistore.errors import OutOfBoundsError, ShapeMismatchError
-from unistore.storage.engine import gather, map_cached, read_rows
+from unistore.storage.engine import gather, map_cached, prefetch, read_rows, wholly_mapped
 from unistore.storage.formats.base import ArrayInfo, RaggedInfo, bfloat16, dtype_name
 from unistore.storage.layout import ChunkedLayout, ContiguousLayout, InMemoryLayout, IOStats
 
@@ -129,8 +129,6 @@ class Array:
     def is_cached(self) -> bool:
         """Whether every row of this remote array is in place in the disk cache, mapped by this process (after
         :meth:`prepare_for_workers` or a read); False for local arrays and whatever else cannot tell."""
-        from unistore.storage.engine import wholly_mapped
-
         return wholly_mapped(self._info.layout)
 
     @property
@@ -182,8 +180,6 @@ class Array:
         """
         if not self.shape:
             return
-        from unistore.storage.engine import prefetch
-
         prefetch(self._info.layout, normalize_indices(indices, self.shape[0], self.key), self._stats)
 
     def read(self, as_tensor: bool = False) -> Any:

@@ -1,10 +1,11 @@
 """A persistent local cache of remote bytes, shared by every process on a machine.
 
 Remote objects are cut into fixed blocks (``block_bytes``, 2 MiB by
-default: a file per block, so larger blocks cost fewer files, requests and
-mappings, and smaller ones fetch less around a lone row); a read fetches the blocks it lacks (neighbours merged into one
-range request) and keeps them on local disk, so a second epoch over a store
-that fits reads nothing remotely.
+default: each block is a file, so larger blocks cost fewer files, requests
+and mappings, and smaller ones fetch less around a lone row); a read fetches
+the blocks it lacks (neighbours merged into one range request) and keeps
+them on local disk, so a second epoch over a store that fits reads nothing
+remotely.
 
 Why not fsspec's ``blockcache`` / ``filecache``: they neither bound the cache
 in bytes with LRU eviction across processes nor checksum entries.  Here:

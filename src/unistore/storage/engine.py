@@ -294,19 +294,20 @@ def _gather_cached(layout: ContiguousLayout, rows: np.ndarray, stats: IOStats) -
     identity, size = loc.identity()
     bs = loc.cache.block_bytes
     starts = base + rows * row
-    first, last = starts // bs, (starts + row - 1) // bs
     whole = _mapped_object(loc)
-    need = None if whole is None else _touched(len(whole.mapped), starts, row, bs)
-    if whole is not None and need is not None and whole.covers(need):
-        stats.add(disk_hits=len(need), bytes_local=int(np.minimum(bs, size - need * bs).sum()))
-        return whole.rows(base, row, layout.shape[0])[rows]
+    if whole is not None:
+        need = _touched(len(whole.mapped), starts, row, bs)
+        if whole.covers(need):
+            stats.add(disk_hits=len(need), bytes_local=int(np.minimum(bs, size - need * bs).sum()))
+            return whole.rows(base, row, layout.shape[0])[rows]
     blocks, counts = loc.cache.blocks(identity, size, starts, starts + row,
                                       lambda s, e: _fetch_remote(loc, s, e, stats))
     stats.add(disk_hits=counts["hits"], disk_misses=counts["misses"], bytes_local=counts["bytes_local"])
-    if whole is not None and need is not None:
+    if whole is not None:
         whole.add(need[~whole.mapped[need]])
         if whole.covers(need):
             return whole.rows(base, row, layout.shape[0])[rows]
+    first, last = starts // bs, (starts + row - 1) // bs
     out = np.empty((len(rows), row), np.uint8)
     inside = first == last
     key = np.where(inside, first, -1)  # rows split between blocks go first, as one group
