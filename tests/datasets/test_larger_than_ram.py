@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,11 +16,19 @@ import pytest
 N_PAIRS, DIM, N_NEG = 600_000, 384, 4
 N_Q, N_S, N_C = 100_000, 200_000, 50
 RSS_ANON_LIMIT_MB = 400
+NEEDS_FREE = 5 * 1000**3
 
 
 def _write(path: str, name: str, shape: tuple[int, ...], dtype: Any, fill: Any) -> None:
-    """A real .npy written block by block with numpy's own open_memmap (never the whole array in RAM)."""
-    out = np.lib.format.open_memmap(os.path.join(path, f"{name}.npy"), mode="w+", dtype=dtype, shape=shape)
+    """A real .npy written block by block with numpy's own open_memmap (never the whole array in RAM).
+
+    The file's blocks are allocated before the map is written: a full disk then raises ENOSPC here instead
+    of killing the test process with SIGBUS on a page of a sparse file.
+    """
+    file = os.path.join(path, f"{name}.npy")
+    out = np.lib.format.open_memmap(file, mode="w+", dtype=dtype, shape=shape)
+    with open(file, "r+b") as handle:
+        os.posix_fallocate(handle.fileno(), 0, os.path.getsize(file))
     step = max(1, (64 << 20) // (int(np.prod(shape[1:])) * np.dtype(dtype).itemsize))
     for start in range(0, shape[0], step):
         stop = min(start + step, shape[0])
@@ -32,6 +41,16 @@ def _write(path: str, name: str, shape: tuple[int, ...], dtype: Any, fill: Any) 
 def test_iterating_a_3gb_dataset_keeps_rss_anon_small(tmp_path: Any) -> None:
     root = str(tmp_path / "large")
     os.makedirs(root)
+    free = shutil.disk_usage(root).free
+    assert free > NEEDS_FREE, (f"this test writes a 3.3 GB dataset under {root}, which has {free / 1e9:.1f} GB free; "
+                               f"free {NEEDS_FREE / 1e9:.0f} GB there (or point --basetemp elsewhere)")
+    try:
+        _check_large_dataset(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)  # 3.3 GB is not left behind for pytest's kept temp folders
+
+
+def _check_large_dataset(root: str) -> None:
     rng = np.random.default_rng(0)
 
     def floats(rows: int) -> Any:
