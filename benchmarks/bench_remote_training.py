@@ -11,7 +11,9 @@
    between consecutive samples in the source, correlation of epoch position and row.
 4. DataLoader samples/s (2 workers, chunk-aware, read-ahead, disk cache) from
    S3 with 30 ms added per request, divided by the same from local disk,
-   epochs 1 and 2 (npy and zarr zstd), with the machine's CPU use in epoch 1.
+   epochs 1 and 2 (npy and zarr zstd), with the machine's CPU use in epoch 1,
+   and epoch 1 again with memory warmed (used and freed just before), with
+   what this machine charges for memory it has not used lately.
    The S3 server runs in a process of its own (``benchmarks/s3_server.py``).
 5. Locally, a zstd zarr array 4x larger than the decoded-chunk cache
    (``UNISTORE_CHUNK_CACHE_BYTES``): shuffled-epoch rows/s divided by a raw
@@ -162,6 +164,38 @@ def loader_epoch(dataset: Any, chunk_rows: int | None, epoch: int, read_ahead: i
     return n / (time.perf_counter() - t)
 
 
+def warm_memory(nbytes: int) -> None:
+    """Use ``nbytes`` of memory and give it back, so that the next page-cache pages come from memory this
+    machine has used a moment ago (see :func:`first_touch_cost`)."""
+    block = np.ones(nbytes, np.uint8)
+    del block
+
+
+def first_touch_cost(work: str, nbytes: int = 300 << 20) -> tuple[float, float]:
+    """Seconds to write ``nbytes`` into new files twice: into memory the machine has not used lately, then
+    into the memory just freed by deleting the first file.
+
+    A virtual machine whose host hands back the guest's free memory (as
+    this one's does) charges a page the first time it is used again: a
+    first epoch from a bucket, which fills the page cache with the data it
+    caches, pays that where an epoch over a local file already in the page
+    cache does not.
+    """
+    payload = np.ones(2 << 20, np.uint8)
+    times = []
+    for name in ("first", "second"):
+        path = os.path.join(work, f"touch-{name}")
+        t = time.perf_counter()
+        with open(path, "wb") as f:
+            for _ in range(nbytes // len(payload)):
+                f.write(payload)
+        times.append(time.perf_counter() - t)
+        if name == "first":
+            os.remove(path)
+    os.remove(os.path.join(work, "touch-second"))
+    return times[0], times[1]
+
+
 def latency_table(work: str, data: np.ndarray, chunk: int, latency_ms: float, formats: list[str],
                   rounds: int = 3) -> None:
     """DataLoader samples/s from S3 (with latency per request) / from local disk, epochs 1 and 2.
@@ -169,13 +203,17 @@ def latency_table(work: str, data: np.ndarray, chunk: int, latency_ms: float, fo
     This machine's speed drifts by 20% and more between runs a minute apart,
     so each figure is the best of ``rounds`` rounds, taken in turn (a local
     epoch, then a first S3 epoch with a fresh disk cache and a fresh open,
-    then a second one from that cache), as the local figure always was.
+    then a second one from that cache, then another first epoch with a
+    fresh cache, just after using and freeing twice the stored size of
+    memory: :func:`first_touch_cost`), as the local figure always was.
     """
     from unistore.datasets import StoreDataset, StoreSampler
     from unistore.datasets.loader import auto_chunk_rows, auto_read_ahead
 
     rows = [["store", "block (rows)", "read-ahead (batches)", "local samples/s", "S3 epoch 1", "S3 epoch 2",
-             "epoch 1 / local", "epoch 2 / local", "epoch 1 GETs (bytes)", "epoch 2 GETs", "epoch 1 CPU busy"]]
+             "epoch 1 / local", "epoch 2 / local", "epoch 1, memory warmed / local", "epoch 1 GETs (bytes)",
+             "epoch 2 GETs", "epoch 1 CPU busy"]]
+    cold, recycled = first_touch_cost(work)
     with s3_behind_proxy("lat") as wire:
         proxy, options = wire.proxy, wire.options
         for name, fmt, opts in (("npy", "npy", {}), ("zarr zstd", "zarr", {"chunks": (chunk, data.shape[1]),
@@ -187,7 +225,7 @@ def latency_table(work: str, data: np.ndarray, chunk: int, latency_ms: float, fo
                 store.write_array("x", data, **opts)
                 store.commit()
             url = wire.upload(local, fmt)
-            local_rates, firsts, seconds, busy, gets, fetched, second_gets = [], [], [], [], [], [], 0
+            local_rates, firsts, seconds, warmed, busy, gets, fetched, second_gets = [], [], [], [], [], [], [], 0
             for r in range(rounds):
                 # a fresh directory each round, the earlier ones kept: on ext4 without a journal (this machine's
                 # disk) a new file's inode is searched for past every inode freed in the last 5 to 300 s, which
@@ -210,19 +248,27 @@ def latency_table(work: str, data: np.ndarray, chunk: int, latency_ms: float, fo
                 proxy.reset_counts()
                 seconds.append(loader_epoch(remote, rows_per_unit, r + 1, "auto"))
                 second_gets += proxy.requests["GET"]
+                again = StoreDataset(us.open_store(url, storage_options=options,
+                                                   cache=DiskCache(os.path.join(work, f"lat-cache-{fmt}-{r}-warm"))))
+                warm_memory(2 * wire.stored(url))
+                warmed.append(loader_epoch(again, rows_per_unit, r, "auto"))
                 proxy.latency = 0.0
             local_rate, first, second = max(local_rates), max(firsts), max(seconds)
             cpu, server = busy[firsts.index(first)]
             rows.append([name, str(rows_per_unit), str(ahead), f"{local_rate:,.0f}", f"{first:,.0f}", f"{second:,.0f}",
                          f"{first / local_rate:.2f}x", f"{second / local_rate:.2f}x",
-                         f"{max(gets)} ({max(fetched):.2f}x stored)", str(second_gets),
-                         f"{cpu:.0%} ({server:.0%} the S3 server)"])
+                         f"{max(warmed) / local_rate:.2f}x", f"{max(gets)} ({max(fetched):.2f}x stored)",
+                         str(second_gets), f"{cpu:.0%} ({server:.0%} the S3 server)"])
             print(f"{name}, each round: local {' '.join(f'{v:,.0f}' for v in local_rates)}; S3 epoch 1 "
-                  f"{' '.join(f'{v:,.0f}' for v in firsts)}; S3 epoch 2 {' '.join(f'{v:,.0f}' for v in seconds)}")
+                  f"{' '.join(f'{v:,.0f}' for v in firsts)}; S3 epoch 2 {' '.join(f'{v:,.0f}' for v in seconds)}; "
+                  f"S3 epoch 1, memory warmed {' '.join(f'{v:,.0f}' for v in warmed)}")
     print(f"\n## DataLoader (2 workers, make_loader's defaults: chunk-aware order, read-ahead; disk cache) from S3 "
           f"with {latency_ms:g} ms added per request vs local disk: {data.shape[0]} x {data.shape[1]} float32, "
           f"best of {rounds} rounds (epoch 1 GETs and bytes: the most of any round; epoch 2 GETs: all rounds)\n")
     print(table(rows))
+    print(f"\nThis machine writes 300 MB into memory it has not used lately in {cold:.2f} s, into memory freed a "
+          f"moment before in {recycled:.2f} s ({cold / recycled:.0f}x): epoch 1 fills the page cache with what it "
+          f"caches, an epoch over a local file already in the page cache does not")
 
 
 def local_table(work: str, data: np.ndarray, chunk: int) -> None:

@@ -192,6 +192,46 @@ def test_read_ahead_is_bounded_in_bytes(tmp_path: Any) -> None:
 
 
 @pytest.mark.s3
+def test_zarr_with_every_decoded_chunk_cached_reads_nothing_ahead(s3: dict[str, Any], tmp_path: Any) -> None:
+    """A compressed zarr array on S3: epoch 1 decodes every chunk into the disk cache (read-ahead in the
+    workers); epoch 2 finds them all listed there, reads nothing ahead and makes no request; a decoded chunk
+    gone from the cache turns the read-ahead back on, and the epoch still gives the right rows."""
+    data = np.random.default_rng(5).standard_normal((ROWS, DIM)).astype(np.float32)
+    url = f"s3://{s3['bucket']}/zc.zarr"
+    _write(url, "zarr", data, chunks=(250, DIM), compression="zstd", storage_options=s3["options"])
+    proxy = FaultyProxy(s3["endpoint"])
+    try:
+        cache = DiskCache(tmp_path / "cache")
+        ds = StoreDataset(us.open_store(url, storage_options=s3_options(proxy.endpoint), cache=cache))
+        loader = make_loader(ds, 200, seed=1, num_workers=2)
+        assert loader.sampler.chunk_rows == 250 and loader.read_ahead > 0
+        assert not ds.is_cached()
+        first = _batches(loader)
+        assert loader.read_ahead_stats["where"] == "workers"
+        assert ds.is_cached()  # every chunk of x and y decoded into the cache, by the workers
+        loader.sampler.set_epoch(1)
+        proxy.reset_counts()
+        again = _batches(loader)
+        assert loader.read_ahead_stats["where"] == "nowhere" and proxy.requests["GET"] == 0
+        for x, y in first + again:
+            np.testing.assert_array_equal(x, data[y])
+        # one decoded chunk of x gone: read-ahead is back, and the chunk is decoded again
+        decoded = [d for d in (tmp_path / "cache").glob("*/*") if (d / "11").is_file() and (d / "0").is_file()
+                   and (d / "0").stat().st_size > 250 * DIM * 4]
+        assert len(decoded) == 1
+        (decoded[0] / "11").unlink()
+        assert not ds.is_cached()
+        loader.sampler.set_epoch(2)
+        third = _batches(loader)
+        assert loader.read_ahead_stats["where"] == "workers" and (decoded[0] / "11").is_file()
+        assert sorted(np.concatenate([y for _, y in third]).tolist()) == list(range(ROWS))
+        for x, y in third:
+            np.testing.assert_array_equal(x, data[y])
+    finally:
+        proxy.close()
+
+
+@pytest.mark.s3
 def test_remote_cached_arrays_get_block_order_and_read_ahead_by_default(s3: dict[str, Any], tmp_path: Any) -> None:
     """An uncompressed array on S3 read through a disk cache: make_loader shuffles 8 MiB blocks of rows and
     reads two windows ahead, so epoch 1 fetches a few large ranges, each once (proxy figures)."""
@@ -216,7 +256,8 @@ def test_remote_cached_arrays_get_block_order_and_read_ahead_by_default(s3: dict
         x_gets = sum(n for (m, p), n in proxy.paths.items() if m == "GET" and p.endswith("x.npy"))
         assert proxy.bytes_out <= 1.1 * (data.nbytes + rows * 8)
         assert x_gets <= 2 * data.nbytes // (512 << 10) // 4, x_gets  # ranges of several blocks, not one a block
-        assert loader.read_ahead_stats["where"] == "workers" and not ds.is_cached()  # not mapped here yet
+        assert loader.read_ahead_stats["where"] == "workers" and ds.is_cached()  # every block is in the cache
+        assert not ds.arrays["x"].layout.location.mapped  # the loop let go of its mapping once workers started
         # epoch 2: every row is in the cache, mapped before the workers start: nothing is read ahead
         loader.sampler.set_epoch(1)
         proxy.reset_counts()

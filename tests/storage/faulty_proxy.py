@@ -91,6 +91,12 @@ class FaultyProxy:
                 headers["Host"] = f"{proxy.upstream_host}:{proxy.upstream_port}"
                 conn.request(self.command, self.path, body=body, headers=headers)
                 resp = conn.getresponse()
+                length = resp.getheader("Content-Length")
+                if self.command != "HEAD" and length is not None and not fail and "chunked" not in \
+                        resp.getheader("Transfer-Encoding", ""):
+                    self._stream(resp, int(length))
+                    conn.close()
+                    return
                 data = resp.read()
                 self.send_response(resp.status)
                 for k, v in resp.getheaders():
@@ -108,6 +114,27 @@ class FaultyProxy:
                 with proxy._lock:
                     proxy.bytes_out += len(data)
                 conn.close()
+
+            def _stream(self, resp: http.client.HTTPResponse, length: int) -> None:
+                # passed on as it arrives, as a network does, rather than stored whole and then sent: a large
+                # body costs one transfer's time, not two, and the proxy copies it through one small buffer
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection"):
+                        self.send_header(k, v)
+                self.end_headers()
+                buf = memoryview(bytearray(min(length, 1 << 20) or 1))
+                sent = 0
+                while sent < length:
+                    n = resp.readinto(buf[:min(len(buf), length - sent)])
+                    if not n:
+                        break
+                    self.wfile.write(buf[:n])
+                    sent += n
+                with proxy._lock:
+                    proxy.bytes_out += sent
+                if sent < length:
+                    self.close_connection = True  # the server sent less than it promised: so does the proxy
 
             do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
+import time
+import weakref
 from typing import Any
 
 import numpy as np
@@ -103,6 +106,101 @@ def test_eviction_keeps_the_cache_within_budget(remote: Any, tmp_path: Any) -> N
     got, stats = _epoch(remote["url"], remote["options"], cache, seed=2)  # still correct, partly refetched
     np.testing.assert_array_equal(got, remote["data"])
     assert stats["disk_misses"] > 0
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads this process's mappings (Linux)")
+def test_entries_evicted_while_mapped_leave_the_disk(remote: Any, tmp_path: Any) -> None:
+    """An object larger than the budget is not mapped whole (its blocks are read one by one), and a process keeps
+    at most 1/8 of the budget mapped: what eviction deletes leaves the disk while the store is still open,
+    where a file deleted while mapped keeps its disk space until it is unmapped."""
+    budget, block = 256 << 10, 32 << 10
+    root = str(tmp_path / "cache")
+    store = us.open_store(remote["url"], storage_options=remote["options"],
+                          cache=DiskCache(root, max_bytes=budget, block_bytes=block))
+    arr = store["emb"]
+    for seed in (1, 2):
+        order = np.random.default_rng(seed).permutation(ROWS)
+        for i in range(0, ROWS, 256):
+            np.testing.assert_array_equal(arr.take(order[i:i + 256]), remote["data"][order[i:i + 256]])
+    assert _pinned(root) <= budget // 8, _pinned(root)
+    assert DiskCache(root, max_bytes=budget).info()["bytes"] <= budget + block
+    store.close()
+
+
+def _pinned(root: str) -> int:
+    """Bytes of files under ``root`` this process still maps though they were deleted."""
+    pinned = 0
+    with open("/proc/self/maps") as f:
+        for line in f:
+            if root in line and line.rstrip().endswith("(deleted)"):
+                lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+                pinned += hi - lo
+    return pinned
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads this process's mappings (Linux)")
+def test_objects_that_fit_but_not_together_leave_evicted_blocks_unmapped(s3: dict[str, Any], remote: Any,
+                                                                          tmp_path: Any) -> None:
+    """Two objects, each within the budget and mapped whole, read in turn: each evicts the other's blocks.
+    Every so often a process looks for evicted blocks it still maps and lets that object go (mapping afresh
+    what the cache holds), so the disk space of evicted blocks is freed while the stores stay open."""
+    s3["fs"].put(remote["local"] + "/", f"{s3['bucket']}/emb2", recursive=True)
+    budget, block = 1536 << 10, 32 << 10  # each object 1 MiB: both do not fit
+    root = str(tmp_path / "cache")
+    arrays = [us.open_store(remote["url"] + suffix, storage_options=remote["options"],
+                            cache=DiskCache(root, max_bytes=budget, block_bytes=block))["emb"] for suffix in ("", "2")]
+    for round_ in range(3):
+        for arr in arrays:
+            order = np.random.default_rng(round_).permutation(ROWS)
+            for i in range(0, ROWS, 500):
+                np.testing.assert_array_equal(arr.take(order[i:i + 500]), remote["data"][order[i:i + 500]])
+            if round_ == 0 and arr is arrays[0]:
+                assert arr.layout.location.mapped.complete  # within the budget: mapped whole
+    assert _pinned(root) <= budget // 8, _pinned(root)  # 448 KiB when objects mapped whole were kept
+    # a writer evicts each time it has added 1/20 of the budget
+    assert DiskCache(root, max_bytes=budget).info()["bytes"] <= budget + budget // 20 + block
+    assert not all(arr.is_cached() for arr in arrays)  # both do not fit
+
+
+def test_readers_in_threads_while_mapped_objects_are_let_go(s3: dict[str, Any], remote: Any, tmp_path: Any) -> None:
+    """Four threads read three objects that do not fit together, so that objects with evicted blocks are let
+    go (and mapped afresh) while other threads read them: every read returns the right rows, none crashes."""
+    for i in (2, 3):
+        s3["fs"].put(remote["local"] + "/", f"{s3['bucket']}/emb{i}", recursive=True)
+    root = str(tmp_path / "cache")
+    arrays = [us.open_store(remote["url"] + suffix, storage_options=remote["options"],
+                            cache=DiskCache(root, max_bytes=1536 << 10, block_bytes=32 << 10))["emb"]
+              for suffix in ("", "2", "3")]
+    errors: list[str] = []
+    seen: weakref.WeakSet[Any] = weakref.WeakSet()  # without keeping them alive: a let-go object is unmapped
+    made, reads = [0], [0]
+
+    def read(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        end = time.monotonic() + 3
+        while time.monotonic() < end:
+            arr = arrays[int(rng.integers(3))]
+            rows = rng.integers(0, ROWS, 300)
+            try:
+                if not np.array_equal(arr.take(rows), remote["data"][rows]):
+                    errors.append("wrong rows")
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(repr(e))
+            whole = arr.layout.location.mapped
+            if whole and whole not in seen:
+                seen.add(whole)
+                made[0] += 1
+            del whole
+            reads[0] += 1
+
+    threads = [threading.Thread(target=read, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert reads[0] > 20
+    assert made[0] > len(arrays)  # objects were let go and mapped afresh while others read
 
 
 def _fill(url: str, options: Any, root: str, seed: int, out: Any) -> None:

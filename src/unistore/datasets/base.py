@@ -201,6 +201,13 @@ class StoreDataset(_TorchDataset):  # type: ignore[misc,valid-type]
             if isinstance(arr, Array):
                 arr.prepare_for_workers()
 
+    def release_mappings(self) -> None:
+        """Once worker processes have started (and inherited what :meth:`prepare_for_workers` mapped), let go of
+        this process's mappings of cached remote arrays (:meth:`Array.release_mapping`)."""
+        for arr in self.arrays.values():
+            if isinstance(arr, Array):
+                arr.release_mapping()
+
     def is_cached(self) -> bool:
         """Whether every array is remote and wholly in place in the disk cache (see :meth:`Array.is_cached`):
         the loader then reads nothing ahead."""

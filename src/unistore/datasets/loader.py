@@ -41,7 +41,9 @@ class _Loader(_TorchLoader):  # type: ignore[misc,valid-type]
         self._start = sampler._resume
         self._delivered = 0
         ahead = None
-        if self.num_workers and hasattr(self.dataset_obj, "prepare_for_workers"):
+        # worker processes start with this epoch (persistent ones only with the first)
+        forking = bool(self.num_workers) and not (self.persistent_workers and getattr(self, "_iterator", None))
+        if forking and hasattr(self.dataset_obj, "prepare_for_workers"):
             self.dataset_obj.prepare_for_workers()  # fresh workers each epoch inherit, not re-ask, cache keys
         # nothing to read ahead when every row is in the disk cache already (a later epoch): the thread would
         # only compete with the reads
@@ -57,7 +59,7 @@ class _Loader(_TorchLoader):  # type: ignore[misc,valid-type]
             self.dataset.__dict__["_worker_read_ahead"] = _WorkerReadAhead(
                 sampler.order()[self._start:], int(self.batch_size or 1), self.read_ahead, unit_rows)
             self.read_ahead_stats = {"where": "workers"}
-        if self.num_workers:
+        if forking:
             # what this process holds is frozen while the workers fork, so their garbage collector never walks
             # it: it neither collects garbage of this process (an unclosed client session warns when it is
             # collected) nor writes to the pages of objects it only reads
@@ -65,9 +67,13 @@ class _Loader(_TorchLoader):  # type: ignore[misc,valid-type]
         try:
             batches = super().__iter__()  # worker processes start here: before any read-ahead thread exists
         finally:
-            if self.num_workers:
+            if forking:
                 gc.unfreeze()
             self.dataset.__dict__.pop("_worker_read_ahead", None)
+        if forking and hasattr(self.dataset_obj, "release_mappings"):
+            # the workers hold what this process mapped for them; kept here, the blocks evicted during the
+            # epoch would keep their disk space until the next one
+            self.dataset_obj.release_mappings()
         if wanted and not in_workers:
             # persistent workers hold last epoch's dataset: read ahead from here, past the batches
             # the workers already have in hand

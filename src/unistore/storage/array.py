@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from unistore.errors import OutOfBoundsError, ShapeMismatchError
-from unistore.storage.engine import gather, map_cached, prefetch, read_rows, wholly_mapped
+from unistore.storage.engine import gather, map_cached, prefetch, read_rows, release_mapped, wholly_cached
 from unistore.storage.formats.base import ArrayInfo, RaggedInfo, bfloat16, dtype_name
 from unistore.storage.layout import ChunkedLayout, ContiguousLayout, InMemoryLayout, IOStats
 
@@ -126,10 +126,15 @@ class Array:
         elif isinstance(layout, ChunkedLayout) and hasattr(layout.reader, "identity"):
             layout.reader.identity()
 
+    def release_mapping(self) -> None:
+        """Let go of this process's mapping of a cached remote array, once the workers started from it have
+        their own: blocks evicted while it would be kept free their disk space; the next read maps afresh."""
+        release_mapped(self._info.layout)
+
     def is_cached(self) -> bool:
-        """Whether every row of this remote array is in place in the disk cache, mapped by this process (after
-        :meth:`prepare_for_workers` or a read); False for local arrays and whatever else cannot tell."""
-        return wholly_mapped(self._info.layout)
+        """Whether every row of this array is in place in the disk cache: every block of a remote uncompressed
+        array, or every decoded chunk of a chunked one (listed there, not read); False for whatever else."""
+        return wholly_cached(self._info.layout)
 
     @property
     def stored_nbytes(self) -> int | None:

@@ -19,7 +19,12 @@ in bytes with LRU eviction across processes nor checksum entries.  Here:
 - the cache stays within ``max_bytes``: a process's first use of an entry
   refreshes its atime, and the writer that pushes the total over budget
   evicts the least recently used entries (under a file lock, one evictor at
-  a time).
+  a time).  An entry deleted while a process maps it keeps its disk space
+  until it is unmapped, so a process keeps at most 1/8 of the budget mapped
+  entry by entry, maps an object's blocks side by side
+  (:class:`MappedObject`) only when the whole object fits in the budget,
+  and every so often lets go of objects some of whose blocks were evicted
+  (:func:`sweep_mapped`).
 
 >>> store = unistore.open_store("s3://bucket/run1.npy", cache="/scratch/unistore-cache")
 >>> # or: export UNISTORE_CACHE_DIR=/scratch/unistore-cache  (UNISTORE_CACHE_BYTES, default 50 GiB)
@@ -37,6 +42,7 @@ import sys
 import threading
 import time
 import uuid
+import weakref
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -55,8 +61,10 @@ _LOCK_NAME = ".evict.lock"
 #: lock files (a fixed pool) that let one process fetch or decode an entry while others wait for it
 _LOCKS_DIR = ".producing"
 _N_LOCKS = 4096
-#: verified entries a process keeps mapped
+#: verified entries a process keeps mapped: at most this many, holding at most 1/``_MAPS_SHARE`` of the budget (an
+#: entry evicted while mapped keeps its disk space until it is unmapped)
 _MAX_MAPS = 4096
+_MAPS_SHARE = 8
 
 
 def default_cache(root: str | os.PathLike[str] | None = None) -> DiskCache | None:
@@ -86,6 +94,7 @@ class DiskCache:
         self._lock = threading.Lock()
         #: entries this process verified: path -> (inode, size, mtime), a read-only mapping of the payload
         self._maps: OrderedDict[str, tuple[tuple[int, int, int], memoryview]] = OrderedDict()
+        self._mapped_bytes = 0
 
     def __getstate__(self) -> tuple[str, int, int]:
         return (self.root, self.max_bytes, self.block_bytes)
@@ -159,12 +168,17 @@ class DiskCache:
         return None if known is None else known[0]
 
     def _remember(self, path: str, stamp: tuple[int, int, int], view: memoryview) -> memoryview:
-        """Keep a verified entry's mapping for this process's later uses (the most recent ``_MAX_MAPS``)."""
+        """Keep a verified entry's mapping for this process's later uses: the most recent ``_MAX_MAPS``, up to
+        1/``_MAPS_SHARE`` of the budget (the latest one always)."""
         with self._lock:
+            old = self._maps.pop(path, None)
+            if old is not None:
+                self._mapped_bytes -= old[1].nbytes
             self._maps[path] = (stamp, view)
-            self._maps.move_to_end(path)
-            while len(self._maps) > _MAX_MAPS:
-                self._maps.popitem(last=False)
+            self._mapped_bytes += view.nbytes
+            cap = self.max_bytes // _MAPS_SHARE
+            while len(self._maps) > 1 and (len(self._maps) > _MAX_MAPS or self._mapped_bytes > cap):
+                self._mapped_bytes -= self._maps.popitem(last=False)[1][1].nbytes
         return view
 
     @staticmethod
@@ -218,6 +232,20 @@ class DiskCache:
     def has_entry(self, identity: str, name: str, nbytes: int) -> bool:
         """Whether entry ``name`` of ``identity`` is there with the right length (not read or checked)."""
         return self.has(os.path.join(self._dir(identity), name), nbytes)
+
+    def numbered_entries(self, identity: str) -> dict[int, int]:
+        """``{number: inode}`` of the entries of ``identity`` named by a number (blocks, decoded chunks), as one
+        listing finds them (not read or checked)."""
+        found: dict[int, int] = {}
+        with contextlib.suppress(OSError), os.scandir(self._dir(identity)) as entries:
+            for e in entries:
+                if e.name.isdigit():
+                    found[int(e.name)] = e.inode()
+        return found
+
+    def holds_entries(self, identity: str, count: int) -> bool:
+        """Whether entries ``"0"`` to ``str(count - 1)`` of ``identity`` are all there (listed, not read)."""
+        return self.numbered_entries(identity).keys() >= set(range(count))
 
     def put_entry(self, identity: str, name: str, payload: Any) -> memoryview | None:
         """Keep ``payload`` (bytes-like) as entry ``name`` of ``identity``; returns its mapping, or None when the
@@ -517,8 +545,11 @@ class MappedObject:
     A block is checked when it is mapped, not at each read: the object stays
     valid for the life of the open store that holds it (a store opened again
     checks its blocks again).  An evicted block's file stays on disk while
-    it is mapped.  Linux only (:meth:`create` returns None elsewhere, or when
-    blocks are not whole pages); readers fall back to block-by-block gathers.
+    it is mapped, so only objects that fit in the cache's budget are mapped
+    whole, and an object some of whose blocks were evicted is let go
+    (:func:`sweep_mapped`).  Linux only (:meth:`create` returns None
+    elsewhere, or when blocks are not whole pages); readers fall back to
+    block-by-block gathers.
     """
 
     def __init__(self, cache: DiskCache, identity: str, size: int, libc: Any, address: int):
@@ -530,8 +561,17 @@ class MappedObject:
         #: every block is mapped: rows are read with no lookup at all
         self.complete = False
         self.buffer = np.ctypeslib.as_array((ctypes.c_ubyte * size).from_address(address))
+        #: the inode each block was mapped from, to tell when the cache has evicted or replaced it
+        self._inodes = np.zeros(self._nblocks, dtype=np.uint64)
+        #: some mapped block was evicted or replaced since: the holder lets this object go (its evicted blocks'
+        #: disk space is freed once no read uses it), and its next read maps what the cache holds afresh
+        self.stale = False
+        #: who holds this object in its ``mapped`` attribute (a weak reference to a Location), if anyone
+        self.holder: Any = None
         self._lock = threading.Lock()
         self._pid = os.getpid()
+        with _BUDGET_LOCK:
+            _LIVE.add(self)
 
     @classmethod
     def create(cls, cache: DiskCache, identity: str, size: int) -> MappedObject | None:
@@ -539,8 +579,8 @@ class MappedObject:
         this process already maps :data:`MAX_MAPPED_BLOCKS` blocks (each block is one kernel mapping, and
         a process may hold about 65,000: a larger cache block, ``UNISTORE_CACHE_BLOCK_BYTES``, maps more)."""
         libc = _libc()
-        if libc is None or size <= 0 or cache.block_bytes % mmap.PAGESIZE:
-            return None
+        if libc is None or size <= 0 or cache.block_bytes % mmap.PAGESIZE or size > cache.max_bytes:
+            return None  # a larger object has blocks evicted while mapped, and each keeps its disk space
         nblocks = -(-size // cache.block_bytes)
         with _BUDGET_LOCK:
             if _MAPPED[0] + nblocks > MAX_MAPPED_BLOCKS:
@@ -568,6 +608,7 @@ class MappedObject:
         folder = cache._dir(self.identity)
         if self._pid != os.getpid():  # a forked child: the parent's lock may have been held at the fork
             self._lock, self._pid = threading.Lock(), os.getpid()
+        added = 0
         with self._lock:
             for b in blocks.tolist():
                 if self.mapped[b]:
@@ -585,20 +626,39 @@ class MappedObject:
                     at = self._address + b * bs
                     got = self._libc.mmap(at, want, mmap.PROT_READ, mmap.MAP_SHARED | _MAP_FIXED, fd, 0)
                     self.mapped[b] = got == at
-                    if got != at:  # a failed fixed mapping may have dropped the reservation there: put it back
+                    if got == at:
+                        self._inodes[b] = st.st_ino
+                        added += want
+                    else:  # a failed fixed mapping may have dropped the reservation there: put it back
                         _reserve(self._libc, at, bs)
                 finally:
                     os.close(fd)
             self.complete = bool(self.mapped.all())
+        if added:
+            _mapped_more(added, cache)
+
+    def evicted(self) -> bool:
+        """Whether a block this object maps has been evicted from the cache, or replaced, since it was mapped
+        (one listing of the object's folder)."""
+        present = np.zeros(self._nblocks, dtype=np.uint64)
+        for b, inode in self.cache.numbered_entries(self.identity).items():
+            if b < self._nblocks:
+                present[b] = inode
+        return bool((self.mapped & (present != self._inodes)).any())
+
+    def let_go(self) -> None:
+        """Mark this object stale and drop its holder's reference to it: it is unmapped (freeing the disk space
+        of its evicted blocks) once no read uses it, and the holder's next read maps afresh."""
+        self.stale = True
+        holder = self.holder() if self.holder is not None else None
+        if holder is not None and holder.mapped is self:
+            holder.mapped = None
 
     def add_cached(self) -> None:
         """Map in place every block of the object the cache holds now (for a process about to start workers,
-        which inherit the mapping instead of each making its own)."""
-        try:
-            names = os.listdir(self.cache._dir(self.identity))
-        except OSError:
-            return
-        found = np.array([int(n) for n in names if n.isdigit()], dtype=np.int64)
+        which inherit the mapping instead of each making its own; it lets go of its own once they have
+        started, see :func:`~unistore.storage.engine.release_mapped`)."""
+        found = np.array(sorted(self.cache.numbered_entries(self.identity)), dtype=np.int64)
         found = found[found < len(self.mapped)]
         self.add(found[~self.mapped[found]])
 
@@ -609,11 +669,41 @@ class MappedObject:
                 _MAPPED[0] -= self._nblocks
 
 
+def sweep_mapped() -> int:
+    """Let go of every object this process maps some of whose blocks the cache has evicted or replaced since
+    (:meth:`MappedObject.evicted`); returns how many.  A file deleted while mapped keeps its disk space until it
+    is unmapped: an object let go is unmapped once no read uses it, and its next read maps afresh."""
+    stale = 0
+    with _BUDGET_LOCK:
+        objects = list(_LIVE)
+    for whole in objects:
+        if not whole.stale and whole.evicted():
+            whole.let_go()
+            stale += 1
+    return stale
+
+
+def _mapped_more(nbytes: int, cache: DiskCache) -> None:
+    """Count bytes this process has newly mapped; every 1/8 of the budget of them, look for evicted blocks
+    still mapped (:func:`sweep_mapped`): what a process keeps of evicted entries stays about as small as what
+    it reads between two looks, and each look (a listing per object) is rare."""
+    with _BUDGET_LOCK:
+        _SWEEP[0] += nbytes
+        due = _SWEEP[0] >= max(cache.block_bytes, cache.max_bytes // _MAPS_SHARE)
+        if due:
+            _SWEEP[0] = 0
+    if due:
+        sweep_mapped()
+
+
 #: blocks one process maps side by side at most, over all its objects (half the kernel's default limit on a
 #: process's mappings, ``vm.max_map_count``); objects beyond it are read block by block
 MAX_MAPPED_BLOCKS = 32768
 _MAPPED = [0]
-_BUDGET_LOCK = threading.Lock()
+#: every object this process maps side by side, and bytes it mapped since it last looked for evicted blocks
+_LIVE: weakref.WeakSet[MappedObject] = weakref.WeakSet()
+_SWEEP = [0]
+_BUDGET_LOCK = threading.RLock()  # re-entrant: a collection inside it may finalise a MappedObject
 _MAP_FIXED, _MAP_NORESERVE = 0x10, 0x4000  # Linux, every architecture unistore runs on
 _MAP_FAILED = ctypes.c_void_p(-1).value
 _LIBC: list[Any] = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import mmap
 import os
 import threading
+import weakref
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -28,8 +29,8 @@ from unistore.storage.layout import (
 )
 from unistore.storage.location import Location, ShortReadError, retry_remote
 
-__all__ = ["gather", "prefetch", "map_cached", "read_rows", "read_contiguous", "ChunkCache", "chunk_cache",
-           "MERGE_GAP_BYTES"]
+__all__ = ["gather", "prefetch", "map_cached", "release_mapped", "read_rows", "read_contiguous", "ChunkCache",
+           "chunk_cache", "MERGE_GAP_BYTES"]
 
 #: Two requested row ranges closer than this are fetched as one request.
 MERGE_GAP_BYTES = int(os.environ.get("UNISTORE_MERGE_GAP_BYTES", 16 * 1024))
@@ -334,26 +335,55 @@ def _gather_cached(layout: ContiguousLayout, rows: np.ndarray, stats: IOStats) -
 def _mapped_object(loc: Location) -> MappedObject | None:
     """This process's :class:`~unistore.storage.cache.MappedObject` of a cached remote object (made on first
     use), or None where none can be made."""
+    if loc.mapped and loc.mapped.stale:
+        loc.mapped = None  # unmapped, and its evicted blocks' disk space freed, once no read uses it
     if loc.mapped is None:
         identity, size = loc.identity()
         loc.mapped = MappedObject.create(loc.cache, identity, size) or False
+        if loc.mapped:
+            loc.mapped.holder = weakref.ref(loc)
     return loc.mapped or None
 
 
 def map_cached(layout: ContiguousLayout) -> None:
     """Learn a cached remote object's identity and map in place the blocks the disk cache holds of it."""
     whole = _mapped_object(layout.location)
+    if whole is not None and whole.evicted():
+        whole.let_go()
+        whole = _mapped_object(layout.location)
     if whole is not None:
         whole.add_cached()
 
 
-def wholly_mapped(layout: Layout) -> bool:
-    """Whether ``layout`` is a remote object this process has wholly mapped out of the disk cache (every row in
-    place locally: reading ahead has nothing to do)."""
+def release_mapped(layout: Layout) -> None:
+    """Let go of this process's mapping of a cached remote object (processes forked from it keep theirs): the
+    blocks evicted while it would have been kept free their disk space; the next read maps afresh."""
+    if isinstance(layout, ContiguousLayout) and not layout.location.is_local and layout.location.mapped:
+        layout.location.mapped = None
+
+
+def wholly_cached(layout: Layout) -> bool:
+    """Whether every row of ``layout`` is in place locally, so that reading ahead has nothing to do: every block
+    of a remote uncompressed object, or every decoded chunk of a chunked array, is in the disk cache.
+
+    Entries are listed, not read (an object this process maps whole needs
+    no listing): a reader that finds one bad fetches or decodes it again,
+    so a wrong answer costs only the read-ahead that was skipped.
+    """
+    if isinstance(layout, ChunkedLayout):
+        decoded = _decoded_cache(layout)
+        if decoded is None or not layout.shape[0]:
+            return False
+        cache, ident = decoded
+        return bool(cache.holds_entries(ident, -(-layout.shape[0] // layout.chunk_rows)))
     if not isinstance(layout, ContiguousLayout) or layout.location.is_local or layout.location.cache is None:
         return False
-    whole = layout.location.mapped
-    return bool(whole) and whole.complete
+    loc = layout.location
+    whole = loc.mapped
+    if whole and whole.complete and not whole.stale:
+        return True
+    identity, size = loc.identity()
+    return size > 0 and bool(loc.cache.holds_entries(identity, -(-size // loc.cache.block_bytes)))
 
 
 def _touched(nblocks: int, starts: np.ndarray, row: int, bs: int) -> np.ndarray:
