@@ -24,6 +24,7 @@ __all__ = [
     "StoreExistsError",
     "IncompleteStoreError",
     "RemoteError",
+    "DiskFullError",
     "ChecksumMismatchError",
     "UnsupportedError",
     "OutOfBoundsError",
@@ -95,6 +96,10 @@ class IncompleteStoreError(UnistoreError, FileNotFoundError):
 
 class RemoteError(UnistoreError, OSError):
     """A remote filesystem kept failing after the retry budget was spent."""
+
+
+class DiskFullError(UnistoreError, OSError):
+    """A local disk has no room for a file unistore writes (a conversion's spill file, a preallocated array)."""
 
 
 class ChecksumMismatchError(CorruptDataError):

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from unistore.storage.array import Array, RaggedArray
-from unistore.storage.layout import file_stamp
+from unistore.storage.layout import file_stamp, preallocate
 from unistore.storage.location import Location
 from unistore.storage.store import create_store, open_store
 
@@ -180,10 +180,14 @@ def _allocate(shape: tuple[int, ...], dtype: np.dtype[Any], nbytes: int, spill_d
     """An array to assemble into: in memory, or (large arrays) a file-backed memmap under ``spill_dir``.
 
     A memmap's pages are the kernel's to write back, so converting an array bigger than RAM works.
+    Its disk blocks are allocated first: a full disk is a :class:`~unistore.errors.DiskFullError`
+    naming the spill folder, not a crash halfway through.
     """
     if nbytes > IN_MEMORY_BYTES:
         path = os.path.join(spill_dir, f"{len(os.listdir(spill_dir))}.bin")
-        return np.memmap(path, dtype=dtype, mode="w+", shape=shape)
+        out = np.memmap(path, dtype=dtype, mode="w+", shape=shape)
+        preallocate(path, nbytes, f"converting an array of {nbytes:,} bytes (spilled to disk; TMPDIR picks where)")
+        return out
     return np.empty(shape, dtype)
 
 

@@ -6,14 +6,17 @@ engine (:mod:`unistore.storage.engine`) dispatches on their type.
 
 from __future__ import annotations
 
+import errno
 import math
 import os
+import shutil
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from unistore.errors import DiskFullError
 from unistore.storage.location import Location
 
 __all__ = ["file_stamp", "LazyBlockReader", "ContiguousLayout", "ChunkedLayout", "InMemoryLayout", "BlockReader",
@@ -48,6 +51,30 @@ def file_stamp(location: Location) -> int:
         return 0
     st = os.stat(location.path)
     return hash((st.st_ino, st.st_size, st.st_mtime_ns))
+
+
+def preallocate(path: str, nbytes: int, what: str) -> None:
+    """Give the file at ``path`` its ``nbytes`` of disk blocks before anything writes into it through a map.
+
+    A page of a sparse file written through ``mmap`` on a full disk kills the
+    process with SIGBUS; allocated first, a full disk is one clear error here.
+
+    Raises:
+        DiskFullError: the disk holding ``path`` has no room for ``nbytes``.
+    """
+    if nbytes <= 0:
+        return
+    try:
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, nbytes)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        folder = os.path.dirname(os.path.abspath(path))
+        free = shutil.disk_usage(folder).free
+        raise DiskFullError(
+            f"{what} needs {nbytes:,} bytes at {path}, and that disk has {free:,} bytes free: "
+            f"free space under {folder} or write somewhere with room") from None
 
 
 @runtime_checkable

@@ -29,7 +29,7 @@ from unistore.storage.formats.base import (
     read_dir_meta,
     read_range,
 )
-from unistore.storage.layout import ContiguousLayout, InMemoryLayout, file_stamp
+from unistore.storage.layout import ContiguousLayout, InMemoryLayout, file_stamp, preallocate
 from unistore.storage.location import Location, retry_remote
 
 _HEAD = 4096
@@ -151,6 +151,7 @@ class _NpyWriter(FormatWriter):
         target = os.path.join(self.path, *key.split("/")) + ".npy"
         os.makedirs(os.path.dirname(target), exist_ok=True)
         np.lib.format.open_memmap(target, mode="w+", dtype=dtype, shape=shape).flush()
+        preallocate(target, os.path.getsize(target), f"array {key!r} ({os.path.getsize(target):,} bytes)")
         return target, 1
 
     def finish(self, attrs: dict[str, Any], checksums: dict[str, str]) -> list[str]:
