@@ -164,6 +164,16 @@ def loader_epoch(dataset: Any, chunk_rows: int | None, epoch: int, read_ahead: i
     return n / (time.perf_counter() - t)
 
 
+def write_file(path: str, nbytes: int) -> float:
+    """Seconds to write ``nbytes`` into a new file at ``path`` (2 MiB at a time)."""
+    payload = np.ones(2 << 20, np.uint8)
+    t = time.perf_counter()
+    with open(path, "wb") as f:
+        for _ in range(nbytes // len(payload)):
+            f.write(payload)
+    return time.perf_counter() - t
+
+
 def warm_memory(work: str, nbytes: int) -> None:
     """Write ``nbytes`` into a file and delete it, so that the next page-cache pages come from memory this
     machine has used a moment ago (see :func:`first_touch_cost`).
@@ -172,12 +182,8 @@ def warm_memory(work: str, nbytes: int) -> None:
     same size moved npy's epoch 1 from 0.45x to 0.44x, with the page cache
     from 0.38x to 0.49x.
     """
-    payload = np.ones(2 << 20, np.uint8)
-    path = os.path.join(work, "warm")
-    with open(path, "wb") as f:
-        for _ in range(nbytes // len(payload)):
-            f.write(payload)
-    os.remove(path)
+    write_file(os.path.join(work, "warm"), nbytes)
+    os.remove(os.path.join(work, "warm"))
 
 
 def first_touch_cost(work: str, nbytes: int = 300 << 20) -> tuple[float, float]:
@@ -190,19 +196,12 @@ def first_touch_cost(work: str, nbytes: int = 300 << 20) -> tuple[float, float]:
     caches, pays that where an epoch over a local file already in the page
     cache does not.
     """
-    payload = np.ones(2 << 20, np.uint8)
-    times = []
-    for name in ("first", "second"):
-        path = os.path.join(work, f"touch-{name}")
-        t = time.perf_counter()
-        with open(path, "wb") as f:
-            for _ in range(nbytes // len(payload)):
-                f.write(payload)
-        times.append(time.perf_counter() - t)
-        if name == "first":
-            os.remove(path)
-    os.remove(os.path.join(work, "touch-second"))
-    return times[0], times[1]
+    first, second = os.path.join(work, "touch-first"), os.path.join(work, "touch-second")
+    cold = write_file(first, nbytes)
+    os.remove(first)
+    recycled = write_file(second, nbytes)
+    os.remove(second)
+    return cold, recycled
 
 
 def latency_table(work: str, data: np.ndarray, chunk: int, latency_ms: float, formats: list[str],

@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from unistore.storage.layout import preallocate
+
 N_PAIRS, DIM, N_NEG = 600_000, 384, 4
 N_Q, N_S, N_C = 100_000, 200_000, 50
 RSS_ANON_LIMIT_MB = 400
@@ -22,13 +24,12 @@ NEEDS_FREE = 5 * 1000**3
 def _write(path: str, name: str, shape: tuple[int, ...], dtype: Any, fill: Any) -> None:
     """A real .npy written block by block with numpy's own open_memmap (never the whole array in RAM).
 
-    The file's blocks are allocated before the map is written: a full disk then raises ENOSPC here instead
-    of killing the test process with SIGBUS on a page of a sparse file.
+    The file's blocks are allocated before the map is written: a full disk then raises DiskFullError here
+    instead of killing the test process with SIGBUS on a page of a sparse file.
     """
     file = os.path.join(path, f"{name}.npy")
     out = np.lib.format.open_memmap(file, mode="w+", dtype=dtype, shape=shape)
-    with open(file, "r+b") as handle:
-        os.posix_fallocate(handle.fileno(), 0, os.path.getsize(file))
+    preallocate(file, os.path.getsize(file), f"test data {name}")
     step = max(1, (64 << 20) // (int(np.prod(shape[1:])) * np.dtype(dtype).itemsize))
     for start in range(0, shape[0], step):
         stop = min(start + step, shape[0])
