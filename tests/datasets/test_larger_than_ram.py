@@ -29,7 +29,7 @@ def _write(path: str, name: str, shape: tuple[int, ...], dtype: Any, fill: Any) 
     """
     file = os.path.join(path, f"{name}.npy")
     out = np.lib.format.open_memmap(file, mode="w+", dtype=dtype, shape=shape)
-    preallocate(file, os.path.getsize(file), f"test data {name}")
+    preallocate(file, f"test data {name}")
     step = max(1, (64 << 20) // (int(np.prod(shape[1:])) * np.dtype(dtype).itemsize))
     for start in range(0, shape[0], step):
         stop = min(start + step, shape[0])

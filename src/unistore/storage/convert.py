@@ -186,7 +186,7 @@ def _allocate(shape: tuple[int, ...], dtype: np.dtype[Any], nbytes: int, spill_d
     if nbytes > IN_MEMORY_BYTES:
         path = os.path.join(spill_dir, f"{len(os.listdir(spill_dir))}.bin")
         out = np.memmap(path, dtype=dtype, mode="w+", shape=shape)
-        preallocate(path, nbytes, f"converting an array of {nbytes:,} bytes (spilled to disk; TMPDIR picks where)")
+        preallocate(path, f"converting an array of {nbytes:,} bytes (spilled to disk; TMPDIR picks where)")
         return out
     return np.empty(shape, dtype)
 

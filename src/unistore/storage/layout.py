@@ -53,15 +53,17 @@ def file_stamp(location: Location) -> int:
     return hash((st.st_ino, st.st_size, st.st_mtime_ns))
 
 
-def preallocate(path: str, nbytes: int, what: str) -> None:
-    """Give the file at ``path`` its ``nbytes`` of disk blocks before anything writes into it through a map.
+def preallocate(path: str, what: str) -> None:
+    """Give the file at ``path`` (sized already, sparse) its disk blocks before anything writes into it
+    through a map; ``what`` names it in the error.
 
     A page of a sparse file written through ``mmap`` on a full disk kills the
     process with SIGBUS; allocated first, a full disk is one clear error here.
 
     Raises:
-        DiskFullError: the disk holding ``path`` has no room for ``nbytes``.
+        DiskFullError: the disk holding ``path`` has no room for the file.
     """
+    nbytes = os.path.getsize(path)
     if nbytes <= 0:
         return
     try:

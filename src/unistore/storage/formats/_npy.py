@@ -151,7 +151,7 @@ class _NpyWriter(FormatWriter):
         target = os.path.join(self.path, *key.split("/")) + ".npy"
         os.makedirs(os.path.dirname(target), exist_ok=True)
         np.lib.format.open_memmap(target, mode="w+", dtype=dtype, shape=shape).flush()
-        preallocate(target, os.path.getsize(target), f"array {key!r} ({os.path.getsize(target):,} bytes)")
+        preallocate(target, f"array {key!r}")
         return target, 1
 
     def finish(self, attrs: dict[str, Any], checksums: dict[str, str]) -> list[str]:
