@@ -7,7 +7,9 @@ caller: ``open_store(dir, format="npy", raw={"base_embeddings": ((-1, 384), "flo
 
 from __future__ import annotations
 
+import ast
 import io
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -23,6 +25,7 @@ from unistore.storage.formats.base import (
     FormatWriter,
     OpenedStore,
     apply_meta,
+    checked_nbytes,
     file_location,
     head_bytes,
     list_members,
@@ -35,23 +38,75 @@ from unistore.storage.location import Location, retry_remote
 _HEAD = 4096
 
 
+#: ``.npy`` versions: the width of the header-length field and the header's text encoding
+_NPY_VERSIONS = {(1, 0): (2, "latin1"), (2, 0): (4, "latin1"), (3, 0): (4, "utf8")}
+#: numpy itself refuses headers longer than this
+_NPY_MAX_HEADER = 1 << 20
+
+
+def npy_header_end(head: bytes) -> int | None:
+    """Where the data of a ``.npy`` file starts, from its first bytes (None when ``head`` is too short to tell)."""
+    if len(head) < 12 or not head.startswith(b"\x93NUMPY"):
+        return None
+    width = _NPY_VERSIONS.get((head[6], head[7]), (None,))[0]
+    if width is None:
+        return None
+    return 8 + width + int.from_bytes(head[8:8 + width], "little")
+
+
 def parse_npy_header(head: bytes, where: str) -> tuple[tuple[int, ...], np.dtype[Any], bool, int]:
-    """(shape, dtype, fortran_order, data offset) of a ``.npy`` header."""
-    f = io.BytesIO(head)
+    """(shape, dtype, fortran_order, data offset) of a ``.npy`` header (versions 1.0, 2.0 and 3.0).
+
+    The header is parsed here, not by numpy's private reader: every way a
+    header can be wrong is one :class:`~unistore.errors.CorruptDataError`.
+
+    Raises:
+        CorruptDataError: bad magic, an unknown version, a header that is not a dict literal with
+            ``descr``, ``fortran_order`` and ``shape``, a negative or non-integer dimension.
+        TruncatedDataError: the file ends inside its header.
+        UnsafePickleError: an object dtype (numpy would unpickle the data).
+    """
+    def corrupt(problem: str) -> CorruptDataError:
+        return CorruptDataError(f"{where} has a corrupt .npy header: {problem}; re-create the file")
+
+    if not head.startswith(b"\x93NUMPY"):
+        raise corrupt("it does not start with the .npy magic bytes")
+    if len(head) < 10:
+        raise TruncatedDataError(f"{where} ends inside its .npy header ({len(head)} bytes)")
+    version = (head[6], head[7])
+    if version not in _NPY_VERSIONS:
+        raise corrupt(f"format version {version[0]}.{version[1]} is not one numpy writes (1.0, 2.0 or 3.0)")
+    width, encoding = _NPY_VERSIONS[version]
+    if len(head) < 8 + width:
+        raise TruncatedDataError(f"{where} ends inside its .npy header ({len(head)} bytes)")
+    length = int.from_bytes(head[8:8 + width], "little")
+    start = 8 + width
+    if length > _NPY_MAX_HEADER:
+        raise corrupt(f"it claims a {length}-byte header")
+    if len(head) < start + length:
+        raise TruncatedDataError(f"{where} ends inside its .npy header: {len(head)} bytes, the header needs "
+                                 f"{start + length}; re-create or re-download it")
     try:
-        version = npf.read_magic(f)
-        if version == (1, 0):
-            shape, fortran, dtype = npf.read_array_header_1_0(f)
-        elif version == (2, 0):
-            shape, fortran, dtype = npf.read_array_header_2_0(f)
-        else:
-            shape, fortran, dtype = npf._read_array_header(f, version)  # type: ignore[attr-defined]
-    except ValueError as e:
-        raise CorruptDataError(f"{where} has a corrupt .npy header ({e}); re-create the file") from e
+        text = head[start:start + length].decode(encoding)
+        header = ast.literal_eval(text)
+    except (UnicodeDecodeError, ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as e:
+        raise corrupt(f"the header is not a Python dict literal ({type(e).__name__})") from None
+    if not isinstance(header, dict) or not {"descr", "fortran_order", "shape"} <= set(header):
+        raise corrupt("the header must be a dict with 'descr', 'fortran_order' and 'shape'")
+    shape, fortran = header["shape"], header["fortran_order"]
+    if not isinstance(shape, tuple):
+        raise corrupt(f"shape {shape!r} is not a tuple")
+    if not isinstance(fortran, bool):
+        raise corrupt(f"fortran_order {fortran!r} is not True or False")
+    try:
+        dtype = npf.descr_to_dtype(header["descr"])
+    except Exception as e:  # noqa: BLE001 - numpy raises many kinds for a bad descr; all mean one thing here
+        raise corrupt(f"descr {header['descr']!r} is not a numpy dtype ({type(e).__name__})") from None
     if dtype.hasobject:
         raise UnsafePickleError(f"{where} holds an object array, which numpy stores as a pickle; "
                                 "unistore never unpickles data - re-save it with a numeric dtype")
-    return tuple(int(s) for s in shape), dtype, bool(fortran), f.tell()
+    checked_nbytes(shape, dtype, where)
+    return tuple(shape), dtype, fortran, start + length
 
 
 def _parse_raw_spec(key: str, spec: Any, size: int, where: str) -> tuple[tuple[int, ...], np.dtype[Any]]:
@@ -61,12 +116,15 @@ def _parse_raw_spec(key: str, spec: Any, size: int, where: str) -> tuple[tuple[i
         shape = tuple(int(s) for s in shape)
     except (TypeError, ValueError) as e:
         raise ShapeMismatchError(f"raw spec for {key!r} must be (shape, dtype), got {spec!r}") from e
-    row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+    if any(s < 0 for s in shape[1:]) or (shape and shape[0] < -1) or dtype.hasobject:
+        raise ShapeMismatchError(f"raw spec for {key!r}: {spec!r} needs non-negative dimensions (-1 first to "
+                                 "infer rows from the file size) and a numeric dtype")
+    row = math.prod(shape[1:]) * dtype.itemsize
     if shape and shape[0] == -1:
         if row == 0 or size % row:
             raise ShapeMismatchError(f"{where} has {size} bytes, not a whole number of {shape[1:]} {dtype} rows")
         shape = (size // row,) + shape[1:]
-    need = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    need = math.prod(shape) * dtype.itemsize
     if size != need:
         problem = "truncated" if size < need else "larger than declared"
         cls = TruncatedDataError if size < need else ShapeMismatchError
@@ -103,10 +161,11 @@ class NpyFormat(Format):
             if not head.startswith(b"\x93NUMPY"):
                 raise FormatError(f"{floc.url} has no .npy header; if it is a raw np.memmap dump, pass "
                                   f"raw={{{key!r}: (shape, dtype)}} to open_store")
-            if len(head) >= _HEAD and b"\n" not in head[10:]:
-                head = read_range(floc, 0, 1 << 20)
+            end = npy_header_end(head)
+            if end is not None and len(head) < end <= min(size, _NPY_MAX_HEADER + 12):
+                head = read_range(floc, 0, end)
             shape, dtype, fortran, offset = parse_npy_header(head, floc.url)
-            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            nbytes = math.prod(shape) * dtype.itemsize  # Python ints: an absurd shape cannot overflow
             if size < offset + nbytes:
                 raise TruncatedDataError(f"{floc.url} is truncated: {size} bytes, header promises {offset + nbytes}; "
                                          "re-create or re-download it")

@@ -15,8 +15,13 @@ JASPER layout); a file holding a list of lists of ints is a ragged array.
 
 from __future__ import annotations
 
+import io
+import math
 import os
 import pickle
+import struct
+import zipfile
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -59,17 +64,30 @@ def torch_to_numpy_dtype(dtype: Any) -> np.dtype[Any]:
     return np.dtype(torch.empty(0, dtype=dtype).numpy().dtype)
 
 
-def _load(floc: Location, meta: bool) -> Any:
-    """``torch.load(weights_only=True)`` of one file, errors mapped to unistore's."""
+def _load(floc: Location, meta: bool, describe: bool = False) -> Any:
+    """``torch.load(weights_only=True)`` of one file, errors mapped to unistore's.
+
+    ``describe``: also return the tree of :class:`_TensorRef` and the zip
+    records, ``(obj, refs, records)``, read from the same open file.
+    """
     import torch
 
     map_location = "meta" if meta else "cpu"
 
     def run() -> Any:
         if floc.is_local:
-            return torch.load(floc.path, map_location=map_location, weights_only=True)
+            with open(floc.path, "rb") as f:
+                return read(f)
         with floc.fs.open(floc.path, "rb", block_size=256 * 1024, cache_type="readahead") as f:
-            return torch.load(f, map_location=map_location, weights_only=True)
+            return read(f)
+
+    def read(f: Any) -> Any:
+        obj = torch.load(f, map_location=map_location, weights_only=True)
+        if not describe:
+            return obj
+        f.seek(0)
+        _, records, data_pkl = _zip_records(f, floc.url)
+        return obj, _tensor_refs(data_pkl), records
 
     try:
         return retry_remote(run, floc)
@@ -82,29 +100,190 @@ def _load(floc: Location, meta: bool) -> Any:
                 "re-save its tensors with torch.save(tensor) or safetensors"
             ) from e
         raise CorruptDataError(f"{floc.url} is not a readable .pt file ({e})") from e
-    except (FileNotFoundError, PermissionError, RemoteError):
+    except (FileNotFoundError, PermissionError, RemoteError, CorruptDataError):
         raise
-    except (RuntimeError, EOFError, ValueError, OSError) as e:
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError, TypeError, AttributeError, IndexError,
+            zipfile.BadZipFile, struct.error) as e:
         text = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CorruptDataError(f"{floc.url} is truncated or corrupt: torch.load cannot read it ({text}); "
                                "re-create or re-download it") from e
 
 
-def _tensor_info(key: str, t: Any, floc: Location, size: int) -> ArrayInfo | None:
-    """Layout of a meta tensor, or None when its bytes are not one contiguous run."""
-    storage = t.untyped_storage()
-    offset = getattr(storage, "_checkpoint_offset", None)
+@dataclass(frozen=True, slots=True)
+class _Record:
+    """Where one zip record's bytes are, read from the zip's own headers."""
+
+    offset: int  # first byte of the record's data
+    size: int  # uncompressed bytes
+    stored: bool  # compression method 0 (stored): the data is the bytes themselves
+
+
+@dataclass(frozen=True, slots=True)
+class _StorageRef:
+    key: str
+
+
+@dataclass(frozen=True, slots=True)
+class _TensorRef:
+    """A tensor as the pickle builds it: which storage record, and from which element."""
+
+    key: str
+    storage_offset: int
+
+
+class _Inert:
+    """What every global but the tensor rebuilders becomes in :class:`_KeyUnpickler`: absorbs any call."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+
+def _rebuild_tensor(storage: Any, storage_offset: Any, *args: Any) -> Any:
+    if isinstance(storage, _StorageRef) and type(storage_offset) is int:
+        return _TensorRef(storage.key, storage_offset)
+    return _Inert()
+
+
+def _first_arg(data: Any = None, *args: Any) -> Any:
+    return data
+
+
+def _rebuild_from_type(func: Any, new_type: Any, args: Any = (), state: Any = None) -> Any:
+    return func(*args) if callable(func) and isinstance(args, tuple) else _Inert()
+
+
+class _KeyUnpickler(pickle.Unpickler):
+    """Reads a checkpoint's ``data.pkl`` to learn which zip record each tensor's storage is.
+
+    It runs no code of the file's: every global resolves to one of the inert
+    stand-ins above (``torch.load(weights_only=True)`` has already refused
+    pickles that reach for anything else).
+    """
+
+    _KNOWN = {("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+              ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+              ("torch._utils", "_rebuild_parameter"): _first_arg,
+              ("torch._utils", "_rebuild_parameter_with_state"): _first_arg,
+              ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type,
+              ("collections", "OrderedDict"): dict}
+
+    def find_class(self, module: str, name: str) -> Any:
+        return self._KNOWN.get((module, name), _Inert)
+
+    def persistent_load(self, pid: Any) -> Any:
+        if isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage":
+            return _StorageRef(str(pid[2]))
+        return _Inert()
+
+
+def _zip_records(f: Any, where: str) -> tuple[str, dict[str, _Record], bytes]:
+    """(record name prefix, storage records by key, ``data.pkl``) of a checkpoint open as ``f``.
+
+    Offsets come from each record's local header, sizes and methods from the
+    central directory, so a checkpoint zipped by any tool is read right.
+
+    Raises:
+        CorruptDataError: not a zip, no ``data.pkl``, or a record header that disagrees with the directory.
+    """
+    try:
+        zf = zipfile.ZipFile(f)
+        infos = zf.infolist()
+        pkl = next((i for i in infos if i.filename.endswith("data.pkl") and i.filename.count("/") <= 1), None)
+        if pkl is None:
+            raise CorruptDataError(f"{where} is a zip file with no data.pkl: not a torch checkpoint")
+        prefix = pkl.filename[: -len("data.pkl")]
+        data_pkl = zf.read(pkl)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, ValueError, EOFError, OSError) as e:
+        if isinstance(e, (CorruptDataError, RemoteError, FileNotFoundError, PermissionError)):
+            raise
+        raise CorruptDataError(f"{where} has an unreadable zip directory ({type(e).__name__}: {e}); re-create or "
+                               "re-download it") from e
+    records = {}
+    wanted = [i for i in infos if i.filename.startswith(f"{prefix}data/")]
+    for info in wanted:
+        f.seek(info.header_offset)
+        local = f.read(30)
+        if len(local) < 30 or local[:4] != b"PK\x03\x04":
+            raise CorruptDataError(f"{where}: zip record {info.filename!r} has no local header at byte "
+                                   f"{info.header_offset}; the file is corrupt")
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        if info.flag_bits & 0x1:
+            raise CorruptDataError(f"{where}: zip record {info.filename!r} is encrypted; unistore reads plain "
+                                   "checkpoints only")
+        records[info.filename[len(prefix) + len("data/"):]] = _Record(
+            info.header_offset + 30 + name_len + extra_len, int(info.file_size),
+            info.compress_type == zipfile.ZIP_STORED and info.compress_size == info.file_size)
+    return prefix, records, data_pkl
+
+
+def _tensor_refs(data_pkl: bytes) -> Any:
+    """The pickle's object tree with each tensor replaced by its :class:`_TensorRef` (None if unreadable)."""
+    try:
+        return _KeyUnpickler(io.BytesIO(data_pkl)).load()
+    except Exception:  # noqa: BLE001 - torch already parsed this pickle; a tree we cannot follow maps nothing
+        return None
+
+
+class _Described:
+    """One ``.pt`` file: torch's meta-load of it, the same tree with tensor refs, and its zip records."""
+
+    def __init__(self, floc: Location, size: int):
+        self.floc, self.size = floc, size
+        self.obj, self.refs, self.records = _load(floc, meta=True, describe=True)
+        self._real: Any = None
+
+    def real(self) -> Any:
+        """The file loaded for real (CPU tensors), once: for tensors that cannot be mapped in place."""
+        if self._real is None:
+            self._real = _load(self.floc, meta=False)
+        return self._real
+
+
+def _tensor_info(key: str, t: Any, ref: Any, file: _Described) -> ArrayInfo | None:
+    """Layout of a meta tensor inside its zip record, or None when it must be loaded instead (a view
+    that is not one contiguous run, a compressed record, a pickle this parser could not follow).
+
+    Raises:
+        CorruptDataError: the pickle names a record the zip lacks, or claims more bytes than its record holds.
+    """
+    floc = file.floc
     dtype = torch_to_numpy_dtype(t.dtype)
     shape = tuple(int(s) for s in t.shape)
-    if offset is None or not t.is_contiguous():
+    if not isinstance(ref, _TensorRef) or not t.is_contiguous() or ref.storage_offset != t.storage_offset():
         return None
-    start = int(offset) + int(t.storage_offset()) * dtype.itemsize
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if start + nbytes > size:
+    record = file.records.get(ref.key)
+    if record is None:
+        raise CorruptDataError(f"{floc.url}: tensor {key!r} uses storage record data/{ref.key}, which the zip "
+                               "does not hold; the checkpoint is corrupt")
+    storage_bytes = int(t.untyped_storage().nbytes())
+    if storage_bytes > record.size:
+        raise CorruptDataError(f"{floc.url}: tensor {key!r} claims {storage_bytes} bytes of storage, but record "
+                               f"data/{ref.key} holds {record.size}; the checkpoint is corrupt")
+    if not record.stored:
+        return None
+    start = record.offset + int(t.storage_offset()) * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize
+    if start + nbytes > file.size:
         raise TruncatedDataError(f"{floc.url} is truncated: tensor {key!r} ends at byte {start + nbytes} of "
-                                 f"{size}; re-create or re-download it")
+                                 f"{file.size}; re-create or re-download it")
     layout = ContiguousLayout(floc, start, shape, dtype, file_stamp(floc))
     return ArrayInfo(key, shape, dtype, layout, stored_nbytes=nbytes)
+
+
+def _child(ref: Any, name: Any) -> Any:
+    return ref.get(name) if isinstance(ref, dict) else None
 
 
 def _ragged_info(key: str, rows: list[Any]) -> RaggedInfo | ArrayInfo:
@@ -153,39 +332,45 @@ class PtFormat(Format):
             members = list_members(location, ".pt")
             opened = OpenedStore(self.name, {})
             for key, (path, size) in members.items():
-                floc = file_location(location, path)
-                self._add_object(opened, key, _load(floc, meta=True), floc, size, top=True)
+                file = _Described(file_location(location, path), size)
+                self._add_object(opened, key, file.obj, file.refs, file, [])
             return apply_meta(opened, meta)
         size = int(retry_remote(lambda: location.fs.size(location.path), location))
-        obj = _load(location, meta=True)
+        file = _Described(location, size)
+        obj, refs = file.obj, file.refs
         opened = OpenedStore(self.name, {})
         if isinstance(obj, dict):
             meta = loads_meta(obj.pop(PT_META_KEY, None))
             for key, value in obj.items():
-                self._add_object(opened, str(key), value, location, size, top=False)
+                self._add_object(opened, str(key), value, _child(refs, key), file, [key])
         else:
             meta = {}
-            self._add_object(opened, os.path.splitext(location.name)[0], obj, location, size, top=False)
+            self._add_object(opened, os.path.splitext(location.name)[0], obj, refs, file, [])
         return apply_meta(opened, meta)
 
-    def _add_object(self, opened: OpenedStore, key: str, obj: Any, floc: Location, size: int, top: bool) -> None:
+    def _add_object(self, opened: OpenedStore, key: str, obj: Any, ref: Any, file: _Described,
+                    path: list[Any]) -> None:
+        """Add ``obj`` (at ``path`` inside the file's object, ``ref`` the same place in its ref tree)."""
         import torch
 
         if isinstance(obj, torch.Tensor):
-            info = _tensor_info(key, obj, floc, size)
-            if info is None:  # non-contiguous view: load the real tensor once
-                real = _load(floc, meta=False)
-                for part in ([] if top else key.split("/")):
+            info = _tensor_info(key, obj, ref, file)
+            if info is None:  # a view, a compressed record, an unfollowed pickle: load the real tensor once
+                real = file.real()
+                for part in path:
                     real = real[part]
                 data = np.ascontiguousarray(_to_plain(real))
                 info = ArrayInfo(key, data.shape, data.dtype, InMemoryLayout(data))
             opened.arrays[key] = info
         elif isinstance(obj, dict):
             for name, value in obj.items():
-                self._add_object(opened, f"{key}/{name}", value, floc, size, top=False)
+                self._add_object(opened, f"{key}/{name}", value, _child(ref, name), file, path + [name])
         elif isinstance(obj, (list, tuple)):
             if _contains_tensor(obj):
-                obj = _to_plain(_load(floc, meta=False) if top else obj)
+                real = file.real()
+                for part in path:
+                    real = real[part]
+                obj = _to_plain(real)
             opened.arrays[key] = _ragged_info(key, list(obj))
         else:
             opened.attrs[key] = obj

@@ -29,6 +29,7 @@ from unistore.storage.formats.base import (
     OpenedStore,
     apply_meta,
     bfloat16,
+    checked_nbytes,
     file_location,
     head_bytes,
     list_members,
@@ -53,41 +54,109 @@ _CHECKPOINT_CONFIGS = {"config.json": "config", "adapter_config.json": "adapter_
 _INDEX_SUFFIX = ".safetensors.index.json"
 
 
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(k)
+        out[k] = v
+    return out
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
 def parse_header(head: bytes, size: int, where: str) -> tuple[dict[str, Any], int]:
-    """(header dict, data start offset) of a safetensors file, validated against ``size``."""
+    """(header dict, data start offset) of a safetensors file, validated against ``size``.
+
+    The returned header maps tensor names to entries whose ``dtype``,
+    ``shape`` and ``data_offsets`` are checked later (see :func:`_entry`),
+    plus ``__metadata__`` (a dict of strings) when the file has one.
+
+    Raises:
+        TruncatedDataError: the file ends inside its header.
+        CorruptDataError: a header that is not a JSON object, repeats a key, has a ``__metadata__``
+            that is not string -> string, or an entry that cannot be read.
+    """
     if len(head) < 8:
         raise TruncatedDataError(f"{where} is {len(head)} bytes long, too short for a safetensors header")
     n = int.from_bytes(head[:8], "little")
     if n > _MAX_HEADER or 8 + n > size:
         raise CorruptDataError(f"{where} claims a {n}-byte safetensors header in a {size}-byte file; "
                                "the file is corrupt or not safetensors")
+    if len(head) < 8 + n:
+        raise TruncatedDataError(f"{where} ends inside its safetensors header; re-create or re-download it")
     try:
-        header = json.loads(head[8:8 + n])
-    except ValueError as e:
-        raise CorruptDataError(f"{where} has a safetensors header that is not valid JSON ({e})") from e
+        header = json.loads(head[8:8 + n], object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as e:
+        raise CorruptDataError(f"{where}: the safetensors header names {e.args[0]!r} twice; the file is corrupt "
+                               "(re-save it with the safetensors library)") from None
+    except (ValueError, RecursionError) as e:
+        raise CorruptDataError(f"{where} has a safetensors header that is not valid JSON "
+                               f"({type(e).__name__}: {str(e)[:80]})") from None
     if not isinstance(header, dict):
         raise CorruptDataError(f"{where}: safetensors header is not a JSON object")
+    meta = header.get("__metadata__")
+    if meta is not None and (not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values())):
+        raise CorruptDataError(f"{where}: the safetensors __metadata__ must be an object of strings, got "
+                               f"{type(meta).__name__}; re-save the file with the safetensors library")
     return header, 8 + n
 
 
-def _tensor_info(key: str, name: str, entry: Any, data_start: int, size: int, floc: Location,
-                 stamp: int) -> ArrayInfo:
-    try:
-        dtype = np.dtype(_DTYPES[entry["dtype"]])
-        shape = tuple(int(s) for s in entry["shape"])
-        begin, end = (int(x) for x in entry["data_offsets"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CorruptDataError(f"{floc.url}: tensor {name!r} has an unreadable or unsupported header entry "
-                               f"{entry!r}") from e
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if end - begin != nbytes or begin < 0:
-        raise CorruptDataError(f"{floc.url}: tensor {name!r} spans {end - begin} bytes but shape {shape} "
-                               f"{entry['dtype']} needs {nbytes}")
-    if data_start + end > size:
-        raise TruncatedDataError(f"{floc.url} is truncated: tensor {name!r} ends at byte {data_start + end} "
-                                 f"of a {size}-byte file; re-create or re-download it")
-    return ArrayInfo(key, shape, dtype, ContiguousLayout(floc, data_start + begin, shape, dtype, stamp),
-                     stored_nbytes=nbytes)
+def _entry(name: str, entry: Any, where: str) -> tuple[np.dtype[Any], tuple[int, ...], int, int]:
+    """(dtype, shape, begin, end) of one header entry, every field checked."""
+    def bad(problem: str) -> CorruptDataError:
+        return CorruptDataError(f"{where}: tensor {name!r} has {problem} in the safetensors header "
+                                f"({str(entry)[:120]}); the file is corrupt")
+
+    if not isinstance(entry, dict):
+        raise bad("an entry that is not an object")
+    code, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(code, str) or code not in _DTYPES:
+        raise bad(f"dtype {code!r}, which is not one of {', '.join(sorted(_DTYPES))}")
+    if not isinstance(shape, list):
+        raise bad("a shape that is not a list")
+    if (not isinstance(offsets, list) or len(offsets) != 2
+            or not all(type(x) is int and x >= 0 for x in offsets) or offsets[0] > offsets[1]):
+        raise bad("data_offsets that are not [begin, end] with 0 <= begin <= end")
+    dtype = np.dtype(_DTYPES[code])
+    nbytes = checked_nbytes(shape, dtype, f"{where}: tensor {name!r}")
+    begin, end = offsets
+    if end - begin != nbytes:
+        raise CorruptDataError(f"{where}: tensor {name!r} spans {end - begin} bytes but shape {tuple(shape)} "
+                               f"{code} needs {nbytes}; the file is corrupt")
+    return dtype, tuple(shape), begin, end
+
+
+def _tensor_infos(header: dict[str, Any], data_start: int, size: int, floc: Location, stamp: int,
+                  key_of: Any) -> dict[str, ArrayInfo]:
+    """Every tensor of a parsed header as an :class:`ArrayInfo` (keyed by ``key_of(name)``).
+
+    Raises:
+        CorruptDataError: an entry cannot be read, or two tensors share bytes.
+        TruncatedDataError: a tensor ends past the end of the file.
+    """
+    spans = []
+    out = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype, shape, begin, end = _entry(name, entry, floc.url)
+        if data_start + end > size:
+            raise TruncatedDataError(f"{floc.url} is truncated: tensor {name!r} ends at byte {data_start + end} "
+                                     f"of a {size}-byte file; re-create or re-download it")
+        if end > begin:
+            spans.append((begin, end, name))
+        key = key_of(name)
+        out[key] = ArrayInfo(key, shape, dtype, ContiguousLayout(floc, data_start + begin, shape, dtype, stamp),
+                             stored_nbytes=end - begin)
+    spans.sort()
+    for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+        if begin < end:
+            raise CorruptDataError(f"{floc.url}: tensors {first!r} and {second!r} share bytes in the safetensors "
+                                   "header (overlapping data_offsets); the file is corrupt")
+    return out
 
 
 class SafetensorsFormat(Format):
@@ -115,22 +184,23 @@ class SafetensorsFormat(Format):
         for stem, head in zip(keys, heads):
             path, size = members[stem]
             floc = file_location(location, path)
-            if len(head) >= 8 and 8 + int.from_bytes(head[:8], "little") > len(head) and size > len(head):
-                end = min(size, 8 + int.from_bytes(head[:8], "little"))
+            end = 8 + int.from_bytes(head[:8], "little") if len(head) >= 8 else 0
+            if len(head) < end <= min(size, _MAX_HEADER + 8):
                 head = read_range(floc, 0, end)
             header, data_start = parse_header(head, size, floc.url)
             stamp = file_stamp(floc)
-            file_meta = header.pop("__metadata__", None) or {}
+            file_meta = dict(header.get("__metadata__") or {})
             if checkpoint is not None:
                 opened.attrs.update({k: v for k, v in file_meta.items() if k != META_KEY})
             elif not prefixed:
                 meta = loads_meta(file_meta.pop(META_KEY, None))
                 opened.attrs.update({k: v for k, v in file_meta.items()})
-            for name, entry in header.items():
-                key = f"{stem}/{name}" if prefixed else name
+            infos = _tensor_infos(header, data_start, size, floc, stamp,
+                                  lambda name, stem=stem: f"{stem}/{name}" if prefixed else name)
+            for key, info in infos.items():
                 if checkpoint is not None:
                     _check_checkpoint_tensor(checkpoint, key, floc)
-                opened.arrays[key] = _tensor_info(key, name, entry, data_start, size, floc, stamp)
+                opened.arrays[key] = info
         if checkpoint is not None:
             _check_index_complete(checkpoint, opened, location)
             opened.attrs.update(checkpoint["attrs"])

@@ -9,6 +9,7 @@ staging path that :mod:`unistore.storage.store` commits atomically.
 from __future__ import annotations
 
 import json
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ __all__ = [
     "loads_meta",
     "bfloat16",
     "dtype_name",
+    "checked_nbytes",
 ]
 
 #: Store-level metadata file of directory formats (written last on commit).
@@ -51,6 +53,31 @@ def _bfloat16() -> np.dtype[Any] | None:
 
 
 bfloat16 = _bfloat16()
+
+
+def checked_nbytes(shape: Any, dtype: np.dtype[Any], where: str) -> int:
+    """Bytes an array of ``shape`` and ``dtype`` takes, refusing shapes numpy cannot hold.
+
+    Header parsers call it before trusting a shape: every dimension must be a
+    non-negative integer, and the whole array must be addressable
+    (``(-6, 4)`` or ``(0, 10**30)`` are corrupt headers, not arrays).
+
+    Raises:
+        CorruptDataError: naming ``where`` and the shape.
+    """
+    from unistore.errors import CorruptDataError
+
+    if not isinstance(shape, (tuple, list)) or not all(type(s) is int and s >= 0 for s in shape):
+        raise CorruptDataError(f"{where}: shape {shape!r} is not a list of non-negative integers; "
+                               "the header is corrupt")
+    if math.prod(max(1, s) for s in shape) * max(1, dtype.itemsize) > _MAX_ARRAY_BYTES:
+        raise CorruptDataError(f"{where}: shape {tuple(shape)} of {dtype} is larger than any array numpy can "
+                               "hold; the header is corrupt")
+    return math.prod(shape) * dtype.itemsize
+
+
+#: the largest array numpy addresses (its sizes are signed 64-bit)
+_MAX_ARRAY_BYTES = (1 << 63) - 1
 
 
 def dtype_name(dtype: np.dtype[Any]) -> str:
