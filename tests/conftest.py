@@ -101,6 +101,14 @@ def catalog_url(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]:
     else:
         yield from _pg_database()
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Fuzz tests run a few hundred examples each; a few thousand when the run selects ``-m slow``."""
+    from . import helpers
+
+    if "slow" in (config.getoption("markexpr", "") or ""):
+        helpers.FUZZ_EXAMPLES = 3000
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Run tests marked ``leaves_threads`` last.
 

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+#: examples per header-fuzz test (raised by ``-m slow``, see ``conftest.pytest_configure``)
+FUZZ_EXAMPLES = 200
+
+
+def fuzz_examples() -> int:
+    return FUZZ_EXAMPLES
+
 
 class Sentinel:
     """Unpickling this creates a file: proof that a pickle ran code."""

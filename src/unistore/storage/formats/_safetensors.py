@@ -156,6 +156,12 @@ def _tensor_infos(header: dict[str, Any], data_start: int, size: int, floc: Loca
         if begin < end:
             raise CorruptDataError(f"{floc.url}: tensors {first!r} and {second!r} share bytes in the safetensors "
                                    "header (overlapping data_offsets); the file is corrupt")
+    # the format's rule: the tensors tile the data exactly, no holes, nothing after the last one
+    covered = sum(end - begin for begin, end, _ in spans)
+    if covered != size - data_start:
+        raise CorruptDataError(f"{floc.url}: the safetensors header places {covered} bytes of tensors, but the file "
+                               f"holds {size - data_start} after the header; the file is corrupt or was cut or "
+                               "extended")
     return out
 
 
