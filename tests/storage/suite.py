@@ -240,7 +240,9 @@ class StoreSuite:
         assert pickle.loads(pickle.dumps(store["kw"])).to_list() == [[1], [2, 3]]
 
     # ------------------------------------------------------------ bad input
-    @pytest.mark.parametrize("key", ["../evil", "/abs", "a/../../b", "nul\x00", "back\\slash", "", "a//b"])
+    @pytest.mark.parametrize("key", ["../evil", "/abs", "a/../../b", "nul\x00", "back\\slash", "", "a//b",
+                                     ".hidden", "..hidden", "...", ".zgroup", "g/.x", "k" * 300,
+                                     "/".join(["d"] * 1000), "a/" + "é" * 150])
     def test_bad_keys_are_refused_and_nothing_is_written(self, key: str) -> None:
         store = self.create()
         with pytest.raises(errors.InvalidKeyError):
@@ -249,6 +251,14 @@ class StoreSuite:
         assert not us.Location(self.where.url(self.name), self.where.options).exists()
         if self.where.kind == "local":
             assert os.listdir(self.where.root) == []
+
+    def test_keys_with_dots_inside_round_trip(self) -> None:
+        keys = ["v1.2", "run.final/emb.x", "a" * 190, "/".join(["g"] * 12)]
+        self.write({k: np.full((2, 2), i, np.float32) for i, k in enumerate(keys)})
+        store = self.open()
+        assert sorted(keys) == [k for k in store.keys() if k in keys]
+        for i, k in enumerate(keys):
+            np.testing.assert_array_equal(store[k][...], np.full((2, 2), i, np.float32))
 
     def test_missing_array_and_missing_store(self) -> None:
         self.write({"emb": np.ones((2, 2))})

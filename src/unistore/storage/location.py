@@ -25,12 +25,23 @@ T = TypeVar("T")
 _SECRET_HINTS = ("secret", "token", "password", "key", "credential", "session")
 
 
+#: Longest key, deepest key and longest component (in UTF-8 bytes) a store accepts: every format turns key
+#: components into file or object names, which file systems cap at 255 bytes (with room for an extension).
+MAX_KEY_LENGTH = 1024
+MAX_KEY_DEPTH = 32
+MAX_KEY_PART_BYTES = 200
+
+
 def validate_key(key: str) -> str:
     """Return ``key`` if it is a safe relative store key, else raise.
 
     Keys use ``/`` as separator.  Rejected: empty keys or components, ``.`` and
     ``..`` components, absolute paths, NUL bytes and backslashes, so a key can
-    never address anything outside its store.
+    never address anything outside its store; components starting with ``.``
+    (directory stores skip hidden names, so such an array could never be read
+    back); keys longer than :data:`MAX_KEY_LENGTH`, deeper than
+    :data:`MAX_KEY_DEPTH` or with a component over :data:`MAX_KEY_PART_BYTES`
+    bytes (file names cannot hold them).
 
     Raises:
         InvalidKeyError: naming the key and what is wrong with it.
@@ -46,12 +57,22 @@ def validate_key(key: str) -> str:
         problem = "it contains a backslash; use '/' to separate groups"
     elif key.startswith("/") or (len(key) > 1 and key[1] == ":"):
         problem = "it is an absolute path"
+    elif len(key) > MAX_KEY_LENGTH:
+        problem = f"it is {len(key)} characters long; keys have at most {MAX_KEY_LENGTH}"
     else:
         parts = key.split("/")
         if any(p in ("", ".", "..") for p in parts):
             problem = "it has an empty, '.' or '..' component"
+        elif len(parts) > MAX_KEY_DEPTH:
+            problem = f"it is {len(parts)} levels deep; keys have at most {MAX_KEY_DEPTH}"
+        elif any(len(p.encode("utf-8", "surrogatepass")) > MAX_KEY_PART_BYTES for p in parts):
+            problem = (f"a component is longer than {MAX_KEY_PART_BYTES} bytes (file names on disk and in buckets "
+                       "cannot hold it)")
         elif any(p.startswith(".unistore") or p == "unistore.json" for p in parts):
             problem = "names starting with '.unistore' and 'unistore.json' are reserved"
+        elif any(p.startswith(".") for p in parts):
+            problem = ("a component starts with '.'; directory stores hide such names, so the array could never be "
+                       "read back - rename it (e.g. drop the dot)")
     if problem:
         raise InvalidKeyError(f"invalid array key {key!r}: {problem}")
     return key
