@@ -2,11 +2,15 @@
 
 Sections: .pt zip records (offsets, methods, sizes from the zip's own
 headers) - npy headers (versions, negative dimensions, unterminated) -
-safetensors headers (dimensions, overlaps, duplicate keys, metadata type).
+safetensors headers (dimensions, overlaps, duplicate keys, metadata type) -
+links and special files (links out of a store, FIFOs, missing, replaced and
+bit-flipped zarr chunks, zarr metadata) - HDF5 data outside the file
+(external storage, virtual datasets).
 """
 
 from __future__ import annotations
 
+import os
 import zipfile
 from typing import Any
 
@@ -201,3 +205,180 @@ def test_safetensors_valid_file_still_reads(tmp_path: Any) -> None:
     np.testing.assert_array_equal(store["a"].take([5, 1]), a[[5, 1]])
     np.testing.assert_array_equal(store["b"][...], b)
     assert store.attrs["note"] == "x"
+
+
+# ---------------------------------------------------------------- links and special files
+def _npy_dir(tmp_path: Any) -> tuple[Any, np.ndarray]:
+    d = tmp_path / "store"
+    with us.create_store(d, format="npy") as store:
+        store.write_array("emb", float_rows(8, 4))
+    return d, float_rows(8, 4)
+
+
+def test_npy_member_linking_out_of_the_store_is_refused(tmp_path: Any) -> None:
+    d, _ = _npy_dir(tmp_path)
+    outside = tmp_path / "secret.npy"
+    np.save(outside, np.arange(4))
+    (d / "leak.npy").symlink_to(outside)
+    with pytest.raises(errors.InvalidKeyError, match="outside the store"):
+        us.open_store(d)
+
+
+def test_npy_member_linking_inside_the_store_reads(tmp_path: Any) -> None:
+    d, data = _npy_dir(tmp_path)
+    (d / "alias.npy").symlink_to(d / "emb.npy")
+    np.testing.assert_array_equal(us.open_store(d)["alias"].take([7, 1]), data[[7, 1]])
+
+
+@pytest.mark.timeout(60)
+def test_fifo_member_is_refused_not_opened(tmp_path: Any) -> None:
+    d, _ = _npy_dir(tmp_path)
+    os.mkfifo(d / "pipe.npy")
+    with pytest.raises(errors.FormatError, match="not a regular file"):
+        us.open_store(d)
+
+
+def _zarr_store(tmp_path: Any, compression: str | None = "zstd", shards: int | None = None) -> tuple[Any, np.ndarray]:
+    d = tmp_path / "run.zarr"
+    data = float_rows(40, 4)
+    with us.create_store(d, format="zarr", **({"shards": shards} if shards else {})) as store:
+        store.write_array("emb", data, chunks=(10, 4), compression=compression)
+    return d, data
+
+
+def test_zarr_chunk_linking_out_of_the_store_is_refused(tmp_path: Any) -> None:
+    d, _ = _zarr_store(tmp_path)
+    outside = tmp_path / "elsewhere"
+    outside.write_bytes((d / "emb" / "c" / "1" / "0").read_bytes())
+    (d / "emb" / "c" / "1" / "0").unlink()
+    (d / "emb" / "c" / "1" / "0").symlink_to(outside)
+    with pytest.raises(errors.InvalidKeyError, match="outside the store"):
+        us.open_store(d)["emb"].take([15])
+
+
+@pytest.mark.timeout(60)
+def test_zarr_fifo_chunk_is_refused_not_opened(tmp_path: Any) -> None:
+    d, _ = _zarr_store(tmp_path)
+    (d / "emb" / "c" / "2" / "0").unlink()
+    os.mkfifo(d / "emb" / "c" / "2" / "0")
+    with pytest.raises(errors.CorruptDataError, match="not a regular file"):
+        us.open_store(d)["emb"].take([25])
+
+
+@pytest.mark.parametrize("shards", [None, 2])
+def test_zarr_missing_chunk_of_a_unistore_store_is_an_error(tmp_path: Any, shards: int | None) -> None:
+    d, data = _zarr_store(tmp_path, shards=shards)
+    chunk = d / "emb" / "c" / "1" / "0"
+    chunk.unlink()
+    store = us.open_store(d)
+    np.testing.assert_array_equal(store["emb"].take([0, 39]) if shards is None else store["emb"].take([0]),
+                                  data[[0, 39]] if shards is None else data[[0]])
+    with pytest.raises(errors.CorruptDataError, match="missing"):
+        store["emb"].take([25 if shards else 15])
+
+
+def test_zarr_chunk_replaced_by_a_directory_is_an_error(tmp_path: Any) -> None:
+    d, _ = _zarr_store(tmp_path)
+    (d / "emb" / "c" / "1" / "0").unlink()
+    (d / "emb" / "c" / "1" / "0").mkdir()
+    with pytest.raises(errors.CorruptDataError, match="a directory"):
+        us.open_store(d)["emb"].take([15])
+
+
+def test_zarr_all_zero_chunks_are_stored_and_read(tmp_path: Any) -> None:
+    d = tmp_path / "zeros.zarr"
+    with us.create_store(d, format="zarr") as store:
+        store.write_array("z", np.zeros((20, 2), np.float32), chunks=(10, 2))
+    assert sorted(os.listdir(d / "z" / "c")) == ["0", "1"]
+    np.testing.assert_array_equal(us.open_store(d)["z"][...], np.zeros((20, 2), np.float32))
+
+
+def test_foreign_zarr_missing_chunk_reads_fill_value(tmp_path: Any) -> None:
+    """zarr's own rule for stores unistore did not write: an absent chunk is the fill value."""
+    import zarr
+
+    d = tmp_path / "foreign.zarr"
+    arr = zarr.create_array(str(d), shape=(20, 2), chunks=(10, 2), dtype="f4", fill_value=0)
+    arr[...] = 1
+    (d / "c" / "1" / "0").unlink()
+    got = us.open_store(d)["foreign"][...]
+    np.testing.assert_array_equal(got[:10], 1)
+    np.testing.assert_array_equal(got[10:], 0)
+
+
+@pytest.mark.parametrize("compression", ["zstd", None])
+def test_zarr_flipped_bit_in_a_chunk_is_an_error_at_read_time(tmp_path: Any, compression: str | None) -> None:
+    d, data = _zarr_store(tmp_path, compression=compression)
+    chunk = d / "emb" / "c" / "2" / "0"
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    chunk.write_bytes(bytes(raw))
+    store = us.open_store(d)
+    np.testing.assert_array_equal(store["emb"].take([3]), data[[3]])
+    with pytest.raises(errors.CorruptDataError, match="corrupt"):
+        store["emb"].take([25])
+
+
+def _edit_zarr_json(path: Any, edit: Any) -> None:
+    import json
+
+    meta = json.loads(path.read_text())
+    edit(meta)
+    path.write_text(json.dumps(meta))
+
+
+def test_zarr_zero_chunk_dimension_is_corrupt_metadata(tmp_path: Any) -> None:
+    d, _ = _zarr_store(tmp_path)
+    _edit_zarr_json(d / "emb" / "zarr.json",
+                    lambda m: m["chunk_grid"]["configuration"].__setitem__("chunk_shape", [0, 4]))
+    with pytest.raises(errors.CorruptDataError):
+        us.open_store(d)["emb"][...]
+
+
+def test_zarr_absurd_shape_is_corrupt_metadata(tmp_path: Any) -> None:
+    d, _ = _zarr_store(tmp_path)
+    _edit_zarr_json(d / "emb" / "zarr.json", lambda m: m.__setitem__("shape", [10**15, 10**15]))
+    with pytest.raises(errors.CorruptDataError, match="larger than any array"):
+        us.open_store(d)
+
+
+def test_zarr_wrong_codec_for_the_bytes_is_an_error(tmp_path: Any) -> None:
+    d, _ = _zarr_store(tmp_path)
+
+    def to_gzip(meta: dict[str, Any]) -> None:
+        for codec in meta["codecs"]:
+            if codec["name"] == "zstd":
+                codec["name"], codec["configuration"] = "gzip", {"level": 5}
+
+    _edit_zarr_json(d / "emb" / "zarr.json", to_gzip)
+    with pytest.raises(errors.CorruptDataError):
+        us.open_store(d)["emb"].take([0])
+
+
+# ---------------------------------------------------------------- HDF5 data outside the file
+def test_hdf5_external_storage_is_refused(tmp_path: Any) -> None:
+    import h5py
+
+    outside = tmp_path / "passwd"
+    outside.write_bytes(b"root:x:0:0:root:/root:/bin/bash\n" * 4)
+    path = tmp_path / "ext.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("ok", data=np.arange(4))
+        f.create_dataset("leak", shape=(128,), dtype="u1", external=[(str(outside), 0, 128)])
+    with pytest.raises(errors.UnsupportedError, match="external file"):
+        us.open_store(path)
+
+
+def test_hdf5_virtual_dataset_is_refused(tmp_path: Any) -> None:
+    import h5py
+
+    src = tmp_path / "src.h5"
+    with h5py.File(src, "w") as f:
+        f.create_dataset("x", data=np.arange(10))
+    layout = h5py.VirtualLayout(shape=(10,), dtype="i8")
+    layout[:] = h5py.VirtualSource(str(src), "x", shape=(10,))
+    path = tmp_path / "virtual.h5"
+    with h5py.File(path, "w") as f:
+        f.create_virtual_dataset("v", layout, fillvalue=0)
+    with pytest.raises(errors.UnsupportedError, match="virtual dataset"):
+        us.open_store(path)

@@ -23,6 +23,7 @@ import numpy as np
 from unistore.errors import (
     ArrayNotFoundError,
     ChecksumMismatchError,
+    CorruptDataError,
     ReadOnlyError,
     ShapeMismatchError,
     StoreExistsError,
@@ -228,7 +229,15 @@ class TensorStore:
         expected = {key: self._opened.checksums.get(key) for key in self.keys()}
         todo = [key for key, value in expected.items() if value is not None]
         if scheduler is None:
-            got = {key: checksum_task(self, key, block_rows) for key in todo}
+            got = {}
+            for key in todo:
+                try:
+                    got[key] = checksum_task(self, key, block_rows)
+                except ChecksumMismatchError:
+                    raise
+                except CorruptDataError as e:  # a chunk's own checksum (zarr's crc32c) failed while reading
+                    raise ChecksumMismatchError(f"array {key!r} in {self.location.url} is corrupt: {e}; restore it "
+                                                "from a copy") from e
         else:
             with dask_client(scheduler) as client:
                 futures = [client.submit(checksum_task, self, key, block_rows, pure=False)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from unistore.errors import CorruptDataError, TruncatedDataError
+from unistore.errors import CorruptDataError, TruncatedDataError, UnsupportedError
 from unistore.storage.formats.base import (
     META_KEY,
     ArrayInfo,
@@ -260,6 +260,13 @@ class Hdf5Format(Format):
         import h5py
 
         attrs = {k: _plain(v) for k, v in ds.attrs.items()}
+        if ds.external:
+            raise UnsupportedError(f"{location.url}: dataset {name!r} keeps its data in external file "
+                                   f"{ds.external[0][0]!r}; unistore reads only data stored inside the file "
+                                   "(copy it in: h5py's ds[...] into a new dataset)")
+        if ds.is_virtual:
+            raise UnsupportedError(f"{location.url}: dataset {name!r} is a virtual dataset that reads other files; "
+                                   "unistore reads only data stored inside the file (copy it into a real dataset)")
         base = h5py.check_vlen_dtype(ds.dtype)
         if base is not None:
             if np.dtype(base).kind not in "biuf":

@@ -8,12 +8,13 @@ byte-bounded LRU.  Written with zarr-python as zarr v3.
 from __future__ import annotations
 
 import os
+import stat
 import uuid
 from typing import Any
 
 import numpy as np
 
-from unistore.errors import CorruptDataError, StoreNotFoundError, UnsupportedError
+from unistore.errors import CorruptDataError, InvalidKeyError, StoreNotFoundError, UnistoreError, UnsupportedError
 from unistore.storage.formats.base import (
     META_KEY,
     PENDING_NAME,
@@ -22,6 +23,7 @@ from unistore.storage.formats.base import (
     FormatWriter,
     OpenedStore,
     apply_meta,
+    checked_nbytes,
     incomplete_error,
 )
 from unistore.storage.layout import ChunkedLayout, LazyBlockReader
@@ -40,30 +42,71 @@ def _zarr_store(location: Location) -> Any:
                                 read_only=True)
 
 
-def _counting_store(location: Location) -> Any:
-    """The zarr store for ``location`` wrapped so every object read from storage is counted."""
-    from zarr.abc.store import OffsetByteRequest
+def _counting_store(location: Location, strict: bool = False) -> Any:
+    """The zarr store for ``location`` wrapped so every object read from storage is counted and checked.
+
+    Locally, a chunk file must be a regular file inside the store (a link out
+    of the store, a FIFO or a directory in a chunk's place is an error, never
+    followed or read). ``strict`` (arrays unistore wrote, which store every
+    chunk): a missing chunk is :class:`~unistore.errors.CorruptDataError`, not
+    fill values. A ranged read that comes back short is an error either way.
+    """
+    from zarr.abc.store import OffsetByteRequest, RangeByteRequest
     from zarr.storage import WrapperStore
 
     remote = not location.is_local
+    root = os.path.realpath(location.path) if not remote else ""
 
     class CountingStore(WrapperStore[Any]):
         requests = 0
         nbytes = 0
 
         async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+            if not remote:
+                _check_local_object(location, root, key)
             if byte_range is None and remote:
                 # "bytes=0-": one GET, where a plain whole-object read makes s3fs ask the size first (a HEAD)
                 byte_range = OffsetByteRequest(0)
             buf = await self._store.get(key, prototype, byte_range)
             self.requests += 1
             self.nbytes += len(buf) if buf is not None else 0
+            if buf is None and strict and _is_chunk_key(key):
+                raise CorruptDataError(f"{location.url}: chunk {key!r} is missing, but unistore wrote every chunk "
+                                       "of this array; the store was damaged - restore it from a copy")
+            if buf is not None and isinstance(byte_range, RangeByteRequest) and \
+                    len(buf) != byte_range.end - byte_range.start:
+                raise CorruptDataError(f"{location.url}: {key!r} holds fewer bytes than its shard index points "
+                                       f"to ({len(buf)} of {byte_range.end - byte_range.start}); the store is "
+                                       "corrupt")
             return buf
 
         async def get_partial_values(self, prototype: Any, key_ranges: Any) -> Any:
             return [await self.get(key, prototype, byte_range) for key, byte_range in key_ranges]
 
     return CountingStore(_zarr_store(location))
+
+
+def _is_chunk_key(key: str) -> bool:
+    """Whether ``key`` names a chunk (or shard) in zarr v3's default encoding (``<array>/c/0/1``)."""
+    parts = key.split("/")
+    return "c" in parts[:-1] or parts[-1] == "c"
+
+
+def _check_local_object(location: Location, root: str, key: str) -> None:
+    """A local object of a zarr store must be a regular file below the store's root, if it exists at all."""
+    path = os.path.join(location.path, *key.split("/"))
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise CorruptDataError(f"{location.url}: {key!r} is {kind} where zarr expects an object; the store is "
+                               "damaged - restore it from a copy")
+    real = os.path.realpath(path)
+    if not real.startswith(root + os.sep):
+        raise InvalidKeyError(f"{location.url}: {key!r} links to {real}, outside the store; unistore does not "
+                              "follow links out of a store (copy the file into the store instead)")
 
 
 def _listing_digest(location: Location, name: str) -> str:
@@ -105,6 +148,8 @@ def _codec_names(arr: Any) -> str | None:
     names = []
     for codec in list(getattr(arr, "compressors", ()) or ()):
         name = getattr(codec, "codec_id", None) or type(codec).__name__.replace("Codec", "").lower()
+        if name == "crc32c":
+            continue  # a checksum, not a compression
         if getattr(codec, "cname", None):
             name = f"blosc-{getattr(codec.cname, 'value', codec.cname)}"
         names.append(str(name))
@@ -127,12 +172,20 @@ class _StoredBytes:
 
 
 class ZarrBlockReader(LazyBlockReader):
-    """Reads rows ``[start, stop)`` of one zarr array; the handle is (counting store, array)."""
+    """Reads rows ``[start, stop)`` of one zarr array; the handle is (counting store, array).
+
+    ``strict``: the array was written by unistore, which stores every chunk,
+    so a missing chunk is an error rather than fill values.
+    """
 
     concurrent = True
 
+    def __init__(self, location: Location, name: str, strict: bool = False):
+        super().__init__(location, name)
+        self.strict = strict
+
     def _open(self) -> tuple[Any, Any]:
-        store = _counting_store(self.location)
+        store = _counting_store(self.location, self.strict)
         node = retry_remote(lambda: _open_node(self.location, store), self.location)
         return store, (node[self.name] if self.name else node)
 
@@ -158,20 +211,37 @@ class ZarrBlockReader(LazyBlockReader):
             self._identity = f"zarr|{self.location.url}|{self.name}|{_listing_digest(self.location, self.name)}"
         return self._identity
 
-    def __getstate__(self) -> tuple[Location, str, str | None]:  # type: ignore[override]
-        return (self.location, self.name, self._identity)
+    def __getstate__(self) -> tuple[Any, ...]:  # type: ignore[override]
+        return (self.location, self.name, self._identity, self.strict)
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
-        super().__setstate__(state[:2])
+        self.__init__(state[0], state[1], state[3] if len(state) > 3 else False)  # type: ignore[misc]
         self._identity = state[2] if len(state) > 2 else None
 
     def read(self, start: int, stop: int) -> np.ndarray:
         arr = self.handle()[1]
-        try:
-            return np.asarray(retry_remote(lambda: arr[start:stop], self.location))
-        except (ValueError, RuntimeError) as e:
-            raise CorruptDataError(f"{self.location.url}: cannot decode rows {start}:{stop} of {self.name!r} "
-                                   f"({e}); a chunk is corrupt") from e
+
+        def decode() -> np.ndarray:
+            try:
+                return np.asarray(arr[start:stop])
+            except (UnistoreError, FileNotFoundError, PermissionError):
+                raise
+            except _DECODE_ERRORS as e:  # a codec's verdict on the bytes: final, not retried
+                raise CorruptDataError(f"{self.location.url}: cannot decode rows {start}:{stop} of {self.name!r} "
+                                       f"({type(e).__name__}: {e}); a chunk is corrupt") from e
+
+        return retry_remote(decode, self.location)
+
+
+def _decode_errors() -> tuple[type[BaseException], ...]:
+    import gzip
+    import zlib
+
+    return (ValueError, RuntimeError, TypeError, zlib.error, gzip.BadGzipFile, EOFError, IndexError, KeyError,
+            OverflowError, MemoryError)
+
+
+_DECODE_ERRORS = _decode_errors()
 
 
 class ZarrFormat(Format):
@@ -198,13 +268,18 @@ class ZarrFormat(Format):
                 members = [(p, m, p) for p, m in node.members(max_depth=None) if isinstance(m, zarr.Array)]
             except (ValueError, KeyError, TypeError) as e:
                 raise CorruptDataError(f"{location.url} has unreadable zarr metadata below the root ({e})") from e
+        strict = meta.get("zarr_chunks") == "all"
         for key, arr, path in members:
             if arr.dtype.kind not in "biufc":
                 continue
             shape = tuple(int(s) for s in arr.shape)
             chunks = tuple(int(c) for c in arr.chunks) if shape else None
+            checked_nbytes(list(shape), np.dtype(arr.dtype), f"{location.url}: array {key!r}")
+            if chunks is not None and (len(chunks) != len(shape) or min(chunks, default=1) < 1):
+                raise CorruptDataError(f"{location.url}: array {key!r} has chunk shape {chunks} for shape {shape}; "
+                                       "every chunk dimension must be at least 1 - the metadata is corrupt")
             stored = _StoredBytes(location, path)  # a listing of every chunk: only when asked
-            layout = ChunkedLayout(ZarrBlockReader(location, path), shape, np.dtype(arr.dtype),
+            layout = ChunkedLayout(ZarrBlockReader(location, path, strict), shape, np.dtype(arr.dtype),
                                    int(chunks[0]) if chunks else 1, token=f"zarr:{token}:{path}")
             opened.arrays[key] = ArrayInfo(key, shape, np.dtype(arr.dtype), layout, chunks=chunks,
                                            compression=_codec_names(arr), attrs=dict(arr.attrs),
@@ -215,20 +290,24 @@ class ZarrFormat(Format):
         return _ZarrWriter(path, self, **options)
 
 
-def _compressors(name: str | None) -> Any:
-    from zarr.codecs import BloscCodec, GzipCodec, ZstdCodec
+def _compressors(name: str | None) -> list[Any]:
+    """The bytes codecs of an array unistore writes: the compression asked for, then a ``crc32c`` checksum of
+    each stored chunk, so a flipped bit is an error when the chunk is read, not wrong numbers."""
+    from zarr.codecs import BloscCodec, Crc32cCodec, GzipCodec, ZstdCodec
 
     if not name:
-        return None
+        return [Crc32cCodec()]
     base, _, level = name.partition(":")
     lvl = int(level) if level else None
     if base == "zstd":
-        return ZstdCodec(level=lvl or 3)
-    if base == "gzip":
-        return GzipCodec(level=lvl or 5)
-    if base in ("blosc", "lz4"):
-        return BloscCodec(cname="lz4" if base == "lz4" else "zstd", clevel=lvl or 5, shuffle="shuffle")
-    raise UnsupportedError(f"unknown zarr compression {name!r}")
+        codec: Any = ZstdCodec(level=lvl or 3)
+    elif base == "gzip":
+        codec = GzipCodec(level=lvl or 5)
+    elif base in ("blosc", "lz4"):
+        codec = BloscCodec(cname="lz4" if base == "lz4" else "zstd", clevel=lvl or 5, shuffle="shuffle")
+    else:
+        raise UnsupportedError(f"unknown zarr compression {name!r}")
+    return [codec, Crc32cCodec()]
 
 
 class _ZarrWriter(FormatWriter):
@@ -250,8 +329,10 @@ class _ZarrWriter(FormatWriter):
             # ``shards=N``: N chunks along the first axis per shard object
             shards = (chunks[0] * int(self.shards),) + tuple(chunks[1:])
         try:
+            # every chunk is stored, fill-valued ones too: a missing chunk then means damage (see ZarrBlockReader)
             return self.group.create_array(key, shape=shape, dtype=dtype, chunks=chunks or "auto", shards=shards,
-                                           compressors=_compressors(compression), attributes=dict(attrs))
+                                           compressors=_compressors(compression), attributes=dict(attrs),
+                                           config={"write_empty_chunks": True})
         except (ValueError, TypeError) as e:
             raise UnsupportedError(f"zarr cannot store array {key!r} ({dtype}, chunks={chunks}): {e}") from e
 
@@ -274,5 +355,6 @@ class _ZarrWriter(FormatWriter):
         import json
 
         meta = json.loads(self.meta_json(attrs, checksums))
+        meta["zarr_chunks"] = "all"
         self.group.attrs.update({**attrs, META_KEY: meta})
         return ["zarr.json"]

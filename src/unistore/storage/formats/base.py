@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -250,8 +251,33 @@ def list_members(location: Location, extension: str) -> dict[str, tuple[str, int
         rel = path[len(root):] if path.startswith(root) else path.rsplit("/", 1)[-1]
         if not rel.endswith(extension) or any(part.startswith(".") for part in rel.split("/")):
             continue
+        if location.is_local:
+            check_local_member(location, path)
         members[rel[: -len(extension)]] = (path, int(info.get("size") or 0))
     return members
+
+
+def check_local_member(location: Location, path: str) -> None:
+    """A file of a local directory store must be a regular file inside the store: a link out of the store is
+    never followed, and a FIFO or device is never opened (reading one would hang or read another thing).
+
+    Raises:
+        InvalidKeyError: the file is a link to something outside the store.
+        FormatError: it is not a regular file.
+    """
+    import stat
+
+    from unistore.errors import FormatError, InvalidKeyError
+
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise FormatError(f"{path} in store {location.url} is not a regular file (a FIFO, device or socket); "
+                          "remove it or replace it with the file it stands for")
+    root = os.path.realpath(location.path)
+    real = os.path.realpath(path)
+    if not real.startswith(root + os.sep):
+        raise InvalidKeyError(f"{path} in store {location.url} links to {real}, outside the store; unistore does "
+                              "not follow links out of a store (copy the file into the store instead)")
 
 
 def read_dir_meta(location: Location) -> dict[str, Any]:
