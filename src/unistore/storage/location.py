@@ -17,12 +17,12 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from unistore.errors import InvalidKeyError, RemoteError, UnistoreError
+from unistore.storage.secrets import is_secret_key
 
 __all__ = ["Location", "validate_key", "retry_remote", "RetryPolicy"]
 
 T = TypeVar("T")
 
-_SECRET_HINTS = ("secret", "token", "password", "key", "credential", "session")
 
 
 #: Longest key, deepest key and longest component (in UTF-8 bytes) a store accepts: every format turns key
@@ -86,7 +86,8 @@ class Location:
     Location('s3://bucket/run1.zarr', storage_options=<2 keys hidden>)
     """
 
-    __slots__ = ("url", "protocol", "path", "_options", "_fs", "_pid", "cache", "_identity", "mapped", "__weakref__")
+    __slots__ = ("url", "protocol", "path", "_options", "_fs", "_pid", "cache", "_identity", "mapped", "_token",
+                 "_missing_secrets", "__weakref__")
 
     def __init__(self, url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None):
         import fsspec.core
@@ -115,15 +116,38 @@ class Location:
         #: this process's :class:`~unistore.storage.cache.MappedObject` of the cached object (False: none can be
         #: made), set by its first cached read; never pickled
         self.mapped: Any = None
+        self._token: tuple[Any, str] | None = None  # (secrets, hand-off token) once pickled
+        self._missing_secrets = False
 
-    # -- pickling: secrets travel with the object (workers need them), handles do not; the object
-    # identity travels too, so every process caches the bytes of the object its opener saw
+    # -- pickling: handles do not travel, and secrets travel outside the pickle (a token in it names them,
+    # see unistore.storage.secrets); the object identity travels, so every process caches the bytes of the
+    # object its opener saw
     def __getstate__(self) -> tuple[Any, ...]:
-        return (self.url, self.protocol, self.path, self._options, self.cache, self._identity)
+        from unistore.storage.secrets import hand_off, split_secrets
+
+        public, found = split_secrets(self._options)
+        token = None
+        if found:
+            if self._token is None or self._token[0] != found:
+                self._token = (found, hand_off(found))
+            token = self._token[1]
+        return (self.url, self.protocol, self.path, public, self.cache, self._identity, token)
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
+        from unistore.storage.secrets import merge_secrets, take
+
         self.url, self.protocol, self.path, self._options = state[:4]
         self.cache, self._identity = (state[4], state[5]) if len(state) > 4 else (None, None)
+        token = state[6] if len(state) > 6 else None
+        self._token = None
+        self._missing_secrets = False
+        if token:
+            found = take(token)
+            if found is None:
+                self._missing_secrets = True
+            else:
+                self._options = merge_secrets(self._options, found)
+                self._token = (found, token)
         self._fs = None
         self._pid = -1
         self.mapped = None
@@ -180,6 +204,16 @@ class Location:
         if self._fs is None or self._pid != os.getpid():
             import fsspec
 
+            if self._missing_secrets:
+                raise RemoteError(
+                    f"{self.url} was pickled with credentials in storage_options, and they were not handed to "
+                    "this process (they never travel inside a pickle); pass storage_options again here, or "
+                    "supply credentials from the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)")
+            if not self.is_local:
+                from unistore.storage.secrets import install_log_redaction
+
+                install_log_redaction()
+
             try:
                 self._fs = fsspec.filesystem(self.protocol, **self._options)
             except ImportError as e:
@@ -204,7 +238,7 @@ class Location:
 
 
 def _redact(options: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: ("***" if any(h in k.lower() for h in _SECRET_HINTS) else
+    return {k: ("***" if is_secret_key(k) else
                 _redact(v) if isinstance(v, Mapping) else v) for k, v in options.items()}
 
 
@@ -293,6 +327,6 @@ def _scrub(text: str, where: Location) -> str:
         for k, v in stack.pop().items():
             if isinstance(v, Mapping):
                 stack.append(v)
-            elif isinstance(v, str) and len(v) >= 4 and any(h in k.lower() for h in _SECRET_HINTS):
+            elif isinstance(v, str) and len(v) >= 4 and is_secret_key(k):
                 text = text.replace(v, "***")
     return text
