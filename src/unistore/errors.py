@@ -25,6 +25,7 @@ __all__ = [
     "IncompleteStoreError",
     "RemoteError",
     "DiskFullError",
+    "StoreChangedError",
     "ChecksumMismatchError",
     "UnsupportedError",
     "OutOfBoundsError",
@@ -96,6 +97,11 @@ class IncompleteStoreError(UnistoreError, FileNotFoundError):
 
 class RemoteError(UnistoreError, OSError):
     """A remote filesystem kept failing after the retry budget was spent."""
+
+
+class StoreChangedError(UnistoreError, OSError):
+    """A store was rewritten (``overwrite=True``) or removed after it was opened: its files are not the ones
+    described when it was opened, so no bytes are served from them.  Open it again to read the new version."""
 
 
 class DiskFullError(UnistoreError, OSError):

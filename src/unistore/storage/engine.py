@@ -26,6 +26,7 @@ from unistore.storage.layout import (
     InMemoryLayout,
     IOStats,
     Layout,
+    open_described,
 )
 from unistore.storage.location import Location, ShortReadError, retry_remote
 
@@ -88,16 +89,16 @@ def _memmap(layout: ContiguousLayout) -> np.ndarray:
                 if 0 in layout.shape:
                     mm = np.empty(layout.shape, layout.dtype)
                 else:
-                    size = os.path.getsize(layout.location.path)
-                    need = layout.offset + layout.row_nbytes * layout.shape[0]
-                    if size < need:
-                        raise TruncatedDataError(
-                            f"{layout.location.url} is truncated: {size} bytes, but the header "
-                            f"promises {need}; re-create or re-download the file"
-                        )
-                    # a plain ndarray over the mapping: np.memmap's subclass hooks cost
-                    # more per gather than the copy itself for small batches
-                    with open(layout.location.path, "rb") as f:
+                    with open_described(layout.location, layout.stamp) as f:
+                        size = os.fstat(f.fileno()).st_size
+                        need = layout.offset + layout.row_nbytes * layout.shape[0]
+                        if size < need:
+                            raise TruncatedDataError(
+                                f"{layout.location.url} is truncated: {size} bytes, but the header "
+                                f"promises {need}; re-create or re-download the file"
+                            )
+                        # a plain ndarray over the mapping: np.memmap's subclass hooks cost
+                        # more per gather than the copy itself for small batches
                         mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
                     count = int(np.prod(layout.shape, dtype=np.int64))
                     mm = np.frombuffer(mapping, dtype=layout.dtype, count=count,
@@ -115,7 +116,7 @@ def _read_into(layout: ContiguousLayout, start: int, stop: int) -> np.ndarray:
     """
     out = np.empty((stop - start,) + layout.shape[1:], layout.dtype)
     view = out.reshape(-1).view(np.uint8).data
-    with open(layout.location.path, "rb") as f:
+    with open_described(layout.location, layout.stamp) as f:
         f.seek(layout.offset + start * layout.row_nbytes)
         done = 0
         while done < len(view):

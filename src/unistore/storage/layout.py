@@ -19,8 +19,8 @@ import numpy as np
 from unistore.errors import DiskFullError
 from unistore.storage.location import Location
 
-__all__ = ["file_stamp", "LazyBlockReader", "ContiguousLayout", "ChunkedLayout", "InMemoryLayout", "BlockReader",
-           "IOStats", "Layout"]
+__all__ = ["file_stamp", "stamp_of", "open_described", "LazyBlockReader", "ContiguousLayout", "ChunkedLayout",
+           "InMemoryLayout", "BlockReader", "IOStats", "Layout"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,11 +46,41 @@ class ContiguousLayout:
 
 
 def file_stamp(location: Location) -> int:
-    """Inode, size and mtime of a local file folded into one int (0 when remote)."""
+    """Device, inode, size and mtime of a local file folded into one int (0 when remote)."""
     if not location.is_local:
         return 0
-    st = os.stat(location.path)
-    return hash((st.st_ino, st.st_size, st.st_mtime_ns))
+    return stamp_of(os.stat(location.path))
+
+
+def stamp_of(st: os.stat_result) -> int:
+    return hash((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+
+
+def open_described(location: Location, stamp: int) -> Any:
+    """The local file at ``location`` opened for reading, checked to be the very file that was described
+    when its store was opened (``stamp``, from :func:`file_stamp`; 0 skips the check).
+
+    The check is made on the open descriptor, so what is read or mapped
+    afterwards is that file even if the path is replaced meanwhile.
+
+    Raises:
+        StoreChangedError: the file was replaced or removed since.
+    """
+    from unistore.errors import StoreChangedError
+
+    try:
+        f = open(location.path, "rb")
+    except FileNotFoundError:
+        if not stamp:
+            raise
+        raise StoreChangedError(f"{location.url} was removed after its store was opened (rewritten with "
+                                "overwrite=True, or deleted); open the store again") from None
+    if stamp and stamp_of(os.fstat(f.fileno())) != stamp:
+        f.close()
+        raise StoreChangedError(f"{location.url} was replaced after its store was opened (rewritten with "
+                                "overwrite=True?); its bytes are not served under the old shape and dtype - open the "
+                                "store again to read the new version")
+    return f
 
 
 def preallocate(path: str, what: str) -> None:

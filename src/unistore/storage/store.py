@@ -460,8 +460,36 @@ def open_store(url: str | os.PathLike[str] | Location, mode: str = "r", format: 
     elif not location.exists():
         raise StoreNotFoundError(f"no store at {location.url}: the path does not exist")
     fmt = get_format(format)
-    opened = fmt.open(location, **format_options)
-    return TensorStore(location, fmt.name, "r", opened)
+    return TensorStore(location, fmt.name, "r", _open_consistent(fmt, location, format_options))
+
+
+def _open_consistent(fmt: Any, location: Location, options: Mapping[str, Any]) -> OpenedStore:
+    """``fmt.open`` of one version of a local directory store: a store republished while it was being listed
+    (its root replaced) is listed again, so its files and its metadata come from one version."""
+    if not location.is_local:
+        return fmt.open(location, **options)
+    for _ in range(5):
+        before = _root_id(location.path)
+        try:
+            opened = fmt.open(location, **options)
+        except (FileNotFoundError, UnistoreError):
+            if _root_id(location.path) == before:
+                raise
+            continue  # republished mid-listing: list the new version
+        if _root_id(location.path) == before:
+            return opened
+    from unistore.errors import StoreChangedError
+
+    raise StoreChangedError(f"{location.url} was rewritten 5 times while it was being opened; open it again once "
+                            "its writer has finished")
+
+
+def _root_id(path: str) -> tuple[int, ...] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _as_cache(cache: Any) -> Any:
@@ -522,12 +550,35 @@ def _publish_local(staging: str, dest: str, overwrite: bool) -> None:
         if not overwrite:
             raise StoreExistsError(f"{dest} appeared while writing; pass overwrite=True to replace it")
         if os.path.isdir(dest) and not os.path.islink(dest):
+            if _exchange(staging, dest):  # one step: readers see the old store or the new one, never none
+                shutil.rmtree(staging, ignore_errors=True)
+                return
             trash = f"{dest}.unistore-old-{uuid.uuid4().hex[:8]}"
             os.replace(dest, trash)
             os.replace(staging, dest)
             shutil.rmtree(trash, ignore_errors=True)
             return
     os.replace(staging, dest)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where the system cannot."""
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    return False  # EINVAL/ENOSYS: this file system or kernel cannot exchange; the caller renames twice
 
 
 def _publish_remote(staging: str, location: Location, last: list[str], single_file: bool, overwrite: bool) -> None:

@@ -37,7 +37,7 @@ from unistore.storage.layout import (
     InMemoryLayout,
     IOStats,
     LazyBlockReader,
-    file_stamp,
+    stamp_of,
 )
 from unistore.storage.location import Location, retry_remote
 
@@ -67,6 +67,11 @@ def _open_h5(location: Location) -> tuple[Any, Any]:
         if "signature" in text.lower() or "not an hdf5" in text.lower() or "unable to open" in text.lower():
             raise CorruptDataError(f"{location.url} is not a readable HDF5 file ({text})") from e
         raise
+
+
+def _h5_stamp(f: Any) -> int:
+    """:func:`~unistore.storage.layout.file_stamp` of the local file an open ``h5py.File`` reads."""
+    return stamp_of(os.fstat(f.id.get_vfd_handle()))
 
 
 class _CountingFile:
@@ -191,10 +196,30 @@ def _close_open_readers() -> None:
 
 
 class Hdf5BlockReader(LazyBlockReader):
-    """Reads rows of one chunked dataset through h5py; the handle is (file, remote file object)."""
+    """Reads rows of one chunked dataset through h5py; the handle is (file, remote file object).
+
+    ``stamp`` (:func:`~unistore.storage.layout.file_stamp` of a local file when
+    its store was opened): a handle opened later must open that same file.
+    """
+
+    def __init__(self, location: Location, name: str, stamp: int = 0):
+        super().__init__(location, name)
+        self.stamp = stamp
+
+    def __getstate__(self) -> tuple[Any, ...]:  # type: ignore[override]
+        return (self.location, self.name, self.stamp)
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:  # type: ignore[override]
+        self.__init__(*state)  # type: ignore[misc]
 
     def _open(self) -> tuple[Any, Any]:
         handle = retry_remote(lambda: _open_h5(self.location), self.location)
+        if self.stamp and _h5_stamp(handle[0]) != self.stamp:  # the file h5py holds, not the path
+            from unistore.errors import StoreChangedError
+
+            _close_h5(*handle)
+            raise StoreChangedError(f"{self.location.url} was replaced after its store was opened (rewritten with "
+                                    "overwrite=True?); open the store again to read the new version")
         _OPEN_READERS.add(self)
         return handle
 
@@ -243,20 +268,22 @@ class Hdf5Format(Format):
         size = int(retry_remote(lambda: location.fs.size(location.path), location))
         with _LOCK:
             f, fileobj = retry_remote(lambda: _open_h5(location), location)
+            stamp = _h5_stamp(f) if location.is_local else 0
             try:
                 meta = loads_meta(_plain(f.attrs.get(META_KEY)))
                 opened.attrs.update({k: _plain(v) for k, v in f.attrs.items() if k != META_KEY})
                 datasets: list[tuple[str, Any]] = []
                 f.visititems(lambda name, obj: datasets.append((name, obj)) if isinstance(obj, h5py.Dataset) else None)
                 for name, ds in datasets:
-                    info = self._describe(location, name, ds, size)
+                    info = self._describe(location, name, ds, size, stamp)
                     if info is not None:
                         opened.arrays[name] = info
             finally:
                 _close_h5(f, fileobj)
         return apply_meta(opened, meta)
 
-    def _describe(self, location: Location, name: str, ds: Any, size: int) -> ArrayInfo | RaggedInfo | None:
+    def _describe(self, location: Location, name: str, ds: Any, size: int,
+                  stamp: int) -> ArrayInfo | RaggedInfo | None:
         import h5py
 
         attrs = {k: _plain(v) for k, v in ds.attrs.items()}
@@ -291,10 +318,11 @@ class Hdf5Format(Format):
             if offset + nbytes > size:
                 raise TruncatedDataError(f"{location.url} is truncated: dataset {name!r} ends at byte "
                                          f"{offset + nbytes} of {size}; re-create or re-download it")
-            layout: Any = ContiguousLayout(location, int(offset), shape, dtype, file_stamp(location))
+            layout: Any = ContiguousLayout(location, int(offset), shape, dtype, stamp)
             stored = nbytes
         elif ds.chunks is not None:
-            layout = ChunkedLayout(Hdf5BlockReader(location, name), shape, dtype, int(ds.chunks[0]),
+            layout = ChunkedLayout(Hdf5BlockReader(location, name, stamp), shape, dtype,
+                                   int(ds.chunks[0]),
                                    token=f"hdf5:{uuid.uuid4().hex}:{name}")
             stored = int(ds.id.get_storage_size())
         else:  # scalar or never-written dataset: tiny, read now

@@ -32,7 +32,7 @@ from unistore.storage.formats.base import (
     read_dir_meta,
     read_range,
 )
-from unistore.storage.layout import ContiguousLayout, InMemoryLayout, file_stamp, preallocate
+from unistore.storage.layout import ContiguousLayout, InMemoryLayout, preallocate
 from unistore.storage.location import Location, retry_remote
 
 _HEAD = 4096
@@ -150,12 +150,12 @@ class NpyFormat(Format):
         keys = list(members)
         heads = head_bytes(location, [members[k][0] for k in keys], _HEAD)
         arrays: dict[str, Any] = {}
-        for key, head in zip(keys, heads):
+        for key, (head, stamp) in zip(keys, heads):
             path, size = members[key]
             floc = file_location(location, path)
             if key in raw:
                 shape, dtype = _parse_raw_spec(key, raw.pop(key), size, floc.url)
-                arrays[key] = ArrayInfo(key, shape, dtype, ContiguousLayout(floc, 0, shape, dtype, file_stamp(floc)),
+                arrays[key] = ArrayInfo(key, shape, dtype, ContiguousLayout(floc, 0, shape, dtype, stamp),
                                         stored_nbytes=size, attrs={"raw_memmap": True})
                 continue
             if not head.startswith(b"\x93NUMPY"):
@@ -163,7 +163,7 @@ class NpyFormat(Format):
                                   f"raw={{{key!r}: (shape, dtype)}} to open_store")
             end = npy_header_end(head)
             if end is not None and len(head) < end <= min(size, _NPY_MAX_HEADER + 12):
-                head = read_range(floc, 0, end)
+                head = read_range(floc, 0, end, stamp)
             shape, dtype, fortran, offset = parse_npy_header(head, floc.url)
             nbytes = math.prod(shape) * dtype.itemsize  # Python ints: an absurd shape cannot overflow
             if size < offset + nbytes:
@@ -171,10 +171,10 @@ class NpyFormat(Format):
                                          "re-create or re-download it")
             if fortran and len(shape) > 1:
                 # rows are not contiguous; such files are rare and read whole
-                data = np.load(io.BytesIO(read_range(floc)), allow_pickle=False)
+                data = np.load(io.BytesIO(read_range(floc, stamp=stamp)), allow_pickle=False)
                 layout: Any = InMemoryLayout(np.ascontiguousarray(data))
             else:
-                layout = ContiguousLayout(floc, offset, shape, dtype, file_stamp(floc))
+                layout = ContiguousLayout(floc, offset, shape, dtype, stamp)
             arrays[key] = ArrayInfo(key, shape, dtype, layout, stored_nbytes=size)
         if raw:
             from unistore.errors import ArrayNotFoundError

@@ -30,6 +30,7 @@ from unistore.errors import (
     CorruptDataError,
     FormatError,
     RemoteError,
+    StoreChangedError,
     TruncatedDataError,
     UnsafePickleError,
 )
@@ -47,7 +48,7 @@ from unistore.storage.formats.base import (
     loads_meta,
     read_dir_meta,
 )
-from unistore.storage.layout import ContiguousLayout, InMemoryLayout, file_stamp
+from unistore.storage.layout import ContiguousLayout, InMemoryLayout, open_described, stamp_of
 from unistore.storage.location import Location, retry_remote
 
 #: Key of the unistore metadata string inside a single-file ``.pt`` dict.
@@ -64,7 +65,7 @@ def torch_to_numpy_dtype(dtype: Any) -> np.dtype[Any]:
     return np.dtype(torch.empty(0, dtype=dtype).numpy().dtype)
 
 
-def _load(floc: Location, meta: bool, describe: bool = False) -> Any:
+def _load(floc: Location, meta: bool, describe: bool = False, stamp: int = 0) -> Any:
     """``torch.load(weights_only=True)`` of one file, errors mapped to unistore's.
 
     ``describe``: also return the tree of :class:`_TensorRef` and the zip
@@ -76,7 +77,7 @@ def _load(floc: Location, meta: bool, describe: bool = False) -> Any:
 
     def run() -> Any:
         if floc.is_local:
-            with open(floc.path, "rb") as f:
+            with open_described(floc, stamp) as f:
                 return read(f)
         with floc.fs.open(floc.path, "rb", block_size=256 * 1024, cache_type="readahead") as f:
             return read(f)
@@ -87,7 +88,8 @@ def _load(floc: Location, meta: bool, describe: bool = False) -> Any:
             return obj
         f.seek(0)
         _, records, data_pkl = _zip_records(f, floc.url)
-        return obj, _tensor_refs(data_pkl), records
+        stamp = stamp_of(os.fstat(f.fileno())) if floc.is_local else 0  # the file read, not the path
+        return obj, _tensor_refs(data_pkl), records, stamp
 
     try:
         return retry_remote(run, floc)
@@ -100,7 +102,7 @@ def _load(floc: Location, meta: bool, describe: bool = False) -> Any:
                 "re-save its tensors with torch.save(tensor) or safetensors"
             ) from e
         raise CorruptDataError(f"{floc.url} is not a readable .pt file ({e})") from e
-    except (FileNotFoundError, PermissionError, RemoteError, CorruptDataError):
+    except (FileNotFoundError, PermissionError, RemoteError, CorruptDataError, StoreChangedError):
         raise
     except (RuntimeError, EOFError, ValueError, OSError, KeyError, TypeError, AttributeError, IndexError,
             zipfile.BadZipFile, struct.error) as e:
@@ -241,13 +243,13 @@ class _Described:
 
     def __init__(self, floc: Location, size: int):
         self.floc, self.size = floc, size
-        self.obj, self.refs, self.records = _load(floc, meta=True, describe=True)
+        self.obj, self.refs, self.records, self.stamp = _load(floc, meta=True, describe=True)
         self._real: Any = None
 
     def real(self) -> Any:
         """The file loaded for real (CPU tensors), once: for tensors that cannot be mapped in place."""
         if self._real is None:
-            self._real = _load(self.floc, meta=False)
+            self._real = _load(self.floc, meta=False, stamp=self.stamp)
         return self._real
 
 
@@ -278,7 +280,7 @@ def _tensor_info(key: str, t: Any, ref: Any, file: _Described) -> ArrayInfo | No
     if start + nbytes > file.size:
         raise TruncatedDataError(f"{floc.url} is truncated: tensor {key!r} ends at byte {start + nbytes} of "
                                  f"{file.size}; re-create or re-download it")
-    layout = ContiguousLayout(floc, start, shape, dtype, file_stamp(floc))
+    layout = ContiguousLayout(floc, start, shape, dtype, file.stamp)
     return ArrayInfo(key, shape, dtype, layout, stored_nbytes=nbytes)
 
 

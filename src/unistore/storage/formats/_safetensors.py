@@ -37,7 +37,7 @@ from unistore.storage.formats.base import (
     read_dir_meta,
     read_range,
 )
-from unistore.storage.layout import ContiguousLayout, file_stamp
+from unistore.storage.layout import ContiguousLayout
 from unistore.storage.location import Location, retry_remote
 
 _DTYPES: dict[str, Any] = {
@@ -187,14 +187,13 @@ class SafetensorsFormat(Format):
         keys = list(members)
         heads = head_bytes(location, [members[k][0] for k in keys], _FIRST_READ)
         opened = OpenedStore(self.name, {})
-        for stem, head in zip(keys, heads):
+        for stem, (head, stamp) in zip(keys, heads):
             path, size = members[stem]
             floc = file_location(location, path)
             end = 8 + int.from_bytes(head[:8], "little") if len(head) >= 8 else 0
             if len(head) < end <= min(size, _MAX_HEADER + 8):
-                head = read_range(floc, 0, end)
+                head = read_range(floc, 0, end, stamp)
             header, data_start = parse_header(head, size, floc.url)
-            stamp = file_stamp(floc)
             file_meta = dict(header.get("__metadata__") or {})
             if checkpoint is not None:
                 opened.attrs.update({k: v for k, v in file_meta.items() if k != META_KEY})

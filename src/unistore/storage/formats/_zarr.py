@@ -42,7 +42,7 @@ def _zarr_store(location: Location) -> Any:
                                 read_only=True)
 
 
-def _counting_store(location: Location, strict: bool = False) -> Any:
+def _counting_store(location: Location, strict: bool = False, root_id: tuple[int, ...] | None = None) -> Any:
     """The zarr store for ``location`` wrapped so every object read from storage is counted and checked.
 
     Locally, a chunk file must be a regular file inside the store (a link out
@@ -50,12 +50,22 @@ def _counting_store(location: Location, strict: bool = False) -> Any:
     followed or read). ``strict`` (arrays unistore wrote, which store every
     chunk): a missing chunk is :class:`~unistore.errors.CorruptDataError`, not
     fill values. A ranged read that comes back short is an error either way.
+    ``root_id``: (device, inode) of a local store's root when it was opened;
+    a root replaced since (the store republished) is an error, not new bytes.
     """
     from zarr.abc.store import OffsetByteRequest, RangeByteRequest
     from zarr.storage import WrapperStore
 
     remote = not location.is_local
     root = os.path.realpath(location.path) if not remote else ""
+    root_id = root_id or (_root_id(location.path) if not remote else None)
+
+    def same_root() -> None:
+        if _root_id(location.path) != root_id:
+            from unistore.errors import StoreChangedError
+
+            raise StoreChangedError(f"{location.url} was replaced after it was opened (rewritten with "
+                                    "overwrite=True?); open the store again to read the new version")
 
     class CountingStore(WrapperStore[Any]):
         requests = 0
@@ -63,11 +73,14 @@ def _counting_store(location: Location, strict: bool = False) -> Any:
 
         async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
             if not remote:
+                same_root()
                 _check_local_object(location, root, key)
             if byte_range is None and remote:
                 # "bytes=0-": one GET, where a plain whole-object read makes s3fs ask the size first (a HEAD)
                 byte_range = OffsetByteRequest(0)
             buf = await self._store.get(key, prototype, byte_range)
+            if not remote:
+                same_root()  # still the version opened: what was read is its bytes
             self.requests += 1
             self.nbytes += len(buf) if buf is not None else 0
             if buf is None and strict and _is_chunk_key(key):
@@ -84,6 +97,14 @@ def _counting_store(location: Location, strict: bool = False) -> Any:
             return [await self.get(key, prototype, byte_range) for key, byte_range in key_ranges]
 
     return CountingStore(_zarr_store(location))
+
+
+def _root_id(path: str) -> tuple[int, ...] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_mtime_ns)
 
 
 def _is_chunk_key(key: str) -> bool:
@@ -180,12 +201,14 @@ class ZarrBlockReader(LazyBlockReader):
 
     concurrent = True
 
-    def __init__(self, location: Location, name: str, strict: bool = False):
+    def __init__(self, location: Location, name: str, strict: bool = False,
+                 root_id: tuple[int, ...] | None = None):
         super().__init__(location, name)
         self.strict = strict
+        self.root_id = root_id
 
     def _open(self) -> tuple[Any, Any]:
-        store = _counting_store(self.location, self.strict)
+        store = _counting_store(self.location, self.strict, self.root_id)
         node = retry_remote(lambda: _open_node(self.location, store), self.location)
         return store, (node[self.name] if self.name else node)
 
@@ -212,11 +235,11 @@ class ZarrBlockReader(LazyBlockReader):
         return self._identity
 
     def __getstate__(self) -> tuple[Any, ...]:  # type: ignore[override]
-        return (self.location, self.name, self._identity, self.strict)
+        return (self.location, self.name, self._identity, self.strict, self.root_id)
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
-        self.__init__(state[0], state[1], state[3] if len(state) > 3 else False)  # type: ignore[misc]
-        self._identity = state[2] if len(state) > 2 else None
+        self.__init__(state[0], state[1], *state[3:5])  # type: ignore[misc]
+        self._identity = state[2]
 
     def read(self, start: int, stop: int) -> np.ndarray:
         arr = self.handle()[1]
@@ -269,6 +292,7 @@ class ZarrFormat(Format):
             except (ValueError, KeyError, TypeError) as e:
                 raise CorruptDataError(f"{location.url} has unreadable zarr metadata below the root ({e})") from e
         strict = meta.get("zarr_chunks") == "all"
+        root_id = _root_id(location.path) if location.is_local else None
         for key, arr, path in members:
             if arr.dtype.kind not in "biufc":
                 continue
@@ -279,7 +303,7 @@ class ZarrFormat(Format):
                 raise CorruptDataError(f"{location.url}: array {key!r} has chunk shape {chunks} for shape {shape}; "
                                        "every chunk dimension must be at least 1 - the metadata is corrupt")
             stored = _StoredBytes(location, path)  # a listing of every chunk: only when asked
-            layout = ChunkedLayout(ZarrBlockReader(location, path, strict), shape, np.dtype(arr.dtype),
+            layout = ChunkedLayout(ZarrBlockReader(location, path, strict, root_id), shape, np.dtype(arr.dtype),
                                    int(chunks[0]) if chunks else 1, token=f"zarr:{token}:{path}")
             opened.arrays[key] = ArrayInfo(key, shape, np.dtype(arr.dtype), layout, chunks=chunks,
                                            compression=_codec_names(arr), attrs=dict(arr.attrs),

@@ -302,15 +302,26 @@ def incomplete_error(location: Location) -> Exception:
                                 "wait for the writer, or delete it and write it again")
 
 
-def read_range(location: Location, start: int | None = None, end: int | None = None) -> bytes:
-    """Bytes ``[start, end)`` of the file at ``location`` (retried when remote)."""
+def read_range(location: Location, start: int | None = None, end: int | None = None, stamp: int = 0) -> bytes:
+    """Bytes ``[start, end)`` of the file at ``location`` (retried when remote).
+
+    ``stamp``: a local file must still be the one whose first bytes gave it
+    (see :func:`~unistore.storage.layout.open_described`).
+    """
+    from unistore.storage.layout import open_described
     from unistore.storage.location import retry_remote
 
+    if location.is_local:
+        with open_described(location, stamp) as f:
+            f.seek(start or 0)
+            return f.read(-1 if end is None else max(0, end - (start or 0)))
     return bytes(retry_remote(lambda: location.fs.cat_file(location.path, start=start, end=end), location))
 
 
-def head_bytes(location: Location, paths: list[str], nbytes: int) -> list[bytes]:
-    """The first ``nbytes`` of several files, fetched concurrently."""
+def head_bytes(location: Location, paths: list[str], nbytes: int) -> list[tuple[bytes, int]]:
+    """The first ``nbytes`` of several files, fetched concurrently, each with the
+    :func:`~unistore.storage.layout.file_stamp` of the very file they were read from (0 when remote)."""
+    from unistore.storage.layout import stamp_of
     from unistore.storage.location import retry_remote
 
     if not paths:
@@ -319,10 +330,24 @@ def head_bytes(location: Location, paths: list[str], nbytes: int) -> list[bytes]
         out = []
         for p in paths:
             with open(p, "rb") as f:
-                out.append(f.read(nbytes))
+                out.append((f.read(nbytes), stamp_of(os.fstat(f.fileno()))))
         return out
     fs = location.fs
-    return list(retry_remote(lambda: fs.cat_ranges(paths, [0] * len(paths), [nbytes] * len(paths)), location))
+    blobs = retry_remote(lambda: fs.cat_ranges(paths, [0] * len(paths), [nbytes] * len(paths), on_error="return"),
+                         location)
+    for blob in blobs:
+        if isinstance(blob, BaseException):  # cat_ranges returns some failures instead of raising them
+            raise _as_remote_error(blob, location)
+    return [(bytes(b), 0) for b in blobs]
+
+
+def _as_remote_error(exc: BaseException, location: Location) -> Exception:
+    from unistore.errors import RemoteError
+
+    if isinstance(exc, (FileNotFoundError, PermissionError)):
+        return exc  # type: ignore[return-value]
+    return RemoteError(f"reading {location.url} failed ({type(exc).__name__}); check that the endpoint is "
+                       "reachable and the credentials are valid")
 
 
 def file_location(location: Location, path: str) -> Location:

@@ -1,0 +1,96 @@
+"""A store republished (``overwrite=True``) under a reader: the reader sees the version it opened, or
+``StoreChangedError`` - never new bytes under the old shape and dtype, and never no store at all."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+from typing import Any
+
+import numpy as np
+import pytest
+
+import unistore as us
+from unistore import errors
+
+from .native import STORE_NAME
+
+FORMATS = sorted(STORE_NAME)
+
+
+def _version(v: int) -> np.ndarray:
+    # versions differ in shape as well as values: bytes of one read under the other's shape would show
+    return np.full((64 + 8 * (v % 2), 16 + 4 * (v % 3)), v, np.float32)
+
+
+def _publish(url: str, fmt: str, v: int) -> None:
+    with us.create_store(url, format=fmt, overwrite=True) as store:
+        data = _version(v)
+        store.write_array("emb", data, chunks=(8,) + data.shape[1:] if fmt in ("zarr", "hdf5") else None)
+        store.attrs["version"] = v
+
+
+def _writer(url: str, fmt: str, n: int) -> None:
+    for v in range(1, n + 1):
+        _publish(url, fmt, v)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_reader_sees_the_version_it_opened_or_a_typed_error(tmp_path: Any, fmt: str) -> None:
+    url = str(tmp_path / STORE_NAME[fmt])
+    _publish(url, fmt, 0)
+    writer = mp.get_context("fork").Process(target=_writer, args=(url, fmt, 40))
+    writer.start()
+    outcomes = {"right": 0, "changed": 0}
+    rng = np.random.default_rng(0)
+    try:
+        while writer.is_alive() or sum(outcomes.values()) < 20:
+            try:
+                store = us.open_store(url)  # never StoreNotFoundError: the store is always there
+            except errors.StoreChangedError:  # rewritten again and again while it was being opened
+                outcomes["changed"] += 1
+                continue
+            v = store.attrs["version"]
+            arr = store["emb"]
+            assert arr.shape == _version(v).shape
+            try:
+                rows = arr.take(rng.integers(0, arr.shape[0], 16))
+            except errors.StoreChangedError:
+                outcomes["changed"] += 1
+                continue
+            assert (rows == v).all(), f"version {v} served bytes of another version"
+            outcomes["right"] += 1
+    finally:
+        writer.join(120)
+    assert writer.exitcode == 0
+    assert outcomes["right"] > 0
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_store_opened_before_a_rewrite_never_serves_the_new_bytes(tmp_path: Any, fmt: str) -> None:
+    url = str(tmp_path / STORE_NAME[fmt])
+    _publish(url, fmt, 0)
+    store = us.open_store(url)  # described, nothing read yet
+    _publish(url, fmt, 1)
+    with pytest.raises(errors.StoreChangedError, match="open the store again"):
+        store["emb"].take([1, 2])
+    np.testing.assert_array_equal(us.open_store(url)["emb"].take([1]), _version(1)[[1]])
+
+
+@pytest.mark.parametrize("fmt", ["npy", "pt", "safetensors", "hdf5"])
+def test_rows_mapped_before_a_rewrite_stay_the_old_version(tmp_path: Any, fmt: str) -> None:
+    url = str(tmp_path / STORE_NAME[fmt])
+    _publish(url, fmt, 0)
+    arr = us.open_store(url)["emb"]
+    np.testing.assert_array_equal(arr.take([0]), _version(0)[[0]])  # mapped (or held open) now
+    _publish(url, fmt, 1)
+    np.testing.assert_array_equal(arr.take([3, 5]), _version(0)[[3, 5]])
+
+
+def test_directory_republish_swaps_in_one_step(tmp_path: Any) -> None:
+    url = str(tmp_path / "store")
+    _publish(url, "npy", 0)
+    before = os.stat(url).st_ino
+    _publish(url, "npy", 1)
+    assert os.stat(url).st_ino != before
+    assert sorted(p for p in os.listdir(tmp_path)) == ["store"]  # nothing left beside it
