@@ -20,9 +20,11 @@ SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>
 class FaultyProxy:
     """Forwards to ``upstream``; the next ``fail_next`` ranged GETs fail with ``mode``.
 
-    ``mode`` is ``"503"``, ``"500"``, ``"reset"`` (close without answering) or
-    ``"short"`` (send fewer body bytes than promised).  ``fail_always`` makes
-    every ranged GET fail.
+    ``mode`` is ``"503"``, ``"500"``, ``"reset"`` (close without answering),
+    ``"short"`` (send fewer body bytes than promised), ``"silence"`` (accept
+    the request and never answer) or ``"trickle"`` (answer, then send the body
+    a byte every 0.2 s).  ``fail_always`` makes every ranged GET fail.  Silent
+    and trickling answers end when :meth:`close` is called.
     """
 
     def __init__(self, upstream: str):
@@ -44,6 +46,7 @@ class FaultyProxy:
         #: seconds added before forwarding each request (a distant bucket)
         self.latency = 0.0
         self._lock = threading.Lock()
+        self._released = threading.Event()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -85,6 +88,23 @@ class FaultyProxy:
                 if fail and proxy.mode == "reset":
                     self.close_connection = True
                     self.connection.close()
+                    return
+                if fail and proxy.mode == "silence":
+                    proxy._released.wait(300)
+                    self.close_connection = True
+                    return
+                if fail and proxy.mode == "trickle":
+                    self.send_response(206)
+                    self.send_header("Content-Type", "application/octet-stream")
+                    self.send_header("Content-Length", "1048576")
+                    self.end_headers()
+                    while not proxy._released.wait(0.2):
+                        try:
+                            self.wfile.write(b"\x00")
+                            self.wfile.flush()
+                        except OSError:
+                            break
+                    self.close_connection = True
                     return
                 conn = http.client.HTTPConnection(proxy.upstream_host, proxy.upstream_port, timeout=30)
                 headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
@@ -164,5 +184,6 @@ class FaultyProxy:
         return f"http://{host}:{port}"
 
     def close(self) -> None:
+        self._released.set()
         self.server.shutdown()
         self.server.server_close()

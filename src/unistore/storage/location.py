@@ -12,6 +12,7 @@ import errno
 import os
 import posixpath
 import re
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
@@ -19,7 +20,7 @@ from typing import Any, TypeVar
 from unistore.errors import InvalidKeyError, RemoteError, UnistoreError
 from unistore.storage.secrets import is_secret_key
 
-__all__ = ["Location", "validate_key", "retry_remote", "RetryPolicy"]
+__all__ = ["Location", "validate_key", "retry_remote", "RetryPolicy", "one_retry_budget"]
 
 T = TypeVar("T")
 
@@ -87,7 +88,7 @@ class Location:
     """
 
     __slots__ = ("url", "protocol", "path", "_options", "_fs", "_pid", "cache", "_identity", "mapped", "_token",
-                 "_missing_secrets", "__weakref__")
+                 "_missing_secrets", "deadline", "__weakref__")
 
     def __init__(self, url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None):
         import fsspec.core
@@ -118,6 +119,8 @@ class Location:
         self.mapped: Any = None
         self._token: tuple[Any, str] | None = None  # (secrets, hand-off token) once pickled
         self._missing_secrets = False
+        #: seconds a remote read may take, retries included (None: ``UNISTORE_RETRY_DEADLINE``, else 60)
+        self.deadline: float | None = None
 
     # -- pickling: handles do not travel, and secrets travel outside the pickle (a token in it names them,
     # see unistore.storage.secrets); the object identity travels, so every process caches the bytes of the
@@ -131,7 +134,7 @@ class Location:
             if self._token is None or self._token[0] != found:
                 self._token = (found, hand_off(found))
             token = self._token[1]
-        return (self.url, self.protocol, self.path, public, self.cache, self._identity, token)
+        return (self.url, self.protocol, self.path, public, self.cache, self._identity, token, self.deadline)
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
         from unistore.storage.secrets import merge_secrets, take
@@ -139,6 +142,7 @@ class Location:
         self.url, self.protocol, self.path, self._options = state[:4]
         self.cache, self._identity = (state[4], state[5]) if len(state) > 4 else (None, None)
         token = state[6] if len(state) > 6 else None
+        self.deadline = state[7] if len(state) > 7 else None
         self._token = None
         self._missing_secrets = False
         if token:
@@ -215,7 +219,7 @@ class Location:
                 install_log_redaction()
 
             try:
-                self._fs = fsspec.filesystem(self.protocol, **self._options)
+                self._fs = one_retry_budget(fsspec.filesystem(self.protocol, **self._options))
             except ImportError as e:
                 from unistore.errors import MissingDependencyError
 
@@ -237,6 +241,14 @@ class Location:
         return bool(retry_remote(lambda: self.fs.isdir(self.path), self))
 
 
+def one_retry_budget(fs: Any) -> Any:
+    """``fs`` with s3fs's own retry loop reduced to one try: unistore's retries (:func:`retry_remote`) are then the
+    one budget a read spends, within its deadline, instead of s3fs retrying inside every attempt."""
+    if type(fs).__module__.startswith("s3fs"):
+        fs.retries = 1
+    return fs
+
+
 def _redact(options: Mapping[str, Any]) -> dict[str, Any]:
     return {k: ("***" if is_secret_key(k) else
                 _redact(v) if isinstance(v, Mapping) else v) for k, v in options.items()}
@@ -246,14 +258,17 @@ class RetryPolicy:
     """How hard remote reads try before giving up.
 
     ``attempts`` tries in total, exponential backoff from ``base_delay`` seconds,
-    and never longer than ``deadline`` seconds overall.  The defaults mean a
-    persistent failure is raised as :class:`RemoteError` within about 30 s.
-    Tune with ``UNISTORE_RETRY_ATTEMPTS`` / ``UNISTORE_RETRY_DEADLINE``.
+    and never longer than ``deadline`` seconds overall - a read whose answer
+    does not come (a server that accepts and stays silent, a body that
+    trickles in) is abandoned at the deadline too.  The defaults mean every
+    remote read ends, one way or the other, within about 60 s.  Tune with
+    ``UNISTORE_RETRY_ATTEMPTS`` / ``UNISTORE_RETRY_DEADLINE``, or per store with
+    ``open_store(..., deadline=seconds)``.
     """
 
     def __init__(self, attempts: int | None = None, deadline: float | None = None, base_delay: float = 0.1):
-        self.attempts = attempts or int(os.environ.get("UNISTORE_RETRY_ATTEMPTS", "6"))
-        self.deadline = deadline or float(os.environ.get("UNISTORE_RETRY_DEADLINE", "30"))
+        self.attempts = attempts or int(os.environ.get("UNISTORE_RETRY_ATTEMPTS", "8"))
+        self.deadline = deadline or float(os.environ.get("UNISTORE_RETRY_DEADLINE", "60"))
         self.base_delay = base_delay
 
 
@@ -264,7 +279,9 @@ _TRANSIENT_ERRNOS = {errno.EBUSY, errno.EAGAIN, errno.ETIMEDOUT, errno.ECONNRESE
 
 _TRANSIENT_MARKERS = ("SlowDown", "reduce your request rate", "InternalError", "ServiceUnavailable", "Throttl",
                       "ConnectionReset", "Connection reset", "EndpointConnectionError", "ReadTimeout",
-                      "IncompleteRead", "ResponseStreamingError", "ClientPayloadError", "ServerDisconnected")
+                      "IncompleteRead", "ResponseStreamingError", "ClientPayloadError", "ServerDisconnected",
+                      "ConnectionClosedError", "Connection was closed", "ReadTimeoutError", "ConnectTimeout",
+                      "FSTimeoutError", "TimeoutError")
 # status codes as whole numbers only: a bucket or key name may contain "500"
 _TRANSIENT_STATUS = re.compile(r"(?<![\w-])(500|502|503|504)(?![\w-])")
 
@@ -287,37 +304,86 @@ class ShortReadError(OSError):
     """A ranged read returned fewer bytes than asked (retried, never returned)."""
 
 
+_WATCHED = threading.local()
+
+
 def retry_remote(fn: Callable[[], T], where: Location, policy: RetryPolicy | None = None) -> T:
-    """Call ``fn`` with bounded retries for transient remote failures.
+    """Call ``fn`` with bounded retries for transient remote failures, within the policy's deadline.
 
     Local locations call ``fn`` once.  Non-transient errors (missing object,
-    permission denied) propagate at once.
+    permission denied) propagate at once.  Remotely, the outermost call runs
+    ``fn`` on a watched thread: an attempt still unanswered at the deadline is
+    abandoned (left to finish or fail on its own) and reported.
 
     Raises:
-        RemoteError: the failure persisted past the policy's attempts or deadline.
+        RemoteError: the failure persisted past the policy's attempts or deadline, naming the URL, the last
+            fault and the settings that bound it.
     """
     if where.is_local:
         return fn()
-    policy = policy or RetryPolicy()
+    policy = policy or RetryPolicy(deadline=where.deadline)
     start = time.monotonic()
     delay = policy.base_delay
+    last = ""
     for attempt in range(1, policy.attempts + 1):
         try:
-            return fn()
+            return _watched(fn, policy.deadline - (time.monotonic() - start))
+        except _Unanswered:
+            before = f"; before it: {last}" if last else ""
+            raise RemoteError(
+                f"reading {where.url} failed: no complete answer within the {policy.deadline:g}s deadline "
+                f"(attempt {attempt} was still waiting - a server that accepts and stays silent, or sends too "
+                f"slowly{before}); check the endpoint, or raise the deadline: UNISTORE_RETRY_DEADLINE or "
+                "open_store(..., deadline=seconds)"
+            ) from None
         except Exception as e:
             if not _is_transient(e):
                 raise
+            last = f"{type(e).__name__}: {_scrub(str(e), where)[:200]}"
             elapsed = time.monotonic() - start
             if attempt == policy.attempts or elapsed + delay > policy.deadline:
                 raise RemoteError(
                     f"reading {where.url} failed {attempt} times in {elapsed:.1f}s "
                     f"(last error: {type(e).__name__}: {_scrub(str(e), where)}); check that the "
                     "endpoint is reachable and the credentials are valid, or raise "
-                    "UNISTORE_RETRY_ATTEMPTS / UNISTORE_RETRY_DEADLINE"
+                    "UNISTORE_RETRY_ATTEMPTS / UNISTORE_RETRY_DEADLINE (or open_store(..., deadline=seconds))"
                 ) from e
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
     raise AssertionError("unreachable")
+
+
+class _Unanswered(Exception):
+    """An attempt did not finish before the deadline."""
+
+
+def _watched(fn: Callable[[], T], remaining: float) -> T:
+    """``fn()``, abandoned with :class:`_Unanswered` after ``remaining`` seconds.
+
+    Calls nested inside a watched one run directly: the outermost watch bounds them all.
+    """
+    if getattr(_WATCHED, "active", False):
+        return fn()
+    if remaining <= 0:
+        raise _Unanswered
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def run() -> None:
+        _WATCHED.active = True
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            box["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="unistore-remote-read", daemon=True).start()
+    if not done.wait(remaining):
+        raise _Unanswered
+    if "error" in box:
+        raise box["error"]
+    return box["value"]  # type: ignore[no-any-return]
 
 
 def _scrub(text: str, where: Location) -> str:

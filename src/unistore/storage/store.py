@@ -425,7 +425,7 @@ def _stream_checksum(arr: Array, block_rows: int | None) -> str:
 
 # ------------------------------------------------------------------- open
 def open_store(url: str | os.PathLike[str] | Location, mode: str = "r", format: str = "auto",
-               storage_options: Mapping[str, Any] | None = None, cache: Any = None,
+               storage_options: Mapping[str, Any] | None = None, cache: Any = None, deadline: float | None = None,
                **format_options: Any) -> TensorStore:
     """Open the store at ``url`` for reading.  Reads metadata only.
 
@@ -441,6 +441,10 @@ def open_store(url: str | os.PathLike[str] | Location, mode: str = "r", format: 
     as decoded chunks that every process maps; local uncompressed arrays are
     read in place.
 
+    ``deadline``: seconds any one remote read of this store may take, retries
+    included, before it raises :class:`~unistore.errors.RemoteError` (default
+    ``$UNISTORE_RETRY_DEADLINE``, else 60).
+
     Raises:
         StoreNotFoundError: nothing at ``url``.
         UnknownFormatError: the format could not be detected.
@@ -450,6 +454,8 @@ def open_store(url: str | os.PathLike[str] | Location, mode: str = "r", format: 
     if mode != "r":
         raise ValueError(f"open_store supports mode='r' only, got {mode!r}; use create_store to write")
     location = url if isinstance(url, Location) else Location(url, storage_options)
+    if deadline is not None:
+        location.deadline = float(deadline)
     if not location.is_local:
         # fsspec caches listings per filesystem instance; a store published since
         # must not be judged by a stale listing

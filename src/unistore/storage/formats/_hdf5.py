@@ -45,21 +45,18 @@ _LOCK = threading.Lock()  # libhdf5 is not thread-safe across files opened from 
 
 
 def _open_h5(location: Location) -> tuple[Any, Any]:
-    """(h5py.File, the fsspec file object under it or None)."""
+    """(h5py.File, the :class:`_RemoteFile` under it or None)."""
     import h5py
 
     fileobj: Any = None
     try:
         if location.is_local:
             return h5py.File(location.path, "r"), None
-        if location.cache is not None:
-            fileobj = _DiskCachedFile(location)
-        else:
-            fileobj = _CountingFile(location.fs.open(location.path, "rb", block_size=1 << 20, cache_type="readahead"))
+        fileobj = _RemoteFile(location)
         return h5py.File(fileobj, "r"), fileobj
     except OSError as e:
-        if fileobj is not None:
-            fileobj.close()
+        if fileobj is not None and fileobj.error is not None:
+            raise fileobj.error from None  # what the storage did (RemoteError, a missing object), not libhdf5's echo
         text = str(e)
         if "truncated" in text.lower() or "eof" in text.lower():
             raise TruncatedDataError(f"{location.url} is a truncated HDF5 file ({text}); re-create or re-download it") \
@@ -74,61 +71,53 @@ def _h5_stamp(f: Any) -> int:
     return stamp_of(os.fstat(f.id.get_vfd_handle()))
 
 
-class _CountingFile:
-    """A read-only file object that counts the reads h5py makes through it."""
+class _RemoteFile:
+    """A read-only file object over a remote HDF5 file for h5py.
 
-    def __init__(self, f: Any):
-        self._f = f
-        self.requests = 0
-        self.nbytes = 0
+    Every read is a ranged read of the engine (``fetch_ranges``): through the
+    location's disk cache when it has one (fetched once, in cache blocks, and
+    read locally afterwards by every process on the machine), else with a
+    1 MiB read-ahead buffer for h5py's many small metadata reads.  Reads are
+    retried and bounded by the store's deadline, and always return what was
+    asked (a short body is retried, never handed to libhdf5); the error that
+    ended a read is kept in ``error``, since h5py reports it only as its own
+    ``OSError``.
+    """
 
-    def readinto(self, buf: Any) -> int:
-        n = self._f.readinto(buf)
-        self.requests += 1
-        self.nbytes += n or 0
-        return int(n or 0)
-
-    def read(self, size: int = -1) -> bytes:
-        data = self._f.read(size)
-        self.requests += 1
-        self.nbytes += len(data)
-        return bytes(data)
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        return int(self._f.seek(offset, whence))
-
-    def tell(self) -> int:
-        return int(self._f.tell())
-
-    def seekable(self) -> bool:
-        return True
-
-    def readable(self) -> bool:
-        return True
-
-    def close(self) -> None:
-        self._f.close()
-
-
-class _DiskCachedFile:
-    """A remote HDF5 file read through the location's disk cache: every byte h5py asks for (superblock,
-    object headers, chunk index, chunks) is fetched once, in cache blocks, and read locally afterwards, by
-    this process and every other one on the machine."""
+    READ_AHEAD = 1 << 20
 
     def __init__(self, location: Location):
         self._loc = location
         self._size = location.identity()[1]
         self._pos = 0
         self._stats = IOStats()
+        self._buf = b""
+        self._buf_start = 0
+        self.error: BaseException | None = None
 
-    def readinto(self, buf: Any) -> int:
+    def _fetch(self, start: int, end: int) -> bytes:
         from unistore.storage.engine import fetch_ranges
 
+        try:
+            return bytes(fetch_ranges(self._loc, np.array([start]), np.array([end]), self._stats)[0])
+        except BaseException as e:
+            self.error = e
+            raise
+
+    def readinto(self, buf: Any) -> int:
         view = memoryview(buf).cast("B")
         end = min(self._pos + len(view), self._size)
         if end <= self._pos:
             return 0
-        blob = fetch_ranges(self._loc, np.array([self._pos]), np.array([end]), self._stats)[0]
+        if self._loc.cache is not None:
+            blob = self._fetch(self._pos, end)
+        else:
+            lo, hi = self._buf_start, self._buf_start + len(self._buf)
+            if not (lo <= self._pos and end <= hi):
+                self._buf_start = self._pos
+                self._buf = self._fetch(self._pos, min(self._size, max(end, self._pos + self.READ_AHEAD)))
+            at = self._pos - self._buf_start
+            blob = self._buf[at:at + end - self._pos]
         view[:len(blob)] = blob
         self._pos += len(blob)
         return len(blob)
@@ -153,7 +142,7 @@ class _DiskCachedFile:
 
     @property
     def requests(self) -> int:
-        """Range requests this file sent to storage (blocks missing from the cache)."""
+        """Range requests this file sent to storage (with a disk cache: blocks missing from it)."""
         return self._stats.requests
 
     @property
@@ -161,7 +150,7 @@ class _DiskCachedFile:
         return self._stats.bytes
 
     def close(self) -> None:
-        pass
+        self._buf = b""
 
 
 def _close_h5(h5: Any, fileobj: Any) -> None:
@@ -213,7 +202,7 @@ class Hdf5BlockReader(LazyBlockReader):
         self.__init__(*state)  # type: ignore[misc]
 
     def _open(self) -> tuple[Any, Any]:
-        handle = retry_remote(lambda: _open_h5(self.location), self.location)
+        handle = _open_h5(self.location)
         if self.stamp and _h5_stamp(handle[0]) != self.stamp:  # the file h5py holds, not the path
             from unistore.errors import StoreChangedError
 
@@ -247,12 +236,17 @@ class Hdf5BlockReader(LazyBlockReader):
 
     def read(self, start: int, stop: int) -> np.ndarray:
         with _LOCK:
-            ds = self.handle()[0][self.name]
+            f, fileobj = self.handle()
+            ds = f[self.name]
+            if fileobj is not None:
+                fileobj.error = None
             try:
-                return retry_remote(lambda: ds[start:stop], self.location)
-            except OSError as e:
+                return np.asarray(ds[start:stop])
+            except (OSError, RuntimeError, ValueError) as e:
+                if fileobj is not None and fileobj.error is not None:
+                    raise fileobj.error from None  # the storage failed (retried already), not the file
                 raise CorruptDataError(f"{self.location.url}: cannot decode rows {start}:{stop} of "
-                                       f"{self.name!r} ({e}); the file is corrupt") from e
+                                       f"{self.name!r} ({type(e).__name__}: {e}); the file is corrupt") from e
 
 
 class Hdf5Format(Format):
@@ -267,7 +261,7 @@ class Hdf5Format(Format):
         opened = OpenedStore(self.name, {})
         size = int(retry_remote(lambda: location.fs.size(location.path), location))
         with _LOCK:
-            f, fileobj = retry_remote(lambda: _open_h5(location), location)
+            f, fileobj = _open_h5(location)
             stamp = _h5_stamp(f) if location.is_local else 0
             try:
                 meta = loads_meta(_plain(f.attrs.get(META_KEY)))

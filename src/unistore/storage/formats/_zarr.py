@@ -27,7 +27,7 @@ from unistore.storage.formats.base import (
     incomplete_error,
 )
 from unistore.storage.layout import ChunkedLayout, LazyBlockReader
-from unistore.storage.location import Location, retry_remote
+from unistore.storage.location import Location, one_retry_budget, retry_remote
 
 #: Default chunk size (bytes) for arrays written without explicit chunks.
 DEFAULT_CHUNK_BYTES = 1 << 20
@@ -38,8 +38,10 @@ def _zarr_store(location: Location) -> Any:
 
     if location.is_local:
         return LocalStore(location.path, read_only=True)
-    return FsspecStore.from_url(f"{location.protocol}://{location.path}", storage_options=location.storage_options,
-                                read_only=True)
+    store = FsspecStore.from_url(f"{location.protocol}://{location.path}", storage_options=location.storage_options,
+                                 read_only=True)
+    one_retry_budget(store.fs)
+    return store
 
 
 def _counting_store(location: Location, strict: bool = False, root_id: tuple[int, ...] | None = None) -> Any:

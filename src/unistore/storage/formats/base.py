@@ -354,5 +354,6 @@ def file_location(location: Location, path: str) -> Location:
     """A :class:`Location` for one member file of a directory store."""
     loc = Location.__new__(Location)
     url = path if location.protocol == "file" else f"{location.protocol}://{path}"
-    loc.__setstate__((url, location.protocol, path, location.storage_options, location.cache, None))
+    loc.__setstate__((url, location.protocol, path, location.storage_options, location.cache, None, None,
+                      location.deadline))
     return loc
