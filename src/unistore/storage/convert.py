@@ -20,6 +20,7 @@ import numpy as np
 
 from unistore.storage.array import Array, RaggedArray
 from unistore.storage.layout import file_stamp, preallocate
+from unistore.storage.leftovers import sweep
 from unistore.storage.location import Location
 from unistore.storage.store import create_store, open_store
 
@@ -115,7 +116,8 @@ def convert(src_url: str | os.PathLike[str] | Location, dst_url: str | os.PathLi
     job: _DaskJob | None = None
     stack = contextlib.ExitStack()
     bar = _progress(total, f"convert -> {format}", progress)
-    spill = tempfile.TemporaryDirectory(prefix="unistore-convert-")
+    sweep(tempfile.gettempdir())  # spill folders of conversions that were killed
+    spill = tempfile.TemporaryDirectory(prefix=f"unistore-convert-{os.getpid()}-")
     key_chunks = {key: chunks.get(key) if isinstance(chunks, Mapping) else _fit_chunks(chunks, a.shape)
                   for key, a in arrays.items() if isinstance(a, Array)}
     encoded: set[str] = set()

@@ -38,6 +38,8 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
+from unistore.storage.leftovers import sweep
+
 __all__ = ["split_secrets", "merge_secrets", "hand_off", "take", "install_log_redaction", "is_secret_key"]
 
 _SECRET_HINTS = ("secret", "token", "password", "key", "credential", "session")
@@ -147,26 +149,12 @@ def take(token: str) -> list[tuple[list[str], str]] | None:
 def _sweep(folder: str) -> None:
     """Remove hand-off files whose writer process is gone (killed before it could remove them)."""
     global _SWEPT
-    if _SWEPT:
-        return
-    _SWEPT = True
-    for name in os.listdir(folder):
-        pid = name.split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            try:
-                os.unlink(os.path.join(folder, name))
-            except OSError:
-                pass
+    if not _SWEPT:
+        _SWEPT = True
+        sweep(folder, _HAND_OFF)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+_HAND_OFF = re.compile(r"^(\d+)-[0-9a-f]+\.json$")
 
 
 @atexit.register

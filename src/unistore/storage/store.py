@@ -34,6 +34,7 @@ from unistore.storage.array import Array, RaggedArray
 from unistore.storage.formats import detect_format, get_format
 from unistore.storage.formats.base import PENDING_NAME, ArrayInfo, FormatWriter, OpenedStore, RaggedInfo, bfloat16
 from unistore.storage.layout import IOStats
+from unistore.storage.leftovers import sweep
 from unistore.storage.location import Location, retry_remote, validate_key
 
 __all__ = ["TensorStore", "open_store", "create_store", "as_ragged", "checksum_of"]
@@ -528,9 +529,11 @@ def create_store(url: str | os.PathLike[str] | Location, format: str, storage_op
     if location.is_local:
         parent = os.path.dirname(location.path) or "."
         os.makedirs(parent, exist_ok=True)
-        staging_dir = os.path.join(parent, f".{location.name}.unistore-tmp-{token}")
+        sweep(parent)  # staging entries of writers that were killed
+        staging_dir = os.path.join(parent, f".{location.name}.unistore-tmp-{os.getpid()}-{token}")
     else:
-        staging_dir = tempfile.mkdtemp(prefix="unistore-")
+        sweep(tempfile.gettempdir())
+        staging_dir = tempfile.mkdtemp(prefix=f"unistore-{os.getpid()}-")
     os.makedirs(staging_dir, exist_ok=True)
     writer = fmt.writer(os.path.join(staging_dir, location.name or "store"), **writer_options)
     return TensorStore(location, fmt.name, "w", None, writer, staging_dir, overwrite)
@@ -559,7 +562,7 @@ def _publish_local(staging: str, dest: str, overwrite: bool) -> None:
             if _exchange(staging, dest):  # one step: readers see the old store or the new one, never none
                 shutil.rmtree(staging, ignore_errors=True)
                 return
-            trash = f"{dest}.unistore-old-{uuid.uuid4().hex[:8]}"
+            trash = f"{dest}.unistore-old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             os.replace(dest, trash)
             os.replace(staging, dest)
             shutil.rmtree(trash, ignore_errors=True)
