@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from unistore.errors import CorruptDataError, TruncatedDataError, UnsupportedError
+from unistore.errors import CorruptDataError, TruncatedDataError, UnistoreError, UnsupportedError
 from unistore.storage.formats.base import (
     META_KEY,
     ArrayInfo,
@@ -254,12 +254,30 @@ class Hdf5Format(Format):
     compressions = ("gzip", "lzf")
 
     def open(self, location: Location, **options: Any) -> OpenedStore:
-        import h5py
-
         if options:
             raise TypeError(f"hdf5 stores take no options {sorted(options)}")
         opened = OpenedStore(self.name, {})
         size = int(retry_remote(lambda: location.fs.size(location.path), location))
+        if location.is_local:
+            from unistore.storage.formats._hdf5_probe import probe
+
+            verdict = probe(location.path)  # a crafted file must not hang this process inside libhdf5
+            if verdict is not None and verdict[0] != "error":
+                raise CorruptDataError(f"{location.url} is a corrupt HDF5 file: {verdict[1]}; re-create or "
+                                       "re-download it")
+        try:
+            return self._open(location, opened, size)
+        except (UnistoreError, FileNotFoundError, PermissionError, IsADirectoryError):
+            raise
+        except (OSError, RuntimeError, KeyError, TypeError, ValueError, AttributeError, IndexError,
+                OverflowError, SystemError) as e:
+            raise CorruptDataError(f"{location.url} is a corrupt HDF5 file: h5py cannot list it "
+                                   f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); re-create "
+                                   "or re-download it") from e
+
+    def _open(self, location: Location, opened: OpenedStore, size: int) -> OpenedStore:
+        import h5py
+
         with _LOCK:
             f, fileobj = _open_h5(location)
             stamp = _h5_stamp(f) if location.is_local else 0

@@ -301,9 +301,10 @@ class ZarrFormat(Format):
             shape = tuple(int(s) for s in arr.shape)
             chunks = tuple(int(c) for c in arr.chunks) if shape else None
             checked_nbytes(list(shape), np.dtype(arr.dtype), f"{location.url}: array {key!r}")
-            if chunks is not None and (len(chunks) != len(shape) or min(chunks, default=1) < 1):
+            if chunks is not None and (len(chunks) != len(shape)
+                                       or any(c < 1 and n > 0 for c, n in zip(chunks, shape))):
                 raise CorruptDataError(f"{location.url}: array {key!r} has chunk shape {chunks} for shape {shape}; "
-                                       "every chunk dimension must be at least 1 - the metadata is corrupt")
+                                       "every chunk dimension of a non-empty axis must be at least 1 - the metadata is corrupt")
             stored = _StoredBytes(location, path)  # a listing of every chunk: only when asked
             layout = ChunkedLayout(ZarrBlockReader(location, path, strict, root_id), shape, np.dtype(arr.dtype),
                                    int(chunks[0]) if chunks else 1, token=f"zarr:{token}:{path}")
