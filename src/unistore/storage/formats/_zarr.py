@@ -304,7 +304,8 @@ class ZarrFormat(Format):
             if chunks is not None and (len(chunks) != len(shape)
                                        or any(c < 1 and n > 0 for c, n in zip(chunks, shape))):
                 raise CorruptDataError(f"{location.url}: array {key!r} has chunk shape {chunks} for shape {shape}; "
-                                       "every chunk dimension of a non-empty axis must be at least 1 - the metadata is corrupt")
+                                       "every chunk dimension of a non-empty axis must be at least 1 - the "
+                                       "metadata is corrupt")
             stored = _StoredBytes(location, path)  # a listing of every chunk: only when asked
             layout = ChunkedLayout(ZarrBlockReader(location, path, strict, root_id), shape, np.dtype(arr.dtype),
                                    int(chunks[0]) if chunks else 1, token=f"zarr:{token}:{path}")
