@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import pytest
 from hypothesis import given
-from hypothesis import strategies as st
 
 import unistore as us
 from unistore import errors
@@ -169,19 +168,30 @@ def truth() -> Any:
     t.close()
 
 
+class _Bytes:
+    """A file's bytes, held without a repr of them (a falsifying example prints its fixtures)."""
+
+    def __init__(self, raw: bytes):
+        self.raw = raw
+
+    def __repr__(self) -> str:
+        return f"<{len(self.raw)} bytes>"
+
+
 @pytest.fixture(scope="module")
-def base_file(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+def base_h5(tmp_path_factory: pytest.TempPathFactory) -> _Bytes:
     path = tmp_path_factory.mktemp("h5base") / "base.h5"
     _base(path)
-    return path.read_bytes()
+    return _Bytes(path.read_bytes())
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
 @FUZZ
 @given(edits=mutation(15000, 1024))
-def test_hdf5_superblock_region_fuzz(tmp_path: Any, base_file: bytes, truth: Any,
+def test_hdf5_superblock_region_fuzz(tmp_path: Any, base_h5: Any, truth: Any,
                                      edits: list[tuple[str, int, bytes]]) -> None:
+    base_file = base_h5.raw
     os.environ["UNISTORE_HDF5_PROBE_TIMEOUT"] = "10"
     path = str(tmp_path / f"{uuid.uuid4().hex}.h5")
     with open(path, "wb") as f:
@@ -211,3 +221,28 @@ def test_hdf5_superblock_region_fuzz(tmp_path: Any, base_file: bytes, truth: Any
         dtype, shape, hexed = want[key]
         assert value.dtype == np.dtype(dtype) and list(value.shape) == shape, key
         assert np.ascontiguousarray(value).tobytes() == bytes.fromhex(hexed), key
+
+
+def test_a_type_libhdf5_converts_is_read_through_h5py(tmp_path: Any) -> None:
+    """A float type with another exponent bias: h5py reads it as float64 values libhdf5 converts; the raw
+    4-byte values must not be served as those float64s."""
+    import h5py
+
+    from unistore.storage.layout import ContiguousLayout
+
+    raw = np.arange(24, dtype=np.float32).reshape(6, 4)
+    path = tmp_path / "odd.h5"
+    odd = h5py.h5t.IEEE_F32LE.copy()
+    odd.set_ebias(126)
+    with h5py.File(path, "w") as f:
+        ds = h5py.h5d.create(f.id, b"odd", odd, h5py.h5s.create_simple(raw.shape))
+        ds.write(h5py.h5s.ALL, h5py.h5s.ALL, raw, mtype=odd)
+        f.create_dataset("plain", data=raw)
+    with h5py.File(path, "r") as f:
+        want = f["odd"][...]
+    store = us.open_store(path)
+    assert store["odd"].dtype == want.dtype == np.float64
+    np.testing.assert_array_equal(store["odd"].take([5, 0]), want[[5, 0]])
+    np.testing.assert_array_equal(store["odd"].take([1]), 2 * raw[[1]])
+    assert isinstance(store["plain"].layout, ContiguousLayout)
+    np.testing.assert_array_equal(store["plain"].take([5, 0]), raw[[5, 0]])

@@ -163,3 +163,46 @@ def test_pt_zip_directory_fuzz(tmp_path: Any, edits: list[tuple[str, int, bytes]
         return {k: v.numpy() for k, v in obj.items()}
 
     check(path, "pt", truth)
+
+
+def _zarr_store(root: Any) -> tuple[str, bytes]:
+    path = str(root / "base.zarr")
+    with us.create_store(path, format="zarr", overwrite=True) as store:
+        store.write_array("emb", float_rows(12, 4), chunks=(5, 4), compression="zstd")
+    with open(f"{path}/emb/zarr.json", "rb") as f:
+        return path, f.read()
+
+
+@pytest.fixture(scope="module")
+def zarr_base(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, bytes]:
+    return _zarr_store(tmp_path_factory.mktemp("zarrfuzz"))
+
+
+@pytest.mark.slow
+@FUZZ
+@given(edits=mutation(600, 600))
+def test_zarr_metadata_fuzz(tmp_path: Any, zarr_base: tuple[str, bytes], edits: list[tuple[str, int, bytes]]) -> None:
+    """zarr.json of an array unistore wrote, fuzzed: zarr-python's reading of the same bytes, or a unistore error."""
+    import shutil
+
+    import zarr
+
+    base, meta = zarr_base
+    path = str(tmp_path / f"{uuid.uuid4().hex}.zarr")
+    shutil.copytree(base, path)
+    with open(f"{path}/emb/zarr.json", "wb") as f:
+        f.write(apply(meta, edits))
+    try:
+        got = read_all(path, "zarr")
+    except UnistoreError:
+        OUTCOMES["refused"] += 1
+        return
+    except Exception as e:  # noqa: BLE001 - the point of the test
+        pytest.fail(f"unistore raised {type(e).__name__} (not a unistore error): {e}")
+    OUTCOMES["read"] += 1
+    group = zarr.open_group(path, mode="r")  # only now: unistore found a sane shape, so reading it whole is safe
+    want = {key: np.asarray(arr[...]) for key, arr in group.arrays()}
+    assert sorted(got) == sorted(want)
+    for key in want:
+        assert got[key].dtype == want[key].dtype and got[key].shape == want[key].shape, key
+        np.testing.assert_array_equal(got[key], want[key])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import math
 import os
 import threading
 import uuid
@@ -64,6 +65,17 @@ def _open_h5(location: Location) -> tuple[Any, Any]:
         if "signature" in text.lower() or "not an hdf5" in text.lower() or "unable to open" in text.lower():
             raise CorruptDataError(f"{location.url} is not a readable HDF5 file ({text})") from e
         raise
+
+
+def _stored_as_is(ds: Any, dtype: np.dtype[Any], nbytes: int) -> bool:
+    """Whether a contiguous dataset's bytes on disk are exactly numpy's ``dtype`` values, all ``nbytes`` of them."""
+    import h5py
+
+    try:
+        same_type = bool(ds.id.get_type().equal(h5py.h5t.py_create(dtype)))
+    except (TypeError, ValueError):
+        return False
+    return same_type and int(ds.id.get_storage_size()) == nbytes
 
 
 def _h5_stamp(f: Any) -> int:
@@ -325,8 +337,16 @@ class Hdf5Format(Format):
         shape = tuple(int(s) for s in ds.shape)
         compression = ds.compression
         offset = ds.id.get_offset() if ds.chunks is None and not shape == () else None
+        nbytes = math.prod(shape) * dtype.itemsize
+        if offset is not None and not _stored_as_is(ds, dtype, nbytes):
+            # the file's type is not numpy's (another bit layout, byte order or size) or its storage is not all
+            # there: libhdf5 converts or fills what it reads, so h5py reads it, not a map of the raw bytes
+            converted = ChunkedLayout(Hdf5BlockReader(location, name, stamp), shape, dtype,
+                                      max(1, (1 << 20) // max(1, nbytes // max(1, shape[0]))),
+                                      token=f"hdf5:{uuid.uuid4().hex}:{name}")
+            return ArrayInfo(name, shape, dtype, converted, chunks=None, compression=compression, attrs=attrs,
+                             stored_nbytes=int(ds.id.get_storage_size()))
         if ds.chunks is None and offset is not None:
-            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
             if offset + nbytes > size:
                 raise TruncatedDataError(f"{location.url} is truncated: dataset {name!r} ends at byte "
                                          f"{offset + nbytes} of {size}; re-create or re-download it")
