@@ -30,6 +30,7 @@ __all__ = [
     "UnsupportedError",
     "OutOfBoundsError",
     "CatalogUnavailableError",
+    "CatalogCorruptError",
     "DatasetNotFoundError",
     "IntegrityError",
     "NonFiniteMetricError",
@@ -122,6 +123,10 @@ class OutOfBoundsError(UnistoreError, IndexError):
 
 class CatalogUnavailableError(UnistoreError, ConnectionError):
     """The catalog database cannot be reached or opened."""
+
+
+class CatalogCorruptError(CorruptDataError):
+    """The catalog file is not a readable database (corrupt, truncated, or not a catalog at all)."""
 
 
 class DatasetNotFoundError(StoreNotFoundError, ValueError):

@@ -41,14 +41,42 @@ def _engine(target: Engine | str | os.PathLike[str] | None) -> tuple[Engine, boo
 
 def _run(target: Engine | str | os.PathLike[str] | None, action: str, revision: str) -> None:
     from alembic import command
+    from alembic.util.exc import CommandError
+
+    from unistore.schemas.engine import CatalogOutdatedError, safe_url, unavailable_as_typed
 
     engine, owned = _engine(target)
     try:
-        with engine.begin() as conn:
-            getattr(command, action)(alembic_config(conn), revision)
+        with unavailable_as_typed(engine), engine.begin() as conn:
+            current = _revision_of(conn)
+            if current is not None and not known_revision(current):
+                raise CatalogOutdatedError(
+                    f"the catalog at {safe_url(engine.url)} is at schema revision {current}, newer than this unistore "
+                    f"knows (its newest is {head_revision()}); upgrade unistore (pip install -U unistore) to "
+                    f"{action} it")
+            try:
+                getattr(command, action)(alembic_config(conn), revision)
+            except CommandError as e:
+                known = ", ".join(r for r, _, _ in history()) + ", head, base"
+                raise CatalogOutdatedError(f"cannot {action} the catalog at {safe_url(engine.url)} to {revision!r}: "
+                                           f"{e}; revisions this unistore knows: {known}") from e
     finally:
         if owned:
             engine.dispose()
+
+
+def _revision_of(conn: Any) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    return MigrationContext.configure(conn).get_current_revision()
+
+
+def known_revision(revision: str) -> bool:
+    """Whether ``revision`` is one of the migrations shipped with this unistore."""
+    try:
+        return _script().get_revision(revision) is not None
+    except Exception:  # noqa: BLE001 - alembic raises several kinds (ResolutionError, CommandError) for "unknown"
+        return False
 
 
 def upgrade(target: Engine | str | os.PathLike[str] | None = None, revision: str = "head") -> None:

@@ -132,7 +132,8 @@ class ImportReport:
     dataset: str
     imported: int = 0
     already_present: int = 0
-    bad: list[tuple[int, str]] = field(default_factory=list)
+    #: (sample_id as stored - an int, or whatever a bad row holds - and what is wrong with the row)
+    bad: list[tuple[Any, str]] = field(default_factory=list)
 
     def __str__(self) -> str:
         text = f"{self.dataset}: imported {self.imported} samples, {self.already_present} already present"
@@ -148,12 +149,21 @@ def _open_readonly(path: str) -> sqlite3.Connection:
         raise StoreNotFoundError(f"no legacy database at {path}")
     uri = "file:" + os.path.abspath(path).replace("?", "%3f").replace("#", "%23") + "?mode=ro"
     conn = sqlite3.connect(uri, uri=True)
-    tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    try:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    except sqlite3.DatabaseError as e:
+        conn.close()
+        raise _corrupt(path, e) from e
     missing = {"samples", "dataset_info"} - tables
     if missing:
         conn.close()
         raise LegacyImportError(f"{path} is not a legacy dataset.db: tables {sorted(missing)} are missing")
     return conn
+
+
+def _corrupt(path: str, e: sqlite3.DatabaseError) -> LegacyImportError:
+    return LegacyImportError(f"{path} is not a readable SQLite database ({e}); it is corrupt or truncated - restore "
+                             "it from a copy; nothing was imported")
 
 
 def _info(conn: sqlite3.Connection, path: str) -> tuple[dict[str, str], int, int, int]:
@@ -169,6 +179,9 @@ def _check_row(row: tuple[Any, ...], n_clusters: int, dataset_size: int) -> list
     sample_id, embedding_idx = row[0], row[1]
     if not isinstance(sample_id, int) or not isinstance(embedding_idx, int):
         raise ShapeMismatchError("sample_id and embedding_idx must be integers")
+    for column, value in zip(_SAMPLE_COLUMNS[3:], row[2:7]):
+        if value is not None and not isinstance(value, str):
+            raise ShapeMismatchError(f"{column} holds a {type(value).__name__}, not text")
     if not 0 <= embedding_idx < dataset_size:
         raise ShapeMismatchError(f"embedding_idx {embedding_idx} is outside 0..{dataset_size - 1}")
     labels = []
@@ -259,76 +272,86 @@ def import_legacy(db_path: str | os.PathLike[str], url: str | os.PathLike[str] |
     With ``skip_bad=True`` good rows are imported and bad ones reported.
     Running it again imports nothing new (samples are matched by
     ``sample_id``).  The legacy file is opened read-only.
+
+    Raises:
+        LegacyImportError: a bad row (without ``skip_bad``), bad ``dataset_info``, or a corrupt database file.
     """
+    path = os.fspath(db_path)
+    legacy = _open_readonly(path)
+    try:
+        return _import(legacy, path, url, name, skip_bad, progress, batch_size)
+    except sqlite3.DatabaseError as e:  # damage deeper in the file than its schema
+        raise _corrupt(path, e) from e
+    finally:
+        legacy.close()
+
+
+def _import(legacy: sqlite3.Connection, path: str, url: str | os.PathLike[str] | None, name: str | None,
+            skip_bad: bool, progress: bool, batch_size: int) -> ImportReport:
     from sqlalchemy import select
 
     from unistore.schemas import DatasetArray, DatasetInfo, Sample, connect
     from unistore.schemas.models import Dataset
 
-    path = os.fspath(db_path)
-    legacy = _open_readonly(path)
+    info, n_clusters, dim, size = _info(legacy, path)
+    total = int(legacy.execute("SELECT COUNT(*) FROM samples").fetchone()[0])
+    directory = os.path.dirname(os.path.abspath(path))
+    ds_name = name or os.path.basename(directory) or "legacy"
+    report = ImportReport(ds_name)
+    catalog = connect(url)
+    bar = _progress(total, f"import {ds_name}", progress)
     try:
-        info, n_clusters, dim, size = _info(legacy, path)
-        total = int(legacy.execute("SELECT COUNT(*) FROM samples").fetchone()[0])
-        directory = os.path.dirname(os.path.abspath(path))
-        ds_name = name or os.path.basename(directory) or "legacy"
-        report = ImportReport(ds_name)
-        catalog = connect(url)
-        bar = _progress(total, f"import {ds_name}", progress)
-        try:
-            with catalog.session() as session:
-                dataset = session.scalar(select(Dataset).where(Dataset.name == ds_name))
-                if dataset is None:
-                    dataset = Dataset(name=ds_name, kind=LEGACY_KIND, store_url=directory, format="npy",
-                                      attrs={"legacy_db": os.path.abspath(path)})
-                    session.add(dataset)
-                    session.flush()
-                present_info = {i.key for i in dataset.info}
-                for key, value in info.items():
-                    if key not in present_info:
-                        session.add(DatasetInfo(dataset_id=dataset.id, key=key, value=value))
-                present_arrays = {a.key for a in dataset.arrays}
-                for key in ("base_embeddings", "steering_embeddings"):
-                    emb_path = os.path.join(directory, f"{key}.npy")
-                    if os.path.exists(emb_path) and os.path.getsize(emb_path) != size * dim * 4:
-                        raise LegacyImportError(
-                            f"{emb_path} holds {os.path.getsize(emb_path)} bytes, but dataset_info says "
-                            f"{size} x {dim} float32 = {size * dim * 4}; fix dataset_info or the file"
-                        )
-                    if key not in present_arrays and os.path.exists(emb_path):
-                        session.add(DatasetArray(dataset_id=dataset.id, key=key, shape=[size, dim], dtype="float32",
-                                                 format="npy", nbytes=size * dim * 4))
-                existing = set(session.scalars(select(Sample.sample_id).where(Sample.dataset_id == dataset.id)))
-                conn = session.connection()
-                parallel = total - len(existing) >= PARALLEL_DECODE_ROWS
-                for n_read, present, decoded in _decoded_batches(legacy, batch_size, n_clusters, size, existing,
-                                                                 parallel):
-                    report.already_present += present
-                    good = []
-                    for item in decoded:
-                        if isinstance(item[1], str):
-                            if not skip_bad:
-                                raise LegacyImportError(
-                                    f"sample_id {item[0]} in {path}: {item[1]}; nothing was imported "
-                                    "(use --skip-bad to import the good rows)"
-                                )
-                            report.bad.append((int(item[0]), item[1]))
-                        else:
-                            good.append(item)
-                    if good:
-                        _write_batch(conn, dataset.id, good)
-                    report.imported += len(good)
-                    bar.update(n_read)
-                if report.imported:
-                    # fresh planner statistics: right after a bulk load PostgreSQL would
-                    # otherwise scan every sample of the dataset for a batch of labels
-                    for table in ("samples", "labels"):
-                        conn.exec_driver_sql(f"ANALYZE {table}")
-        finally:
-            bar.close()
-            catalog.close()
+        with catalog.session() as session:
+            dataset = session.scalar(select(Dataset).where(Dataset.name == ds_name))
+            if dataset is None:
+                dataset = Dataset(name=ds_name, kind=LEGACY_KIND, store_url=directory, format="npy",
+                                  attrs={"legacy_db": os.path.abspath(path)})
+                session.add(dataset)
+                session.flush()
+            present_info = {i.key for i in dataset.info}
+            for key, value in info.items():
+                if key not in present_info:
+                    session.add(DatasetInfo(dataset_id=dataset.id, key=key, value=value))
+            present_arrays = {a.key for a in dataset.arrays}
+            for key in ("base_embeddings", "steering_embeddings"):
+                emb_path = os.path.join(directory, f"{key}.npy")
+                if os.path.exists(emb_path) and os.path.getsize(emb_path) != size * dim * 4:
+                    raise LegacyImportError(
+                        f"{emb_path} holds {os.path.getsize(emb_path)} bytes, but dataset_info says "
+                        f"{size} x {dim} float32 = {size * dim * 4}; fix dataset_info or the file"
+                    )
+                if key not in present_arrays and os.path.exists(emb_path):
+                    session.add(DatasetArray(dataset_id=dataset.id, key=key, shape=[size, dim], dtype="float32",
+                                             format="npy", nbytes=size * dim * 4))
+            existing = set(session.scalars(select(Sample.sample_id).where(Sample.dataset_id == dataset.id)))
+            conn = session.connection()
+            parallel = total - len(existing) >= PARALLEL_DECODE_ROWS
+            for n_read, present, decoded in _decoded_batches(legacy, batch_size, n_clusters, size, existing,
+                                                             parallel):
+                report.already_present += present
+                good = []
+                for item in decoded:
+                    if isinstance(item[1], str):
+                        if not skip_bad:
+                            raise LegacyImportError(
+                                f"sample_id {item[0]} in {path}: {item[1]}; nothing was imported "
+                                "(use --skip-bad to import the good rows)"
+                            )
+                        report.bad.append((item[0], item[1]))
+                    else:
+                        good.append(item)
+                if good:
+                    _write_batch(conn, dataset.id, good)
+                report.imported += len(good)
+                bar.update(n_read)
+            if report.imported:
+                # fresh planner statistics: right after a bulk load PostgreSQL would
+                # otherwise scan every sample of the dataset for a batch of labels
+                for table in ("samples", "labels"):
+                    conn.exec_driver_sql(f"ANALYZE {table}")
     finally:
-        legacy.close()
+        bar.close()
+        catalog.close()
     return report
 
 

@@ -16,10 +16,10 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError, StatementError
+from sqlalchemy.exc import DatabaseError, OperationalError, StatementError
 from sqlalchemy.orm import Session, sessionmaker
 
-from unistore.errors import CatalogUnavailableError, UnistoreError
+from unistore.errors import CatalogCorruptError, CatalogUnavailableError, UnistoreError
 
 __all__ = ["Catalog", "connect", "make_engine", "resolve_url", "safe_url", "CatalogOutdatedError",
            "DEFAULT_CATALOG"]
@@ -183,13 +183,20 @@ def connect(url: str | os.PathLike[str] | None = None, upgrade: bool | None = No
         CatalogOutdatedError: the schema is behind (or ahead of) this version,
             naming the ``unistore db upgrade`` command that fixes it.
     """
-    from unistore.migrations import current_revision, head_revision
+    from unistore.migrations import current_revision, head_revision, known_revision
     from unistore.migrations import upgrade as run_upgrade
 
     engine = make_engine(url, write_lock=write_lock, **engine_kwargs)
     with unavailable_as_typed(engine):
         current = current_revision(engine)
     head = head_revision()
+    if current is not None and current != head and not known_revision(current):
+        shown = safe_url(engine.url)
+        engine.dispose()
+        raise CatalogOutdatedError(
+            f"the catalog at {shown} is at schema revision {current}, newer than this unistore knows (its newest "
+            f"is {head}): it was migrated by a newer unistore - upgrade unistore (pip install -U unistore); "
+            "'unistore db upgrade' cannot help")
     if current != head:
         if upgrade or (upgrade is None and current is None and _is_empty(engine)):
             run_upgrade(engine, "head")
@@ -210,8 +217,23 @@ def unavailable_as_typed(engine: Engine) -> Iterator[None]:
         yield
     except OperationalError as e:
         reason = str(e.orig or e).splitlines()[0]
+        if _not_a_database(reason):
+            raise _corrupt_catalog(engine, reason) from e
         raise CatalogUnavailableError(f"cannot open the catalog at {safe_url(engine.url)}: {reason}; check that the "
                                       "server is running and the URL is right") from e
+    except DatabaseError as e:
+        raise _corrupt_catalog(engine, str(e.orig or e).splitlines()[0]) from e
+
+
+def _not_a_database(reason: str) -> bool:
+    return any(m in reason for m in ("file is not a database", "database disk image is malformed",
+                                     "file is encrypted", "malformed database schema"))
+
+
+def _corrupt_catalog(engine: Engine, reason: str) -> CatalogCorruptError:
+    return CatalogCorruptError(f"the catalog at {safe_url(engine.url)} is not a readable database ({reason}): the "
+                               "file is corrupt, truncated or not a catalog - restore it from a backup, or point "
+                               "UNISTORE_CATALOG_URL / --url at another catalog")
 
 
 def _is_empty(engine: Engine) -> bool:
