@@ -443,3 +443,44 @@ def test_an_entry_written_again_replaces_the_one_there(tmp_path: Any) -> None:
     assert cache._put(path, b"a" * 100) and cache._put(path, b"b" * 100)
     assert bytes(cache._get(path, 100)) == b"b" * 100
     assert sorted(os.listdir(os.path.dirname(path))) == ["0"]  # no temporary file left behind
+
+
+def _entry_paths(cache: DiskCache) -> list[str]:
+    return sorted((e.path for e in cache._entries()), key=lambda p: (os.path.dirname(p), int(os.path.basename(p))))
+
+
+def test_a_block_moved_copied_or_linked_into_another_place_is_not_served(remote: Any, tmp_path: Any) -> None:
+    import shutil
+
+    cache = DiskCache(tmp_path / "cache", block_bytes=64 << 10)
+    _epoch(remote["url"], remote["options"], cache, seed=1)
+    entries = _entry_paths(cache)
+    swap = entries[2] + ".swap"
+    os.rename(entries[2], swap)  # blocks 2 and 3 swapped (inodes, marks and mtimes travel with them)
+    os.rename(entries[3], entries[2])
+    os.rename(swap, entries[3])
+    os.remove(entries[5])
+    os.link(entries[6], entries[5])  # block 6 linked in as block 5
+    os.remove(entries[7])
+    shutil.copy2(entries[8], entries[7])  # block 8 copied in as block 7
+    got, stats = _epoch(remote["url"], remote["options"], DiskCache(tmp_path / "cache", block_bytes=64 << 10), seed=4)
+    np.testing.assert_array_equal(got, remote["data"])
+    assert stats["disk_misses"] == 4
+
+
+def test_bit_rot_that_keeps_the_mtime_is_found_once_the_mark_is_old(remote: Any, tmp_path: Any,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from unistore.storage import cache as cache_module
+
+    cache = DiskCache(tmp_path / "cache", block_bytes=64 << 10)
+    _epoch(remote["url"], remote["options"], cache, seed=1)
+    victim = _entry_paths(cache)[4]
+    st = os.stat(victim)
+    with open(victim, "r+b") as f:
+        f.seek(1000)
+        f.write(b"\x00\x11\x22\x33")
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))  # the rot keeps size, inode and mtime
+    monkeypatch.setattr(cache_module, "REVERIFY_SECONDS", 0.0)  # as if the mark were a day old
+    got, stats = _epoch(remote["url"], remote["options"], DiskCache(tmp_path / "cache", block_bytes=64 << 10), seed=4)
+    np.testing.assert_array_equal(got, remote["data"])
+    assert stats["disk_misses"] == 1

@@ -14,8 +14,12 @@ in bytes with LRU eviction across processes nor checksum entries.  Here:
   size), so a changed object is never served from the cache;
 - each entry is written to a temporary name and renamed into place (atomic
   for concurrent DataLoader workers and ranks), and carries a CRC-32 of its
-  bytes: a corrupt or truncated entry is deleted and fetched again, never
-  served;
+  bytes and of where it belongs (object and block): a corrupt or truncated
+  entry, or one copied or linked into another's place, is deleted and
+  fetched again, never served.  A process trusts an entry without reading it
+  when an extended attribute says it was checked as it is now (inode, size,
+  mtime) within ``UNISTORE_CACHE_REVERIFY_SECONDS`` (a day); after that it
+  is checked again, so bit rot that keeps the mtime is found too;
 - the cache stays within ``max_bytes``: a process's first use of an entry
   refreshes its atime, and the writer that pushes the total over budget
   evicts the least recently used entries (under a file lock, one evictor at
@@ -147,7 +151,7 @@ class DiskCache:
             n, crc = _TRAILER.unpack_from(view, want)
             view = view[:want]
             trusted = _verified(path, st)
-            if n != want or (not trusted and zlib.crc32(view) != crc):
+            if n != want or (not trusted and self._crc(path, view) != crc):
                 view = None
             elif not trusted:
                 _mark_verified(path, st)
@@ -158,6 +162,13 @@ class DiskCache:
         with contextlib.suppress(OSError):
             os.utime(path, ns=(time.time_ns(), st.st_mtime_ns))  # recently used
         return self._remember(path, stamp, view)
+
+    def _crc(self, path: str, payload: Any) -> int:
+        """CRC-32 of an entry's payload and of where it belongs (its path below the root: the object identity's
+        digest and the block or chunk name), so an entry copied, linked or swapped into another's place fails its
+        check like a corrupt one."""
+        where = os.path.relpath(path, self.root).encode()
+        return zlib.crc32(where, zlib.crc32(payload))
 
     def checked(self, path: str, want: int) -> tuple[int, int, int] | None:
         """The (inode, size, mtime) with which the entry at ``path`` was found intact (:meth:`_get`), or None."""
@@ -202,7 +213,7 @@ class DiskCache:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(tmp, "wb") as f:
                 f.write(payload)
-                f.write(_TRAILER.pack(len(payload), zlib.crc32(payload)))
+                f.write(_TRAILER.pack(len(payload), self._crc(path, payload)))
             _mark_verified(tmp)
             os.replace(tmp, path)
         except OSError:
@@ -758,23 +769,33 @@ def _close_inherited_locks() -> None:
 os.register_at_fork(after_in_child=_close_inherited_locks)
 
 _VERIFIED = "user.unistore.verified"
+#: an entry's "checked" mark is trusted for this long; then its CRC is checked again (bit rot keeps the mtime)
+REVERIFY_SECONDS = float(os.environ.get("UNISTORE_CACHE_REVERIFY_SECONDS", 24 * 3600))
 
 
-def _stamp(st: os.stat_result) -> bytes:
-    return f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}".encode()
+def _stamp(path: str, st: os.stat_result) -> bytes:
+    """What a "checked" mark vouches for: this file (inode, size, mtime) at this place (its name and folder)."""
+    place = os.path.join(os.path.basename(os.path.dirname(path)), os.path.basename(path).split(".tmp-")[0])
+    return f"v2:{place}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}".encode()
 
 
 def _verified(path: str, st: os.stat_result) -> bool:
-    """Whether the entry was written or CRC-checked with exactly this inode, size and mtime."""
+    """Whether the entry was written or CRC-checked with exactly this inode, size and mtime at this place, recently
+    enough (:data:`REVERIFY_SECONDS`) to trust it without reading it (a file moved or linked elsewhere is not)."""
     try:
-        return os.getxattr(path, _VERIFIED) == _stamp(st)
+        mark = os.getxattr(path, _VERIFIED)
     except OSError:  # no mark, or a filesystem without user extended attributes: check the CRC
+        return False
+    stamp, _, when = mark.rpartition(b"@")
+    try:
+        return stamp == _stamp(path, st) and time.time() - float(when) < REVERIFY_SECONDS
+    except ValueError:
         return False
 
 
 def _mark_verified(path: str, st: os.stat_result | None = None) -> None:
     with contextlib.suppress(OSError):
-        os.setxattr(path, _VERIFIED, _stamp(st or os.stat(path)))
+        os.setxattr(path, _VERIFIED, _stamp(path, st or os.stat(path)) + f"@{int(time.time())}".encode())
 
 
 def blocks_of(starts: np.ndarray, ends: np.ndarray, bs: int) -> np.ndarray:
