@@ -382,3 +382,23 @@ def test_hdf5_virtual_dataset_is_refused(tmp_path: Any) -> None:
         f.create_virtual_dataset("v", layout, fillvalue=0)
     with pytest.raises(errors.UnsupportedError, match="virtual dataset"):
         us.open_store(path)
+
+
+def test_zarr_shard_index_pointing_past_the_end_is_an_error(tmp_path: Any) -> None:
+    """A shard index (with a valid checksum) that points a chunk past the end of its shard: an error for every
+    row of that chunk, never fill values."""
+    import google_crc32c
+
+    d, data = _zarr_store(tmp_path, shards=2)
+    shard = d / "emb" / "c" / "0" / "0"
+    raw = bytearray(shard.read_bytes())
+    index = bytearray(raw[-36:-4])  # 2 chunks x (offset, nbytes), then the index's crc32c
+    offset, nbytes = np.frombuffer(bytes(index[16:32]), "<u8")
+    index[16:24] = np.array([len(raw) + 64], "<u8").tobytes()  # the second chunk: past the end
+    raw[-36:] = bytes(index) + google_crc32c.value(bytes(index)).to_bytes(4, "little")
+    shard.write_bytes(bytes(raw))
+    store = us.open_store(d)
+    np.testing.assert_array_equal(store["emb"].take([0, 9]), data[[0, 9]])
+    for rows in ([10], [10, 11, 12], [19]):
+        with pytest.raises(errors.CorruptDataError):
+            store["emb"].take(rows)
