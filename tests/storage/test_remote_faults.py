@@ -3,8 +3,9 @@
 A persistent fault (503, 500, connection reset, short body, a server that
 accepts and stays silent, a body that trickles in) injected by the proxy on
 every ranged read after the store is opened must end in one ``RemoteError``
-naming the URL and the setting that bounds it, within the deadline (set per
-store here: ``open_store(..., deadline=2)``) of each read it needs.
+naming the URL and the setting that bounds it, within the deadline
+(``UNISTORE_RETRY_DEADLINE=2`` here; ``open_store(..., deadline=)`` sets it
+per store) of each read it needs.
 """
 
 from __future__ import annotations
@@ -66,15 +67,16 @@ def proxy(s3_server: str) -> Any:
 @pytest.mark.parametrize("fmt", sorted(STORE_NAME))
 def test_persistent_fault_ends_in_remote_error_within_the_deadline(fmt: str, fault: str, cached: bool,
                                                                    uploaded: dict[str, str], proxy: FaultyProxy,
-                                                                   tmp_path: Any) -> None:
+                                                                   tmp_path: Any,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     options = s3_options(proxy.endpoint)
     options["config_kwargs"] = {"retries": {"max_attempts": 1}, "connect_timeout": 2, "read_timeout": 20}
     from unistore.storage.cache import DiskCache
 
     # 16 KiB cache blocks: opening caches the metadata's blocks, not the whole 512 KiB object
     cache = DiskCache(tmp_path / "cache", block_bytes=16 * 1024) if cached else False
-    us.open_store(uploaded[fmt], storage_options=options, cache=False)  # the client's first connection: no deadline
-    store = us.open_store(uploaded[fmt], storage_options=options, cache=cache, deadline=DEADLINE)
+    store = us.open_store(uploaded[fmt], storage_options=options, cache=cache)  # opened with the default deadline
+    monkeypatch.setenv("UNISTORE_RETRY_DEADLINE", str(DEADLINE))  # reads from now on: the deadline from the env
     proxy.mode, proxy.fail_always = fault, True
     start = time.monotonic()
     with pytest.raises(errors.RemoteError) as info:
@@ -87,7 +89,8 @@ def test_persistent_fault_ends_in_remote_error_within_the_deadline(fmt: str, fau
     assert uploaded[fmt].split("://")[1] in text and "UNISTORE_RETRY_DEADLINE" in text, text
     assert S3_SECRET not in text
     proxy.fail_always = False
-    again = us.open_store(uploaded[fmt], storage_options=options, cache=cache, deadline=60)
+    monkeypatch.delenv("UNISTORE_RETRY_DEADLINE")
+    again = us.open_store(uploaded[fmt], storage_options=options, cache=cache)
     np.testing.assert_array_equal(again["emb"].take([1, 4000]), DATA[[1, 4000]])  # nothing wrong was cached
 
 
@@ -110,3 +113,20 @@ def test_persistent_fault_while_opening_a_directory_is_a_remote_error(fmt: str, 
     with pytest.raises(errors.RemoteError):
         us.open_store(url, storage_options=options)
     assert time.monotonic() - start < DEADLINE + 8
+
+
+def test_the_deadline_is_settable_per_store(uploaded: dict[str, str], proxy: FaultyProxy) -> None:
+    options = s3_options(proxy.endpoint)
+    options["config_kwargs"] = {"retries": {"max_attempts": 1}, "read_timeout": 60}
+    slow = us.open_store(uploaded["npy"], storage_options=options, deadline=4)
+    patient = us.open_store(uploaded["npy"], storage_options=options)
+    proxy.mode, proxy.fail_always = "silence", True
+    start = time.monotonic()
+    with pytest.raises(errors.RemoteError, match="4s deadline"):
+        slow["emb"].take([7])
+    assert time.monotonic() - start < 4 + 8
+    proxy.fail_always = False
+    np.testing.assert_array_equal(patient["emb"].take([7]), DATA[[7]])
+    import pickle
+
+    assert pickle.loads(pickle.dumps(slow))["emb"].layout.location.deadline == 4  # workers keep it

@@ -19,8 +19,8 @@ import numpy as np
 from unistore.errors import DiskFullError
 from unistore.storage.location import Location
 
-__all__ = ["file_stamp", "stamp_of", "open_described", "LazyBlockReader", "ContiguousLayout", "ChunkedLayout",
-           "InMemoryLayout", "BlockReader", "IOStats", "Layout"]
+__all__ = ["file_stamp", "stamp_of", "open_described", "path_identity", "LazyBlockReader", "ContiguousLayout",
+           "ChunkedLayout", "InMemoryLayout", "BlockReader", "IOStats", "Layout"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +54,16 @@ def file_stamp(location: Location) -> int:
 
 def stamp_of(st: os.stat_result) -> int:
     return hash((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+
+
+def path_identity(path: str) -> tuple[int, ...] | None:
+    """(device, inode, size, mtime) of what is at a local ``path`` now, None if nothing: a store republished (its
+    root swapped for a new file or directory) has another identity."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def open_described(location: Location, stamp: int) -> Any:

@@ -33,7 +33,7 @@ from unistore.errors import (
 from unistore.storage.array import Array, RaggedArray
 from unistore.storage.formats import detect_format, get_format
 from unistore.storage.formats.base import PENDING_NAME, ArrayInfo, FormatWriter, OpenedStore, RaggedInfo, bfloat16
-from unistore.storage.layout import IOStats
+from unistore.storage.layout import IOStats, path_identity
 from unistore.storage.leftovers import sweep
 from unistore.storage.location import Location, retry_remote, validate_key
 
@@ -476,27 +476,19 @@ def _open_consistent(fmt: Any, location: Location, options: Mapping[str, Any]) -
     if not location.is_local:
         return fmt.open(location, **options)
     for _ in range(5):
-        before = _root_id(location.path)
+        before = path_identity(location.path)
         try:
             opened = fmt.open(location, **options)
         except (FileNotFoundError, UnistoreError):
-            if _root_id(location.path) == before:
+            if path_identity(location.path) == before:
                 raise
             continue  # republished mid-listing: list the new version
-        if _root_id(location.path) == before:
+        if path_identity(location.path) == before:
             return opened
     from unistore.errors import StoreChangedError
 
     raise StoreChangedError(f"{location.url} was rewritten 5 times while it was being opened; open it again once "
                             "its writer has finished")
-
-
-def _root_id(path: str) -> tuple[int, ...] | None:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _as_cache(cache: Any) -> Any:

@@ -26,7 +26,7 @@ from unistore.storage.formats.base import (
     checked_nbytes,
     incomplete_error,
 )
-from unistore.storage.layout import ChunkedLayout, LazyBlockReader
+from unistore.storage.layout import ChunkedLayout, LazyBlockReader, path_identity
 from unistore.storage.location import Location, one_retry_budget, retry_remote
 
 #: Default chunk size (bytes) for arrays written without explicit chunks.
@@ -60,10 +60,10 @@ def _counting_store(location: Location, strict: bool = False, root_id: tuple[int
 
     remote = not location.is_local
     root = os.path.realpath(location.path) if not remote else ""
-    root_id = root_id or (_root_id(location.path) if not remote else None)
+    root_id = root_id or (path_identity(location.path) if not remote else None)
 
     def same_root() -> None:
-        if _root_id(location.path) != root_id:
+        if path_identity(location.path) != root_id:
             from unistore.errors import StoreChangedError
 
             raise StoreChangedError(f"{location.url} was replaced after it was opened (rewritten with "
@@ -99,14 +99,6 @@ def _counting_store(location: Location, strict: bool = False, root_id: tuple[int
             return [await self.get(key, prototype, byte_range) for key, byte_range in key_ranges]
 
     return CountingStore(_zarr_store(location))
-
-
-def _root_id(path: str) -> tuple[int, ...] | None:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_mtime_ns)
 
 
 def _is_chunk_key(key: str) -> bool:
@@ -294,7 +286,7 @@ class ZarrFormat(Format):
             except (ValueError, KeyError, TypeError) as e:
                 raise CorruptDataError(f"{location.url} has unreadable zarr metadata below the root ({e})") from e
         strict = meta.get("zarr_chunks") == "all"
-        root_id = _root_id(location.path) if location.is_local else None
+        root_id = path_identity(location.path) if location.is_local else None
         for key, arr, path in members:
             if arr.dtype.kind not in "biufc":
                 continue
