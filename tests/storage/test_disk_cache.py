@@ -484,3 +484,25 @@ def test_bit_rot_that_keeps_the_mtime_is_found_once_the_mark_is_old(remote: Any,
     got, stats = _epoch(remote["url"], remote["options"], DiskCache(tmp_path / "cache", block_bytes=64 << 10), seed=4)
     np.testing.assert_array_equal(got, remote["data"])
     assert stats["disk_misses"] == 1
+
+
+def test_reads_are_pinned_to_the_version_opened(remote: Any, tmp_path: Any, s3: dict[str, Any]) -> None:
+    """An object rewritten under an open cached store: rows already cached stay the version opened, rows still to
+    fetch are StoreChangedError (never the new bytes filed under the old identity), and once the object is
+    restored a fresh open reads the original everywhere."""
+    from unistore import errors
+
+    cache = DiskCache(tmp_path / "cache", block_bytes=64 << 10)
+    data = remote["data"]
+    store = us.open_store(remote["url"], storage_options=remote["options"], cache=cache)
+    np.testing.assert_array_equal(store["emb"].take(np.arange(0, 200)), data[:200])  # blocks 0-1 cached
+    key = f"{s3['bucket']}/emb/emb.npy"
+    original = s3["fs"].cat_file(key)
+    s3["fs"].pipe_file(key, original[:128] + bytes(len(original) - 128))  # same header and size, other rows
+    np.testing.assert_array_equal(store["emb"].take([5, 150]), data[[5, 150]])  # cached: the version opened
+    with pytest.raises(errors.StoreChangedError, match="rewritten"):
+        store["emb"].take([3900])
+    s3["fs"].pipe_file(key, original)  # restored: its ETag is the original's again
+    again = us.open_store(remote["url"], storage_options=remote["options"], cache=cache)
+    got = again["emb"].take(np.arange(ROWS))
+    np.testing.assert_array_equal(got, data)

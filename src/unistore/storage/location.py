@@ -171,6 +171,11 @@ class Location:
             self._identity = (f"{self.protocol}://{self.path}|{tag}|{size}", size)
         return self._identity
 
+    @property
+    def known_identity(self) -> tuple[str, int] | None:
+        """:meth:`identity` if this location already learned it, else None (nothing is asked)."""
+        return self._identity
+
     def __repr__(self) -> str:
         hidden = f", storage_options=<{len(self._options)} keys hidden>" if self._options else ""
         return f"Location({self.url!r}{hidden})"
