@@ -94,3 +94,19 @@ def test_directory_republish_swaps_in_one_step(tmp_path: Any) -> None:
     _publish(url, "npy", 1)
     assert os.stat(url).st_ino != before
     assert sorted(p for p in os.listdir(tmp_path)) == ["store"]  # nothing left beside it
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("fmt", ["npy", "safetensors", "pt", "hdf5"])
+def test_a_remote_store_rewritten_under_a_reader_is_store_changed(fmt: str, s3: dict[str, Any]) -> None:
+    """No disk cache: every ranged read asks for the version that was listed or looked up at open (If-Match)."""
+    url = f"s3://{s3['bucket']}/{STORE_NAME[fmt]}"
+    data = np.full((64, 16), 1, np.float32)
+    for v in (1, 2):
+        with us.create_store(url, format=fmt, overwrite=True, storage_options=s3["options"]) as store:
+            store.write_array("emb", data * v)
+        if v == 1:
+            reader = us.open_store(url, storage_options=s3["options"], cache=False)
+    with pytest.raises(errors.StoreChangedError, match="rewritten"):
+        reader["emb"].take([3])
+    np.testing.assert_array_equal(us.open_store(url, storage_options=s3["options"])["emb"].take([3]), data[[3]] * 2)

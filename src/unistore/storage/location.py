@@ -88,7 +88,7 @@ class Location:
     """
 
     __slots__ = ("url", "protocol", "path", "_options", "_fs", "_pid", "cache", "_identity", "mapped", "_token",
-                 "_missing_secrets", "deadline", "__weakref__")
+                 "_missing_secrets", "deadline", "listed", "__weakref__")
 
     def __init__(self, url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None):
         import fsspec.core
@@ -121,6 +121,8 @@ class Location:
         self._missing_secrets = False
         #: seconds a remote read may take, retries included (None: ``UNISTORE_RETRY_DEADLINE``, else 60)
         self.deadline: float | None = None
+        #: identities of the objects below a remote directory, from the listing that found them (never pickled)
+        self.listed: dict[str, tuple[str, int]] = {}
 
     # -- pickling: handles do not travel, and secrets travel outside the pickle (a token in it names them,
     # see unistore.storage.secrets); the object identity travels, so every process caches the bytes of the
@@ -155,6 +157,7 @@ class Location:
         self._fs = None
         self._pid = -1
         self.mapped = None
+        self.listed = {}
 
     def identity(self) -> tuple[str, int]:
         """``(identity, size)`` of the remote object: URL, ETag or version id (else mtime), and size.
@@ -165,10 +168,7 @@ class Location:
         """
         if self._identity is None:
             info = retry_remote(lambda: self.fs.info(self.path), self)
-            tag = next((str(info[k]) for k in ("ETag", "etag", "VersionId", "version_id", "LastModified", "mtime",
-                                                "last_modified") if info.get(k)), "")
-            size = int(info.get("size") or 0)
-            self._identity = (f"{self.protocol}://{self.path}|{tag}|{size}", size)
+            self._identity = identity_from(self.protocol, self.path, info)
         return self._identity
 
     @property
@@ -244,6 +244,15 @@ class Location:
 
     def isdir(self) -> bool:
         return bool(retry_remote(lambda: self.fs.isdir(self.path), self))
+
+
+def identity_from(protocol: str, path: str, info: Mapping[str, Any]) -> tuple[str, int]:
+    """``(identity, size)`` of a remote object from its fsspec info (a HEAD answer or a listing entry): URL,
+    ETag or version id (else modification time), and size."""
+    tag = next((str(info[k]) for k in ("ETag", "etag", "VersionId", "version_id", "LastModified", "mtime",
+                                        "last_modified") if info.get(k)), "")
+    size = int(info.get("size") or 0)
+    return (f"{protocol}://{path}|{tag}|{size}", size)
 
 
 def one_retry_budget(fs: Any) -> Any:

@@ -29,11 +29,12 @@ from unistore.storage.formats.base import (
     file_location,
     head_bytes,
     list_members,
+    object_size,
     read_dir_meta,
     read_range,
 )
 from unistore.storage.layout import ContiguousLayout, InMemoryLayout, preallocate
-from unistore.storage.location import Location, retry_remote
+from unistore.storage.location import Location
 
 _HEAD = 4096
 
@@ -145,7 +146,7 @@ class NpyFormat(Format):
             members = list_members(location, ".npy")
         else:
             meta = {}
-            size = retry_remote(lambda: location.fs.size(location.path), location)
+            size = object_size(location)
             members = {os.path.splitext(location.name)[0]: (location.path, int(size))}
         keys = list(members)
         heads = head_bytes(location, [members[k][0] for k in keys], _HEAD)

@@ -46,6 +46,7 @@ from unistore.storage.formats.base import (
     file_location,
     list_members,
     loads_meta,
+    object_size,
     read_dir_meta,
 )
 from unistore.storage.layout import ContiguousLayout, InMemoryLayout, open_described, stamp_of
@@ -337,7 +338,7 @@ class PtFormat(Format):
                 file = _Described(file_location(location, path), size)
                 self._add_object(opened, key, file.obj, file.refs, file, [])
             return apply_meta(opened, meta)
-        size = int(retry_remote(lambda: location.fs.size(location.path), location))
+        size = object_size(location)
         file = _Described(location, size)
         obj, refs = file.obj, file.refs
         opened = OpenedStore(self.name, {})

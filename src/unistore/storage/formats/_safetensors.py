@@ -34,6 +34,7 @@ from unistore.storage.formats.base import (
     head_bytes,
     list_members,
     loads_meta,
+    object_size,
     read_dir_meta,
     read_range,
 )
@@ -181,7 +182,7 @@ class SafetensorsFormat(Format):
             if checkpoint is not None:
                 members, prefixed = checkpoint["members"], False
         else:
-            size = int(retry_remote(lambda: location.fs.size(location.path), location))
+            size = object_size(location)
             members = {"": (location.path, size)}
             meta, prefixed = {}, False
         keys = list(members)

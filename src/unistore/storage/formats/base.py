@@ -241,7 +241,7 @@ def list_members(location: Location, extension: str) -> dict[str, tuple[str, int
 
     Keys are relative paths without the extension; hidden and staging entries are skipped.
     """
-    from unistore.storage.location import retry_remote
+    from unistore.storage.location import identity_from, retry_remote
 
     fs = location.fs
     found = retry_remote(lambda: fs.find(location.path, detail=True), location)
@@ -253,8 +253,18 @@ def list_members(location: Location, extension: str) -> dict[str, tuple[str, int
             continue
         if location.is_local:
             check_local_member(location, path)
+        else:  # what this version of each object is: its reads ask for this version only
+            location.listed[path] = identity_from(location.protocol, path, info)
         members[rel[: -len(extension)]] = (path, int(info.get("size") or 0))
     return members
+
+
+def object_size(location: Location) -> int:
+    """Size of the file at ``location``; remotely it is learned with the object's identity (one HEAD), so later
+    reads can ask for that version only."""
+    if location.is_local:
+        return os.path.getsize(location.path)
+    return location.identity()[1]
 
 
 def check_local_member(location: Location, path: str) -> None:
@@ -354,6 +364,7 @@ def file_location(location: Location, path: str) -> Location:
     """A :class:`Location` for one member file of a directory store."""
     loc = Location.__new__(Location)
     url = path if location.protocol == "file" else f"{location.protocol}://{path}"
-    loc.__setstate__((url, location.protocol, path, location.storage_options, location.cache, None, None,
+    known = location.known_identity if path == location.path else location.listed.get(path)
+    loc.__setstate__((url, location.protocol, path, location.storage_options, location.cache, known, None,
                       location.deadline))
     return loc
