@@ -8,6 +8,7 @@ rows in the order asked for.
 
 from __future__ import annotations
 
+import contextvars
 import mmap
 import os
 import threading
@@ -28,7 +29,7 @@ from unistore.storage.layout import (
     Layout,
     open_described,
 )
-from unistore.storage.location import Location, ShortReadError, retry_remote
+from unistore.storage.location import Location, ShortReadError, one_deadline, retry_remote
 
 __all__ = ["gather", "prefetch", "map_cached", "release_mapped", "read_rows", "read_contiguous", "ChunkCache",
            "chunk_cache", "MERGE_GAP_BYTES"]
@@ -39,8 +40,22 @@ MERGE_GAP_BYTES = int(os.environ.get("UNISTORE_MERGE_GAP_BYTES", 16 * 1024))
 MAX_REQUEST_BYTES = 16 * 1024 * 1024
 
 
+def _location_of(layout: Layout) -> Location | None:
+    if isinstance(layout, ContiguousLayout):
+        return layout.location
+    if isinstance(layout, ChunkedLayout):
+        return getattr(layout.reader, "location", None)
+    return None
+
+
 def gather(layout: Layout, indices: np.ndarray, stats: IOStats) -> np.ndarray:
-    """Rows ``indices`` (validated, non-negative int64) of ``layout``, in that order."""
+    """Rows ``indices`` (validated, non-negative int64) of ``layout``, in that order; a remote batch's reads end
+    within one deadline together."""
+    with one_deadline(_location_of(layout)):
+        return _gather(layout, indices, stats)
+
+
+def _gather(layout: Layout, indices: np.ndarray, stats: IOStats) -> np.ndarray:
     if isinstance(layout, ContiguousLayout):
         if layout.location.is_local:
             return _gather_mmap(layout, indices, stats)
@@ -58,6 +73,11 @@ PREAD_MIN_BYTES = 1 << 20
 
 def read_rows(layout: Layout, start: int, stop: int, stats: IOStats) -> np.ndarray:
     """Rows ``[start, stop)`` as one read (a single range or a run of chunks)."""
+    with one_deadline(_location_of(layout)):
+        return _read_rows(layout, start, stop, stats)
+
+
+def _read_rows(layout: Layout, start: int, stop: int, stats: IOStats) -> np.ndarray:
     if isinstance(layout, ContiguousLayout):
         if layout.location.is_local:
             if (stop - start) * layout.row_nbytes >= PREAD_MIN_BYTES:
@@ -527,8 +547,10 @@ def _load_runs(layout: ChunkedLayout, chunk_ids: np.ndarray, stats: IOStats) -> 
     counter = getattr(layout.reader, "fetched", None)
     before = counter() if counter else None
     if len(runs) > 1 and layout.reader.concurrent:
+        # each run in a copy of this context: the runs share the batch's deadline (one_deadline)
+        contexts = [contextvars.copy_context() for _ in runs]
         with ThreadPoolExecutor(max_workers=min(16, len(runs))) as pool:
-            slabs = list(pool.map(load, runs))
+            slabs = list(pool.map(lambda job: job[0].run(load, job[1]), zip(contexts, runs)))
     else:
         slabs = [load(run) for run in runs]
     after = counter() if counter else None

@@ -8,19 +8,21 @@ Local paths are recognised so the read engine can ``mmap`` real files.
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import os
 import posixpath
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from unistore.errors import InvalidKeyError, RemoteError, UnistoreError
 from unistore.storage.secrets import is_secret_key
 
-__all__ = ["Location", "validate_key", "retry_remote", "RetryPolicy", "one_retry_budget"]
+__all__ = ["Location", "validate_key", "retry_remote", "RetryPolicy", "one_retry_budget", "one_deadline"]
 
 T = TypeVar("T")
 
@@ -319,6 +321,29 @@ class ShortReadError(OSError):
 
 
 _WATCHED = threading.local()
+#: ``[time]`` (``time.monotonic()``) by which the current batch's remote reads must next make progress, if set;
+#: a list, so the threads reading for one batch (copies of its context) share and move it
+_BATCH_DEADLINE: contextvars.ContextVar[list[float] | None] = contextvars.ContextVar("unistore_batch_deadline",
+                                                                                       default=None)
+
+
+@contextmanager
+def one_deadline(where: Location | None) -> Iterator[None]:
+    """The remote reads made inside (in this context) share one deadline without progress: it starts at the
+    store's deadline from here and moves on each time one of them completes.  A batch whose reads make no
+    progress - several of them waiting one after another on a silent server - ends within one deadline, not one
+    per read; a batch that keeps completing reads is never cut short.
+
+    Threads that read on the batch's behalf run in a copy of this context (see ``engine._load_runs``).
+    """
+    if where is None or where.is_local or _BATCH_DEADLINE.get() is not None:
+        yield
+        return
+    token = _BATCH_DEADLINE.set([time.monotonic() + RetryPolicy(deadline=where.deadline).deadline])
+    try:
+        yield
+    finally:
+        _BATCH_DEADLINE.reset(token)
 
 
 def retry_remote(fn: Callable[[], T], where: Location, policy: RetryPolicy | None = None) -> T:
@@ -337,11 +362,16 @@ def retry_remote(fn: Callable[[], T], where: Location, policy: RetryPolicy | Non
         return fn()
     policy = policy or RetryPolicy(deadline=where.deadline)
     start = time.monotonic()
+    batch = _BATCH_DEADLINE.get()
+    end = min(start + policy.deadline, batch[0] if batch else float("inf"))
     delay = policy.base_delay
     last = ""
     for attempt in range(1, policy.attempts + 1):
         try:
-            return _watched(fn, policy.deadline - (time.monotonic() - start))
+            result = _watched(fn, end - time.monotonic())
+            if batch:  # progress: the batch's other reads get a full deadline from now
+                batch[0] = max(batch[0], time.monotonic() + policy.deadline)
+            return result
         except _Unanswered:
             before = f"; before it: {last}" if last else ""
             raise RemoteError(
@@ -355,7 +385,7 @@ def retry_remote(fn: Callable[[], T], where: Location, policy: RetryPolicy | Non
                 raise
             last = f"{type(e).__name__}: {_scrub(str(e), where)[:200]}"
             elapsed = time.monotonic() - start
-            if attempt == policy.attempts or elapsed + delay > policy.deadline:
+            if attempt == policy.attempts or time.monotonic() + delay > end:
                 raise RemoteError(
                     f"reading {where.url} failed {attempt} times in {elapsed:.1f}s "
                     f"(last error: {type(e).__name__}: {_scrub(str(e), where)}); check that the "
