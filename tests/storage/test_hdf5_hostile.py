@@ -84,7 +84,7 @@ def test_a_file_is_probed_once(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -
     _base(path)
     for _ in range(3):
         assert us.open_store(path)["emb"].shape == (64, 8)
-    assert asked == [str(path)]
+    assert asked == [{"path": str(path)}]
 
 
 @pytest.mark.parametrize("damage", ["superblock", "signature", "truncated", "zeros"])
@@ -259,3 +259,25 @@ def test_a_type_libhdf5_converts_is_read_through_h5py(tmp_path: Any) -> None:
     np.testing.assert_array_equal(store["odd"].take([1]), 2 * raw[[1]])
     assert isinstance(store["plain"].layout, ContiguousLayout)
     np.testing.assert_array_equal(store["plain"].take([5, 0]), raw[[5, 0]])
+
+
+@pytest.mark.s3
+@pytest.mark.timeout(180)
+def test_a_remote_file_that_hangs_libhdf5_is_a_corrupt_data_error(tmp_path: Any, s3: dict[str, Any],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The helper reads a remote file through the same ranged reads (its credentials handed off, never pickled)."""
+    monkeypatch.setenv("UNISTORE_RETRY_DEADLINE", "5")  # the helper's remote reads end within 5 s: it waits 20
+    monkeypatch.setenv("UNISTORE_HDF5_PROBE_TIMEOUT", "5")
+    path = tmp_path / "spin.h5"
+    arrays = _base(path)
+    raw = bytearray(path.read_bytes())
+    raw[_last_heap_object_size_field(bytes(raw))] -= 2
+    s3["fs"].pipe_file(f"{s3['bucket']}/spin.h5", bytes(raw))
+    _base(tmp_path / "ok.h5")
+    s3["fs"].put_file(str(tmp_path / "ok.h5"), f"{s3['bucket']}/ok.h5")
+    start = time.monotonic()
+    with pytest.raises(errors.CorruptDataError, match="did not finish opening it"):
+        us.open_store(f"s3://{s3['bucket']}/spin.h5", storage_options=s3["options"])
+    assert time.monotonic() - start < 60
+    good = us.open_store(f"s3://{s3['bucket']}/ok.h5", storage_options=s3["options"])
+    np.testing.assert_array_equal(good["emb"].take([3]), arrays["emb"][[3]])

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from unistore.errors import CorruptDataError, TruncatedDataError, UnistoreError, UnsupportedError
+from unistore.errors import CorruptDataError, RemoteError, TruncatedDataError, UnistoreError, UnsupportedError
 from unistore.storage.formats.base import (
     META_KEY,
     ArrayInfo,
@@ -270,13 +270,14 @@ class Hdf5Format(Format):
             raise TypeError(f"hdf5 stores take no options {sorted(options)}")
         opened = OpenedStore(self.name, {})
         size = int(retry_remote(lambda: location.fs.size(location.path), location))
-        if location.is_local:
-            from unistore.storage.formats._hdf5_probe import probe
+        from unistore.storage.formats._hdf5_probe import probe
 
-            verdict = probe(location.path)  # a crafted file must not hang this process inside libhdf5
-            if verdict is not None and verdict[0] != "error":
-                raise CorruptDataError(f"{location.url} is a corrupt HDF5 file: {verdict[1]}; re-create or "
-                                       "re-download it")
+        verdict = probe(location)  # a crafted file must not hang this process inside libhdf5
+        if verdict is not None and verdict[0] == "remote":
+            raise RemoteError(f"reading {location.url} failed ({verdict[1]})")
+        if verdict is not None and verdict[0] != "error":
+            raise CorruptDataError(f"{location.url} is a corrupt HDF5 file: {verdict[1]}; re-create or "
+                                   "re-download it")
         try:
             return self._open(location, opened, size)
         except (UnistoreError, FileNotFoundError, PermissionError, IsADirectoryError):

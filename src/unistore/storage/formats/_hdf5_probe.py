@@ -1,4 +1,4 @@
-"""A first open of a local HDF5 file in a child process, with a deadline.
+"""A first open of an HDF5 file in a child process, with a deadline.
 
 A crafted HDF5 file (one byte changed is enough) can make libhdf5 spin
 forever while holding the GIL, so no timeout in the reading process could
@@ -10,43 +10,61 @@ the error it met. A helper that does not answer within the deadline
 (``UNISTORE_HDF5_PROBE_TIMEOUT``, 30 s) is killed, and so is one that crashes;
 either way the file is corrupt, and the next probe starts a new helper.
 
-Verdicts are kept per file identity (device, inode, size, mtime): a process
+Verdicts are kept per file identity (device, inode, size and mtime locally;
+URL, ETag and size remotely): a process
 probes a file once, and processes forked from it (DataLoader workers) inherit
 what it learned.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import pickle
 import select
 import subprocess
 import sys
 import threading
 from typing import Any
 
+from unistore.storage.location import Location
+
 __all__ = ["probe"]
 
 _LOCK = threading.Lock()
 _HELPER: subprocess.Popen[bytes] | None = None
 _HELPER_PID = -1
-_SEEN: dict[tuple[int, ...], tuple[str, str] | None] = {}
+_SEEN: dict[Any, tuple[str, str] | None] = {}
 
 
 def _timeout() -> float:
     return float(os.environ.get("UNISTORE_HDF5_PROBE_TIMEOUT", "30"))
 
 
-def probe(path: str) -> tuple[str, str] | None:
-    """None if the local HDF5 file at ``path`` opens and lists cleanly in a helper process, else
-    ``(kind, what)``: ``"error"`` (h5py raised; opening it here raises the same), ``"hang"`` (no answer within
-    the deadline) or ``"crash"`` (the helper died)."""
-    st = os.stat(path)
-    ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+def probe(location: Location) -> tuple[str, str] | None:
+    """None if the HDF5 file at ``location`` opens and lists cleanly in a helper process, else
+    ``(kind, what)``: ``"error"`` (h5py raised; opening it here raises the same), ``"remote"`` (the storage
+    failed the helper's reads), ``"hang"`` (no answer within the deadline) or ``"crash"`` (the helper died).
+
+    A remote file is read by the helper through the same ranged reads (and disk cache) as here; the location
+    travels to it pickled, its credentials through the hand-off of :mod:`unistore.storage.secrets`.
+    """
+    if location.is_local:
+        st = os.stat(location.path)
+        ident: Any = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        request = {"path": location.path}
+    else:
+        ident = location.identity()
+        from unistore.storage.location import RetryPolicy
+
+        # the helper's remote reads end within their own deadline: wait for that before calling it a hang
+        request = {"location": base64.b64encode(pickle.dumps(location)).decode(),
+                   "deadline": str(RetryPolicy(deadline=location.deadline).deadline)}
     with _LOCK:
         if ident in _SEEN:
             return _SEEN[ident]
-        verdict = _ask(path)
+        verdict = _ask(request)
         _SEEN[ident] = verdict
         return verdict
 
@@ -68,16 +86,16 @@ def _kill() -> None:
         _HELPER = None
 
 
-def _ask(path: str) -> tuple[str, str] | None:
+def _ask(request: dict[str, str]) -> tuple[str, str] | None:
     helper = _helper()
     assert helper.stdin is not None and helper.stdout is not None
     try:
-        helper.stdin.write(json.dumps(path).encode() + b"\n")
+        helper.stdin.write(json.dumps(request).encode() + b"\n")
         helper.stdin.flush()
     except OSError:
         _kill()
         return ("crash", "the HDF5 probe process died before it could read the file")
-    deadline = _timeout()
+    deadline = _timeout() if "path" in request else max(_timeout(), float(request["deadline"]) + 15)
     ready, _, _ = select.select([helper.stdout], [], [], deadline)
     if not ready:
         _kill()
@@ -88,16 +106,21 @@ def _ask(path: str) -> tuple[str, str] | None:
         _kill()
         return ("crash", f"libhdf5 crashed opening it (exit status {code})")
     answer: Any = json.loads(line)
-    return None if answer == "ok" else ("error", str(answer))
+    return None if answer == "ok" else (str(answer[0]), str(answer[1]))
 
 
 _CHILD = r"""
-import json, sys
+import base64, json, pickle, sys
 import numpy as np
 import h5py
 
-def check(path):
-    with h5py.File(path, "r") as f:
+def check(request):
+    if "path" in request:
+        target = request["path"]
+    else:
+        from unistore.storage.formats._hdf5 import _RemoteFile
+        target = _RemoteFile(pickle.loads(base64.b64decode(request["location"])))
+    with h5py.File(target, "r") as f:
         dict(f.attrs)
         found = []
         f.visititems(lambda name, obj: found.append(obj) if isinstance(obj, h5py.Dataset) else None)
@@ -120,7 +143,12 @@ for line in sys.stdin:
         check(json.loads(line))
         answer = "ok"
     except Exception as e:
-        answer = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        from unistore.errors import RemoteError, StoreChangedError
+        cause = getattr(e, "__context__", None)
+        remote = next((x for x in (e, cause) if isinstance(x, (RemoteError, StoreChangedError))), None)
+        shown = remote or e
+        answer = ["remote" if remote else "error",
+                  f"{type(shown).__name__}: {str(shown).splitlines()[0] if str(shown) else ''}"]
     sys.stdout.write(json.dumps(answer) + "\n")
     sys.stdout.flush()
 """
