@@ -51,7 +51,10 @@ def _location_of(layout: Layout) -> Location | None:
 def gather(layout: Layout, indices: np.ndarray, stats: IOStats) -> np.ndarray:
     """Rows ``indices`` (validated, non-negative int64) of ``layout``, in that order; a remote batch's reads end
     within one deadline together."""
-    with one_deadline(_location_of(layout)):
+    loc = _location_of(layout)
+    if loc is None or loc.is_local:  # the local hot path: no deadline to share
+        return _gather(layout, indices, stats)
+    with one_deadline(loc):
         return _gather(layout, indices, stats)
 
 
@@ -73,7 +76,10 @@ PREAD_MIN_BYTES = 1 << 20
 
 def read_rows(layout: Layout, start: int, stop: int, stats: IOStats) -> np.ndarray:
     """Rows ``[start, stop)`` as one read (a single range or a run of chunks)."""
-    with one_deadline(_location_of(layout)):
+    loc = _location_of(layout)
+    if loc is None or loc.is_local:
+        return _read_rows(layout, start, stop, stats)
+    with one_deadline(loc):
         return _read_rows(layout, start, stop, stats)
 
 

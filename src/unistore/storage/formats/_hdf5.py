@@ -31,6 +31,7 @@ from unistore.storage.formats.base import (
     RaggedInfo,
     apply_meta,
     loads_meta,
+    object_size,
 )
 from unistore.storage.layout import (
     ChunkedLayout,
@@ -40,7 +41,7 @@ from unistore.storage.layout import (
     LazyBlockReader,
     stamp_of,
 )
-from unistore.storage.location import Location, retry_remote
+from unistore.storage.location import Location
 
 _LOCK = threading.Lock()  # libhdf5 is not thread-safe across files opened from Python threads
 
@@ -269,7 +270,7 @@ class Hdf5Format(Format):
         if options:
             raise TypeError(f"hdf5 stores take no options {sorted(options)}")
         opened = OpenedStore(self.name, {})
-        size = int(retry_remote(lambda: location.fs.size(location.path), location))
+        size = object_size(location)  # remotely the HEAD that also gives the identity the probe and reads use
         from unistore.storage.formats._hdf5_probe import probe
 
         verdict = probe(location)  # a crafted file must not hang this process inside libhdf5
