@@ -97,16 +97,53 @@ def test_directory_republish_swaps_in_one_step(tmp_path: Any) -> None:
 
 
 @pytest.mark.s3
-@pytest.mark.parametrize("fmt", ["npy", "safetensors", "pt", "hdf5"])
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_a_remote_store_rewritten_under_a_reader_is_store_changed(fmt: str, s3: dict[str, Any]) -> None:
-    """No disk cache: every ranged read asks for the version that was listed or looked up at open (If-Match)."""
+    """No disk cache: every ranged read asks for the version that was listed or looked up at open (If-Match;
+    zarr: If-Unmodified-Since the moment of opening, which counts whole seconds, hence the pause)."""
+    import time
+
     url = f"s3://{s3['bucket']}/{STORE_NAME[fmt]}"
     data = np.full((64, 16), 1, np.float32)
     for v in (1, 2):
         with us.create_store(url, format=fmt, overwrite=True, storage_options=s3["options"]) as store:
-            store.write_array("emb", data * v)
+            store.write_array("emb", data * v, chunks=(8, 16) if fmt in ("zarr", "hdf5") else None)
         if v == 1:
             reader = us.open_store(url, storage_options=s3["options"], cache=False)
+            time.sleep(1.1)
     with pytest.raises(errors.StoreChangedError, match="rewritten"):
         reader["emb"].take([3])
     np.testing.assert_array_equal(us.open_store(url, storage_options=s3["options"])["emb"].take([3]), data[[3]] * 2)
+
+
+@pytest.mark.s3
+def test_a_zarr_store_deleted_under_a_reader_is_store_changed_not_damage(s3: dict[str, Any]) -> None:
+    """A remote republish deletes the old objects first: a chunk gone together with the root metadata is a
+    store being replaced (StoreChangedError); a chunk gone under unchanged metadata is damage."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(**s3["options"])
+    url = f"s3://{s3['bucket']}/gone.zarr"
+    with us.create_store(url, format="zarr", overwrite=True, storage_options=s3["options"]) as store:
+        store.write_array("emb", np.ones((64, 16), np.float32), chunks=(8, 16))
+    reader = us.open_store(url, storage_options=s3["options"], cache=False)
+    fs.rm(f"{s3['bucket']}/gone.zarr/emb/c/2/0")
+    with pytest.raises(errors.CorruptDataError, match="missing"):
+        reader["emb"].take([17])
+    np.testing.assert_array_equal(reader["emb"].take([3]), np.ones((1, 16), np.float32))
+    fs.rm(f"{s3['bucket']}/gone.zarr", recursive=True)
+    with pytest.raises(errors.StoreChangedError, match="rewritten"):
+        reader["emb"].take([40])
+
+
+@pytest.mark.s3
+def test_a_foreign_zarr_store_on_s3_reads_under_the_pin(s3: dict[str, Any]) -> None:
+    """A store zarr-python wrote (metadata before chunks) reads as before: the pin is the moment of opening."""
+    import zarr
+
+    path = f"s3://{s3['bucket']}/foreign-pin.zarr"
+    group = zarr.open_group(path, mode="w", zarr_format=3, storage_options=s3["options"])
+    group.create_array("emb", shape=(32, 4), dtype="float32", chunks=(8, 4))[...] = np.arange(128.0).reshape(32, 4)
+    store = us.open_store(path, storage_options=s3["options"], cache=False)
+    expected = np.arange(128.0, dtype=np.float32).reshape(32, 4)
+    np.testing.assert_array_equal(store["emb"].take([0, 31]), expected[[0, 31]])

@@ -44,7 +44,8 @@ def _zarr_store(location: Location) -> Any:
     return store
 
 
-def _counting_store(location: Location, strict: bool = False, root_id: tuple[int, ...] | None = None) -> Any:
+def _counting_store(location: Location, strict: bool = False, root_id: tuple[int, ...] | None = None,
+                    opened_at: Any = None) -> Any:
     """The zarr store for ``location`` wrapped so every object read from storage is counted and checked.
 
     Locally, a chunk file must be a regular file inside the store (a link out
@@ -54,6 +55,14 @@ def _counting_store(location: Location, strict: bool = False, root_id: tuple[int
     fill values. A ranged read that comes back short is an error either way.
     ``root_id``: (device, inode) of a local store's root when it was opened;
     a root replaced since (the store republished) is an error, not new bytes.
+
+    On S3 every object is read with one ``GetObject`` of its own, and, once
+    the store was opened, with ``If-Unmodified-Since`` set to the server's
+    time of that opening (``opened_at``; the store records it as ``opened_at``
+    on its first read): an object rewritten since is
+    :class:`~unistore.errors.StoreChangedError`, never new bytes under the old
+    shape. HTTP dates count whole seconds, so a rewrite within the second the
+    store was opened is not seen.
     """
     from zarr.abc.store import OffsetByteRequest, RangeByteRequest
     from zarr.storage import WrapperStore
@@ -69,9 +78,15 @@ def _counting_store(location: Location, strict: bool = False, root_id: tuple[int
             raise StoreChangedError(f"{location.url} was replaced after it was opened (rewritten with "
                                     "overwrite=True?); open the store again to read the new version")
 
+    s3 = remote and location.protocol in ("s3", "s3a")
+
     class CountingStore(WrapperStore[Any]):
         requests = 0
         nbytes = 0
+
+        def __init__(self, store: Any):
+            super().__init__(store)
+            self.opened_at = opened_at
 
         async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
             if not remote:
@@ -80,12 +95,17 @@ def _counting_store(location: Location, strict: bool = False, root_id: tuple[int
             if byte_range is None and remote:
                 # "bytes=0-": one GET, where a plain whole-object read makes s3fs ask the size first (a HEAD)
                 byte_range = OffsetByteRequest(0)
-            buf = await self._store.get(key, prototype, byte_range)
+            if s3:
+                buf = await self._s3_get(key, prototype, byte_range)
+            else:
+                buf = await self._store.get(key, prototype, byte_range)
             if not remote:
                 same_root()  # still the version opened: what was read is its bytes
             self.requests += 1
             self.nbytes += len(buf) if buf is not None else 0
             if buf is None and strict and _is_chunk_key(key):
+                if s3 and not await self._root_unchanged():
+                    raise _changed(location)
                 raise CorruptDataError(f"{location.url}: chunk {key!r} is missing, but unistore wrote every chunk "
                                        "of this array; the store was damaged - restore it from a copy")
             if buf is not None and isinstance(byte_range, RangeByteRequest) and \
@@ -98,7 +118,74 @@ def _counting_store(location: Location, strict: bool = False, root_id: tuple[int
         async def get_partial_values(self, prototype: Any, key_ranges: Any) -> Any:
             return [await self.get(key, prototype, byte_range) for key, byte_range in key_ranges]
 
+        def _object(self, key: str) -> tuple[str, str]:
+            bucket, path, _ = self._store.fs.split_path(f"{self._store.path}/{key}")
+            return bucket, path
+
+        async def _s3_get(self, key: str, prototype: Any, byte_range: Any) -> Any:
+            bucket, path = self._object(key)
+            kwargs: dict[str, Any] = {"Bucket": bucket, "Key": path}
+            if isinstance(byte_range, RangeByteRequest):
+                if byte_range.end <= byte_range.start:
+                    return prototype.buffer.from_bytes(b"")
+                kwargs["Range"] = f"bytes={byte_range.start}-{byte_range.end - 1}"
+            elif isinstance(byte_range, OffsetByteRequest):
+                kwargs["Range"] = f"bytes={byte_range.offset}-"
+            elif byte_range is not None:  # SuffixByteRequest
+                kwargs["Range"] = f"bytes=-{byte_range.suffix}"
+            if self.opened_at is not None:
+                kwargs["IfUnmodifiedSince"] = self.opened_at
+            try:
+                resp = await self._store.fs._call_s3("get_object", **kwargs)
+            except FileNotFoundError:
+                return None
+            except Exception as e:  # noqa: BLE001 - sorted by S3's error code below
+                if _precondition_failed(e):
+                    raise _changed(location) from e
+                if "InvalidRange" in f"{e} {e.__cause__}":  # a range past the object's end: short, judged by the caller
+                    return prototype.buffer.from_bytes(b"")
+                raise
+            try:
+                data = bytes(await resp["Body"].read())
+            finally:
+                resp["Body"].close()
+            if self.opened_at is None:  # the first read opens the store: later reads are pinned to this moment
+                from email.utils import parsedate_to_datetime
+
+                date = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+                self.opened_at = parsedate_to_datetime(date) if date else None
+            return prototype.buffer.from_bytes(data)
+
+        async def _root_unchanged(self) -> bool:
+            """Whether the root metadata is still the version opened (a republish deletes objects first)."""
+            if self.opened_at is None:
+                return True
+            bucket, path = self._object("zarr.json")
+            try:
+                await self._store.fs._call_s3("head_object", Bucket=bucket, Key=path,
+                                              IfUnmodifiedSince=self.opened_at)
+            except FileNotFoundError:
+                return False
+            except Exception as e:  # noqa: BLE001
+                if _precondition_failed(e):
+                    return False
+                raise
+            return True
+
     return CountingStore(_zarr_store(location))
+
+
+def _precondition_failed(e: BaseException) -> bool:
+    """Whether S3 refused a conditional request (HTTP 412): a GET says so by code, a HEAD by status only."""
+    text = f"{e} {e.__cause__}"
+    return "PreconditionFailed" in text or "Precondition Failed" in text or "(412)" in text
+
+
+def _changed(location: Location) -> UnistoreError:
+    from unistore.errors import StoreChangedError
+
+    return StoreChangedError(f"{location.url} was rewritten after it was opened (overwrite=True?); no bytes of "
+                             "the new version are served under the old one - open the store again to read it")
 
 
 def _is_chunk_key(key: str) -> bool:
@@ -196,13 +283,14 @@ class ZarrBlockReader(LazyBlockReader):
     concurrent = True
 
     def __init__(self, location: Location, name: str, strict: bool = False,
-                 root_id: tuple[int, ...] | None = None):
+                 root_id: tuple[int, ...] | None = None, opened_at: Any = None):
         super().__init__(location, name)
         self.strict = strict
         self.root_id = root_id
+        self.opened_at = opened_at
 
     def _open(self) -> tuple[Any, Any]:
-        store = _counting_store(self.location, self.strict, self.root_id)
+        store = _counting_store(self.location, self.strict, self.root_id, self.opened_at)
         node = retry_remote(lambda: _open_node(self.location, store), self.location)
         return store, (node[self.name] if self.name else node)
 
@@ -229,10 +317,10 @@ class ZarrBlockReader(LazyBlockReader):
         return self._identity
 
     def __getstate__(self) -> tuple[Any, ...]:  # type: ignore[override]
-        return (self.location, self.name, self._identity, self.strict, self.root_id)
+        return (self.location, self.name, self._identity, self.strict, self.root_id, self.opened_at)
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
-        self.__init__(state[0], state[1], *state[3:5])  # type: ignore[misc]
+        self.__init__(state[0], state[1], *state[3:6])  # type: ignore[misc]
         self._identity = state[2]
 
     def read(self, start: int, stop: int) -> np.ndarray:
@@ -270,7 +358,10 @@ class ZarrFormat(Format):
 
         if options:
             raise TypeError(f"zarr stores take no options {sorted(options)}")
-        node = retry_remote(lambda: _open_node(location), location)
+        root_id = path_identity(location.path) if location.is_local else None
+        store = _counting_store(location, root_id=root_id)
+        node = retry_remote(lambda: _open_node(location, store), location)
+        opened_at = getattr(store, "opened_at", None)  # S3: the server's time of opening, which reads are pinned to
         opened = OpenedStore(self.name, {})
         token = uuid.uuid4().hex
         if isinstance(node, zarr.Array):
@@ -286,7 +377,6 @@ class ZarrFormat(Format):
             except (ValueError, KeyError, TypeError) as e:
                 raise CorruptDataError(f"{location.url} has unreadable zarr metadata below the root ({e})") from e
         strict = meta.get("zarr_chunks") == "all"
-        root_id = path_identity(location.path) if location.is_local else None
         for key, arr, path in members:
             if arr.dtype.kind not in "biufc":
                 continue
@@ -299,8 +389,9 @@ class ZarrFormat(Format):
                                        "every chunk dimension of a non-empty axis must be at least 1 - the "
                                        "metadata is corrupt")
             stored = _StoredBytes(location, path)  # a listing of every chunk: only when asked
-            layout = ChunkedLayout(ZarrBlockReader(location, path, strict, root_id), shape, np.dtype(arr.dtype),
-                                   int(chunks[0]) if chunks else 1, token=f"zarr:{token}:{path}")
+            reader = ZarrBlockReader(location, path, strict, root_id, opened_at)
+            layout = ChunkedLayout(reader, shape, np.dtype(arr.dtype), int(chunks[0]) if chunks else 1,
+                                   token=f"zarr:{token}:{path}")
             opened.arrays[key] = ArrayInfo(key, shape, np.dtype(arr.dtype), layout, chunks=chunks,
                                            compression=_codec_names(arr), attrs=dict(arr.attrs),
                                            stored_nbytes=stored)
