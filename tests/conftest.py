@@ -93,6 +93,16 @@ def _pg_database() -> Iterator[str]:
         admin.dispose()
 
 
+@pytest.fixture(autouse=True)
+def default_catalog_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test gets its own default catalog location (``$XDG_DATA_HOME/unistore/catalog.db``): nothing a
+    test records lands in the user's real catalog, and no test sees another's."""
+    home = str(tmp_path_factory.mktemp("xdg-data"))
+    monkeypatch.setenv("XDG_DATA_HOME", home)
+    monkeypatch.delenv("UNISTORE_CATALOG_URL", raising=False)
+    return home
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def catalog_url(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]:
     """An empty catalog database: a SQLite file or a fresh PostgreSQL database (every catalog test runs on both)."""

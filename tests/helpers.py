@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
+
+
+def default_catalog() -> str:
+    """The default catalog of this test (the ``default_catalog_home`` fixture points it at a fresh directory)."""
+    return os.path.join(os.environ["XDG_DATA_HOME"], "unistore", "catalog.db")
+
 
 #: examples per header-fuzz test (raised by ``-m slow``, see ``conftest.pytest_configure``)
 FUZZ_EXAMPLES = 200

@@ -174,6 +174,8 @@ def cmd_db(args: argparse.Namespace) -> int:
         report = import_legacy(args.path, args.url, name=args.name, skip_bad=args.skip_bad, progress=not args.quiet)
         print(report)
         return 0
+    if args.db_command in ("export-labels", "drop-dataset"):
+        return _db_labels(args)
     engine = make_engine(args.url)
     shown = safe_url(engine.url)
     try:
@@ -181,6 +183,29 @@ def cmd_db(args: argparse.Namespace) -> int:
             return _db_on_engine(args, engine, shown)
     finally:
         engine.dispose()
+
+
+def _db_labels(args: argparse.Namespace) -> int:
+    import json
+
+    from unistore.schemas import connect
+    from unistore.schemas.labels import drop_dataset, export_labels
+
+    with connect(args.url) as catalog:
+        if args.db_command == "drop-dataset":
+            n = drop_dataset(catalog, args.name)
+            print(f"dropped dataset {args.name!r} ({n} samples and their labels) from {catalog.url}; its "
+                  "embedding files were not touched")
+            return 0
+        records = export_labels(catalog, args.name, manual_only=args.manual)
+    text = json.dumps(records, indent=1) + "\n"
+    if args.output in (None, "-"):
+        sys.stdout.write(text)
+    else:
+        with open(args.output, "w") as f:
+            f.write(text)
+        print(f"wrote {len(records)} labels of {args.name!r} to {args.output}", file=sys.stderr)
+    return 0
 
 
 def _db_on_engine(args: argparse.Namespace, engine: Any, shown: str) -> int:
@@ -323,7 +348,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     db = sub.add_parser("db", help="catalog migrations and the legacy importer")
     dbsub = db.add_subparsers(dest="db_command", required=True)
-    url_help = "catalog URL or SQLite path (default: $UNISTORE_CATALOG_URL or ./catalog.db)"
+    url_help = ("catalog URL or SQLite path (default: $UNISTORE_CATALOG_URL, else "
+                "~/.local/share/unistore/catalog.db)")
 
     def db_cmd(name: str, help: str) -> argparse.ArgumentParser:
         p = dbsub.add_parser(name, help=help)
@@ -341,14 +367,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", help="dataset name (default: the directory holding dataset.db)")
     p.add_argument("--skip-bad", action="store_true", help="import good rows and report bad ones")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p = db_cmd("export-labels", "write a dataset's labels (with --manual: only hand corrections) as JSON")
+    p.add_argument("name", help="the dataset's name in the catalog")
+    p.add_argument("--manual", action="store_true", help="only labels corrected through unistore")
+    p.add_argument("-o", "--output", help="file to write (default: stdout)")
+    db_cmd("drop-dataset", "delete a dataset's samples and labels from the catalog (files are kept)").add_argument(
+        "name", help="the dataset's name in the catalog")
 
     exp = sub.add_parser("experiments", help="search, show, export and reindex experiments")
     expsub = exp.add_subparsers(dest="exp_command", required=True)
 
     def exp_cmd(name: str, help: str) -> argparse.ArgumentParser:
         p = expsub.add_parser(name, help=help)
-        p.add_argument("--url", default=None, help="catalog URL (default: $UNISTORE_CATALOG_URL or "
-                                                   "CHROMA_DIR/catalog.db)")
+        p.add_argument("--url", default=None, help="catalog URL (default: $UNISTORE_CATALOG_URL, else "
+                                                   "~/.local/share/unistore/catalog.db)")
         p.add_argument("--chroma-dir", default="chroma", help="embedded index directory (default: ./chroma)")
         p.add_argument("--host", help="a Chroma server instead of the embedded index")
         p.add_argument("--port", type=int, default=8000)

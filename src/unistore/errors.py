@@ -20,6 +20,7 @@ __all__ = [
     "TruncatedDataError",
     "UnsafePickleError",
     "ShapeMismatchError",
+    "LabelCorrectionsError",
     "ReadOnlyError",
     "StoreExistsError",
     "IncompleteStoreError",
@@ -135,6 +136,12 @@ class DatasetNotFoundError(StoreNotFoundError, ValueError):
     Both a ``FileNotFoundError`` and a ``ValueError``: the seed dataset classes
     documented either for this case.
     """
+
+
+class LabelCorrectionsError(UnistoreError, ValueError):
+    """Label corrections made through unistore no longer fit the dataset they were made on (its ``dataset.db``
+    changed: a corrected sample is gone, or its labels changed shape).  The corrections are kept; the message
+    names the commands that export or discard them."""
 
 
 class IntegrityError(UnistoreError, ValueError):

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from unistore.datasets import ClusterLabeledDataset, collate, validate_first_batch
-from unistore.datasets import cluster_labeled as cl_module
 from unistore.errors import (
     ArrayNotFoundError,
     DatasetNotFoundError,
@@ -23,7 +22,7 @@ from unistore.errors import (
     UnistoreError,
 )
 
-from ..helpers import Sentinel
+from ..helpers import Sentinel, default_catalog
 from .builders import write_cluster_seed
 
 FORMATS = ("npy", "pt", "safetensors", "hdf5", "zarr")
@@ -60,7 +59,8 @@ def test_seed_layout_outputs(kind: str, seed_dir: tuple[str, dict[str, Any]]) ->
     for got, want in zip(batch, expect(src, positions, kind)):
         np.testing.assert_array_equal(got.numpy(), want)
     assert sha(os.path.join(path, "dataset.db")) == db_hash  # never modified
-    assert os.path.exists(os.path.join(path, "catalog.db"))
+    assert not os.path.exists(os.path.join(path, "catalog.db"))  # the import lands in the default catalog
+    assert ds.catalog_url == default_catalog() and os.path.exists(default_catalog())
 
 
 def test_metadata_output(seed_dir: tuple[str, dict[str, Any]]) -> None:
@@ -96,7 +96,7 @@ def test_import_reused_and_redone_when_db_changes(seed_dir: tuple[str, dict[str,
 
     path, src = seed_dir
     ClusterLabeledDataset(path)
-    catalog = os.path.join(path, "catalog.db")
+    catalog = default_catalog()
     with connect(catalog) as c, c.session() as s:
         first_id = s.scalar(select(Dataset.id))
     ds = ClusterLabeledDataset(path)
@@ -112,13 +112,11 @@ def test_import_reused_and_redone_when_db_changes(seed_dir: tuple[str, dict[str,
     conn.close()
     again = ClusterLabeledDataset(path)
     np.testing.assert_allclose(again[1][2].numpy(), np.full(5, 0.2))
-    np.testing.assert_array_equal(again[5][2].numpy(), src["labels"]["combined"][5])
-    # the correction made through the catalog is not lost: the previous import is kept under another name
+    # the correction made through the catalog keeps applying to the new import
+    np.testing.assert_array_equal(again[5][2].numpy(), np.eye(5)[2])
+    np.testing.assert_allclose(again.__getitems__([5, 1]).collated[2].numpy(), [np.eye(5)[2], np.full(5, 0.2)])
     with connect(catalog) as c, c.session() as s:
-        names = sorted(s.scalars(select(Dataset.name)))
-    assert names[0] == "clusters" and names[1].startswith("clusters@replaced-") and len(names) == 2
-    kept = ClusterLabeledDataset(path, dataset_name=names[1], catalog_url=catalog)
-    np.testing.assert_array_equal(kept[5][2].numpy(), np.eye(5)[2])
+        assert sorted(s.scalars(select(Dataset.name))) == ["clusters"]
 
 
 def test_update_labels_seen_here_and_in_fresh_workers(seed_dir: tuple[str, dict[str, Any]]) -> None:
@@ -226,7 +224,7 @@ def test_workers_return_the_same_batches(context: str, seed_dir: tuple[str, dict
     path, _ = seed_dir
     seed = ClusterLabeledDataset(path)
     seed.export(str(tmp_path / "z.zarr"), "zarr", compression="zstd", chunks=(8,))
-    for ds in (seed, ClusterLabeledDataset(str(tmp_path / "z.zarr"), catalog_url=os.path.join(path, "catalog.db"))):
+    for ds in (seed, ClusterLabeledDataset(str(tmp_path / "z.zarr"))):
         def batches(workers: int, ds: Any = ds) -> list[Any]:
             g = torch.Generator().manual_seed(3)
             loader = DataLoader(ds, batch_size=8, shuffle=True, generator=g, num_workers=workers,
@@ -248,14 +246,27 @@ def test_bad_arguments(seed_dir: tuple[str, dict[str, Any]], tmp_path: Any) -> N
     with pytest.raises(ValueError, match="mmap_mode"):
         ClusterLabeledDataset(path, mmap_mode="w+")
     assert len(ClusterLabeledDataset(path, mmap_mode="c")) == 60
-    catalog = os.path.join(path, "catalog.db")
+    catalog = default_catalog()
     os.makedirs(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="dataset.db not found"):
         ClusterLabeledDataset(str(tmp_path / "empty"))
+    import unistore as us
+
+    with us.create_store(str(tmp_path / "x.zarr"), format="zarr") as store:  # a store no catalog row names
+        for key in ("base_embeddings", "steering_embeddings"):
+            store.write_array(key, np.zeros((4, 8), np.float32))
     with pytest.raises(DatasetNotFoundError, match="no dataset 'nope'"):
         ClusterLabeledDataset(str(tmp_path / "x.zarr"), dataset_name="nope", catalog_url=catalog)
     with pytest.raises(DatasetNotFoundError, match="has its store at"):
         ClusterLabeledDataset(str(tmp_path / "x.zarr"), catalog_url=catalog)
+
+
+def test_a_missing_directory_names_the_path_and_creates_nothing(tmp_path: Any,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="nope/clusters does not exist"):
+        ClusterLabeledDataset(str(tmp_path / "nope" / "clusters"))
+    assert os.listdir(tmp_path) == [] and not os.path.exists(default_catalog())
 
 
 def _assert_untouched(path: str, before: dict[str, str]) -> None:
@@ -299,7 +310,7 @@ def test_store_mode_errors(seed_dir: tuple[str, dict[str, Any]], tmp_path: Any) 
     import unistore as us
 
     path, src = seed_dir
-    catalog = os.path.join(path, "catalog.db")
+    catalog = default_catalog()
     seed = ClusterLabeledDataset(path)
     url = str(tmp_path / "one.h5")
     with us.create_store(url, format="hdf5") as store:
@@ -330,18 +341,14 @@ def test_store_mode_errors(seed_dir: tuple[str, dict[str, Any]], tmp_path: Any) 
         seed.update_labels(1, source_label=np.ones(5))
 
 
-def test_unwritable_directory_uses_a_per_user_catalog(seed_dir: tuple[str, dict[str, Any]], tmp_path: Any,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_seed_directory_is_never_written(seed_dir: tuple[str, dict[str, Any]]) -> None:
+    """A read-only dataset directory works: the import, its lock and corrections all live in the catalog."""
     path, src = seed_dir
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    real_access = os.access
-    # the tests run as root, which may write anywhere: make the directory read as not writable
-    monkeypatch.setattr(cl_module.os, "access", lambda p, mode: False if os.path.abspath(p) == path and
-                        mode == os.W_OK else real_access(p, mode))
+    before = {f: sha(os.path.join(path, f)) for f in os.listdir(path)}
     ds = ClusterLabeledDataset(path)
-    assert not os.path.exists(os.path.join(path, "catalog.db"))
-    assert ds.catalog_url.startswith(str(tmp_path / "cache" / "unistore" / "catalogs"))
+    ds.update_labels(102, source_label=np.eye(5, dtype=np.float32)[0])
     np.testing.assert_array_equal(ds[2][0].numpy(), src["base"][src["rows"][2]])
+    _assert_untouched(path, before)
 
 
 def test_ranks_opening_a_new_seed_dir_at_once_import_it_once(seed_dir: tuple[str, dict[str, Any]]) -> None:
@@ -357,6 +364,6 @@ def test_ranks_opening_a_new_seed_dir_at_once_import_it_once(seed_dir: tuple[str
     with mp.get_context("spawn").Pool(3) as pool:
         results = pool.map(open_cluster_dataset, [path] * 3)
     assert results == [(60, pytest.approx(float(src["labels"]["combined"].sum()), rel=1e-6))] * 3
-    with connect(os.path.join(path, "catalog.db")) as c, c.session() as s:
+    with connect(default_catalog()) as c, c.session() as s:
         assert s.scalar(select(func.count()).select_from(Dataset)) == 1
         assert s.scalar(select(func.count()).select_from(Sample)) == 60

@@ -269,11 +269,13 @@ def test_usage_records_in_the_catalog(catalog_url: str, tmp_path: Any) -> None:
     assert len(dataset_usage_history("custom_dataset", catalog_url=catalog_url)) == 2
 
 
-def test_create_dataset_records_in_local_root_catalog(tmp_path: Any) -> None:
+def test_create_dataset_records_in_the_default_catalog(tmp_path: Any) -> None:
+    """create_dataset and dataset_usage_history agree on the default catalog; the data root gets none."""
     create_dataset("synthetic", batch_size=8, data_dir=str(tmp_path))
     create_dataset("synthetic", batch_size=8, data_dir=str(tmp_path))  # cached loaders, still a recorded use
-    rows = dataset_usage_history("synthetic", catalog_url=str(tmp_path / "catalog.db"))
+    rows = dataset_usage_history("synthetic")
     assert len(rows) == 2 and rows[0]["experiment_id"] is None
+    assert not os.path.exists(tmp_path / "catalog.db")
 
 
 def test_cli_import_and_list(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:

@@ -8,8 +8,9 @@ embedding array plus one catalog query.
 A seed-layout directory (``dataset.db`` with pickled labels beside
 ``base_embeddings.npy`` / ``steering_embeddings.npy``) is opened as it is: its
 database is imported once, read-only and through the restricted unpickler,
-into a catalog (``catalog.db`` in the same directory by default), reused by
-later opens and imported again when ``dataset.db`` changes.
+into the catalog (the default one unless ``catalog_url`` is given), reused by
+later opens and imported again when ``dataset.db`` changes; label corrections
+made through the catalog keep applying to the new import.
 """
 
 from __future__ import annotations
@@ -30,12 +31,14 @@ from unistore.errors import (
     ArrayNotFoundError,
     DatasetNotFoundError,
     IntegrityError,
+    LabelCorrectionsError,
     ShapeMismatchError,
     UnsupportedError,
 )
+from unistore.storage.array import Array
 from unistore.storage.location import Location
 
-__all__ = ["ClusterLabeledDataset", "LABEL_TYPES", "EMBEDDING_KEYS", "default_catalog_path"]
+__all__ = ["ClusterLabeledDataset", "LABEL_TYPES", "EMBEDDING_KEYS", "import_seed_layout"]
 
 log = logging.getLogger("unistore")
 
@@ -44,17 +47,6 @@ EMBEDDING_KEYS = ("base_embeddings", "steering_embeddings")
 #: ``datasets.kind`` of cluster-labelled datasets written by :meth:`ClusterLabeledDataset.export`.
 KIND = "cluster_labeled"
 _MMAP_MODES = ("r", "r+", "w+", "c")
-
-
-def default_catalog_path(dataset_dir: str) -> str:
-    """``catalog.db`` inside ``dataset_dir``, or a per-user cache file when that directory is not writable."""
-    directory = os.path.abspath(dataset_dir)
-    if os.access(directory, os.W_OK):
-        return os.path.join(directory, "catalog.db")
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    digest = hashlib.sha1(directory.encode()).hexdigest()[:12]
-    os.makedirs(os.path.join(cache, "unistore", "catalogs"), exist_ok=True)
-    return os.path.join(cache, "unistore", "catalogs", f"{os.path.basename(directory) or 'dataset'}-{digest}.db")
 
 
 def _sqlite_path(url: str) -> str | None:
@@ -96,61 +88,180 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _retire_import(catalog: Any, dataset_id: int, name: str, db_path: str) -> None:
-    """Make room for a new import of a changed ``dataset.db``.
+def _manual_labels(session: Any, dataset_id: int) -> dict[int, dict[str, Any]]:
+    """``{sample_id: {kind: vector}}`` of the labels corrected through the catalog (provenance ``manual``)."""
+    from sqlalchemy import select
 
-    An import that holds label corrections made through the catalog is kept
-    under another name (nothing a user wrote is lost); one that holds only
-    what ``dataset.db`` still has is dropped.
+    from unistore.schemas import Label, Sample
+
+    found: dict[int, dict[str, Any]] = {}
+    for sid, kind, vector in session.execute(
+            select(Sample.sample_id, Label.kind, Label.vector).join(Label, Label.sample_pk == Sample.id)
+            .where(Sample.dataset_id == dataset_id, Label.provenance == "manual")):
+        found.setdefault(int(sid), {})[kind] = vector
+    return found
+
+
+def _stale_error(catalog_url: str, name: str, kept: str, problems: Sequence[str]) -> LabelCorrectionsError:
+    from unistore.schemas.engine import resolve_url, safe_url
+
+    url = safe_url(resolve_url(catalog_url))
+    return LabelCorrectionsError(
+        f"dataset.db of {name!r} changed since its labels were corrected through unistore, and "
+        f"{len(problems)} correction(s) no longer fit it ({'; '.join(problems[:5])}). They are kept in dataset "
+        f"{kept!r} of the catalog {url}: save them with `unistore db export-labels {kept!r} --manual -o "
+        f"corrections.json --url {url}`, then discard them with `unistore db drop-dataset {kept!r} --url {url}` "
+        "and open the dataset again")
+
+
+def _reimport(catalog: Any, ds_id: int, name: str, db_path: str, catalog_url: str) -> None:
+    """Import a changed ``dataset.db`` again; label corrections made through the catalog keep applying.
+
+    The previous import is renamed aside, the file imported afresh, and each
+    correction applied again to the same ``sample_id`` (same label shape) in
+    one transaction; the previous import is then dropped.  Corrections that no
+    longer fit (their sample is gone, or the labels changed shape) keep the
+    previous import, and the new one records it, so every open raises
+    :class:`~unistore.errors.LabelCorrectionsError` until the user exports or
+    discards them - a correction never silently stops applying.
     """
     import uuid
 
-    from sqlalchemy import delete, func, select
+    from sqlalchemy import delete, select, update
 
+    from unistore.migrations.legacy import import_legacy
     from unistore.schemas import Dataset, Label, Sample
 
+    kept = f"{name}@replaced-{uuid.uuid4().hex[:8]}"
     with catalog.session() as session:
-        manual = session.scalar(select(func.count()).select_from(Label).join(Sample, Label.sample_pk == Sample.id)
-                                .where(Sample.dataset_id == dataset_id, Label.provenance == "manual"))
-        if manual:
-            kept = f"{name}@replaced-{uuid.uuid4().hex[:8]}"
-            row = session.get(Dataset, dataset_id)
+        corrections = _manual_labels(session, ds_id)
+        if not corrections:
+            session.execute(delete(Dataset).where(Dataset.id == ds_id))
+        else:
+            row = session.get(Dataset, ds_id)
             assert row is not None
             row.name = kept
-            row.attrs = {**(row.attrs or {}), "replaced": True}  # opened as it is, never imported into again
-            log.warning("%s changed since it was imported; importing it again. The previous import holds %d label "
-                        "corrections made through the catalog and is kept as dataset %r in %s", db_path, manual, kept,
-                        catalog.url)
+            row.attrs = {**(row.attrs or {}), "replaced": True, "legacy_db": None, "replaced_from": db_path}
+    import_legacy(db_path, catalog_url, name=name)
+    if not corrections:
+        log.info("%s changed since it was imported; imported it again into %s", db_path, catalog.url)
+        return
+    problems: list[str] = []
+    applied = 0
+    with catalog.session() as session:
+        new_id = session.scalar(select(Dataset.id).where(Dataset.name == name))
+        current = {(int(sid), kind): (pk, vec) for sid, pk, kind, vec in session.execute(
+            select(Sample.sample_id, Label.sample_pk, Label.kind, Label.vector)
+            .join(Label, Label.sample_pk == Sample.id)
+            .where(Sample.dataset_id == new_id, Sample.sample_id.in_(list(corrections))))}
+        for sid, labels in sorted(corrections.items()):
+            for kind, vector in labels.items():
+                found = current.get((sid, kind))
+                if found is None:
+                    problems.append(f"sample_id {sid} is gone")
+                    continue
+                if np.shape(found[1]) != np.shape(vector):
+                    problems.append(f"{kind} label of sample_id {sid} is {np.shape(found[1])} now, the correction "
+                                    f"{np.shape(vector)}")
+                    continue
+                session.execute(update(Label).where(Label.sample_pk == found[0], Label.kind == kind)
+                                .values(vector=vector, provenance="manual", version=Label.version + 1))
+                applied += 1
+        if problems:
+            row = session.get(Dataset, new_id)
+            assert row is not None
+            row.attrs = {**(row.attrs or {}), "stale_corrections": kept}
+            log.warning("%s changed since it was imported: %d correction(s) applied again, %d no longer fit; they "
+                        "are kept as dataset %r in %s", db_path, applied, len(problems), kept, catalog.url)
         else:
-            session.execute(delete(Dataset).where(Dataset.id == dataset_id))
-            log.info("%s changed since it was imported; importing it again into %s", db_path, catalog.url)
+            session.execute(delete(Dataset).where(Dataset.id == ds_id))
+            log.info("%s changed since it was imported; imported it again into %s and applied its %d label "
+                     "correction(s) again", db_path, catalog.url, applied)
+    if problems:
+        raise _stale_error(catalog_url, name, kept, problems)
+
+
+def _stray_corrections(directory: str, catalog_url: str) -> None:
+    """A ``catalog.db`` inside a seed-layout directory that holds label corrections, while the default catalog
+    is elsewhere: refuse to read the labels without them (name the catalog to pass)."""
+    import sqlite3
+
+    stray = os.path.join(directory, "catalog.db")
+    if not os.path.isfile(stray) or os.path.abspath(_sqlite_path(catalog_url) or "") == stray:
+        return
+    try:
+        conn = sqlite3.connect(f"file:{stray}?mode=ro", uri=True)
+        try:
+            manual = conn.execute("SELECT count(*) FROM labels WHERE provenance = 'manual'").fetchone()[0]
+        finally:
+            conn.close()
+    except sqlite3.Error:  # not a catalog (or not one with labels): nothing of ours to lose
+        return
+    if manual:
+        raise LabelCorrectionsError(
+            f"{stray} holds {manual} label correction(s) made through unistore, but this open would read the "
+            f"default catalog ({catalog_url}) without them: pass catalog_url={stray!r} (or set "
+            "UNISTORE_CATALOG_URL to it) to keep using them")
+
+
+def _is_store(path: str) -> bool:
+    """Whether a local directory is a store (zarr metadata, or unistore's own) rather than a seed layout."""
+    from unistore.storage.formats.base import META_NAME
+
+    return any(os.path.exists(os.path.join(path, name)) for name in ("zarr.json", ".zgroup", ".zarray", META_NAME))
+
+
+def _import_name(session: Any, db_path: str, directory: str) -> str:
+    """The catalog name of ``db_path``'s import: the one already made from that file, else the directory's name,
+    else (another directory of that name was imported) the name with a digest of the path."""
+    from sqlalchemy import select
+
+    from unistore.schemas import Dataset
+
+    base = os.path.basename(directory) or "dataset"
+    for ds_name, attrs in session.execute(select(Dataset.name, Dataset.attrs)):
+        if (attrs or {}).get("legacy_db") == db_path:
+            return str(ds_name)
+    if session.scalar(select(Dataset.id).where(Dataset.name == base)) is None:
+        return base
+    return f"{base}-{hashlib.sha1(db_path.encode()).hexdigest()[:8]}"
 
 
 def import_seed_layout(dataset_dir: str, catalog_url: str | None = None, name: str | None = None) -> tuple[str, str]:
     """Make sure the catalog holds the current ``dataset_dir/dataset.db``; returns ``(catalog_url, name)``.
 
-    Imports on first use, reuses the import while ``dataset.db`` is unchanged
-    (same size and mtime, or same SHA-256), and imports it again when the file
-    changed (keeping the previous import under another name if it holds label
-    corrections).  ``dataset.db`` is only ever opened read-only.  A failed first
-    import leaves no catalog file behind.
+    The catalog is ``catalog_url``, else the default one
+    (:func:`unistore.schemas.engine.default_catalog_url`); the dataset is
+    named after its directory (with a digest of the path when another
+    directory of that name was imported first).  Imports on first use, reuses
+    the import while ``dataset.db`` is unchanged (same size and mtime, or same
+    SHA-256), and imports it again when the file changed, applying the label
+    corrections made through the catalog again.  ``dataset.db`` is only ever
+    opened read-only.  A failed first import leaves no catalog file behind.
 
     Raises:
-        DatasetNotFoundError: no ``dataset.db`` in ``dataset_dir``.
+        DatasetNotFoundError: ``dataset_dir`` or its ``dataset.db`` does not exist (nothing is created).
+        LabelCorrectionsError: corrections that no longer fit a changed ``dataset.db`` (kept, not applied).
         LegacyImportError / UnsafePickleError / CorruptDataError: a bad row (nothing imported).
     """
     from sqlalchemy import select
 
     from unistore.migrations.legacy import import_legacy
     from unistore.schemas import Dataset, connect
+    from unistore.schemas.engine import default_catalog_url
 
-    db_path = os.path.join(os.path.abspath(dataset_dir), "dataset.db")
+    directory = os.path.abspath(dataset_dir)
+    db_path = os.path.join(directory, "dataset.db")
+    if not os.path.isdir(directory):
+        raise DatasetNotFoundError(f"dataset directory {dataset_dir} does not exist (a ClusterLabeled dataset "
+                                   "directory holds dataset.db, base_embeddings.npy and steering_embeddings.npy)")
     if not os.path.isfile(db_path):
         raise DatasetNotFoundError(f"dataset.db not found in {dataset_dir}: a ClusterLabeled dataset directory "
                                    "needs dataset.db, base_embeddings.npy and steering_embeddings.npy (for a store "
                                    "whose samples are in a catalog, pass catalog_url=)")
-    catalog_url = catalog_url or default_catalog_path(dataset_dir)
-    name = name or os.path.basename(os.path.abspath(dataset_dir)) or "dataset"
+    if catalog_url is None:
+        catalog_url = default_catalog_url()
+        _stray_corrections(directory, catalog_url)
     sqlite_file = _sqlite_path(catalog_url)
     created = sqlite_file is not None and not os.path.exists(sqlite_file)
     try:
@@ -159,20 +270,30 @@ def import_seed_layout(dataset_dir: str, catalog_url: str | None = None, name: s
             catalog = connect(catalog_url)
             try:
                 with catalog.session() as session:
+                    name = name or _import_name(session, db_path, directory)
                     ds = session.scalar(select(Dataset).where(Dataset.name == name))
                     attrs = dict(ds.attrs or {}) if ds is not None else {}
+                    stale = attrs.get("stale_corrections")
+                    if ds is not None and stale and \
+                            session.scalar(select(Dataset.id).where(Dataset.name == stale)) is None:
+                        ds.attrs = {k: v for k, v in attrs.items() if k != "stale_corrections"}
+                        stale = None  # the kept corrections were discarded: the import applies as it is
+                if stale:
+                    raise _stale_error(catalog_url, name, stale, [f"see dataset {stale!r}"])
+                if ds is not None and attrs.get("replaced"):  # an import kept aside: opened as it is
+                    return catalog_url, name
                 if ds is not None and attrs.get("legacy_db") != db_path:
                     raise ShapeMismatchError(
                         f"the catalog at {catalog.url} already has a dataset {name!r} imported from "
                         f"{attrs.get('legacy_db') or 'elsewhere'}; pass dataset_name= to import {db_path} under "
                         "another name")
-                if ds is not None and (attrs.get("legacy_stamp") == stamp or attrs.get("replaced")):
+                if ds is not None and attrs.get("legacy_stamp") == stamp:
                     return catalog_url, name
                 digest = _sha256(db_path)
-                if ds is None or attrs.get("legacy_sha256") != digest:
-                    if ds is not None:
-                        _retire_import(catalog, ds.id, name, db_path)
+                if ds is None:
                     import_legacy(db_path, catalog_url, name=name)
+                elif attrs.get("legacy_sha256") != digest:
+                    _reimport(catalog, ds.id, name, db_path, catalog_url)
                 with catalog.session() as session:
                     row = session.scalar(select(Dataset).where(Dataset.name == name))
                     assert row is not None
@@ -188,6 +309,99 @@ def import_seed_layout(dataset_dir: str, catalog_url: str | None = None, name: s
     return catalog_url, name
 
 
+class _SampleCache:
+    """The LRU cache of samples the seed document specifies (``cache_size`` samples), used by every read.
+
+    A sample's rows live in preallocated slot arrays (one per tensor of the
+    sample, allocated at the first batch), its metadata dict beside them, so a
+    batch is looked up, filled and assembled with a few vectorized copies
+    rather than a tensor per sample.  ``entries`` maps position -> slot in
+    recency order (the dataset's ``_sample_cache``).  Hit and miss counts are
+    in shared memory made before DataLoader workers start, so the counts the
+    main process reports include every worker's reads.
+    """
+
+    def __init__(self, size: int):
+        import multiprocessing as mp
+
+        self.size = max(int(size), 0)
+        self.entries: OrderedDict[int, int] = OrderedDict()
+        self.free = list(range(self.size))
+        self.rows: list[np.ndarray] | None = None
+        self.extra: list[Any] = [None] * self.size
+        self.lock = threading.Lock()
+        self.counts = mp.get_context("spawn").Array("q", 2)  # [hits, misses] of this process and its workers
+
+    def __getstate__(self) -> dict[str, Any]:
+        from multiprocessing.context import get_spawning_popen
+
+        # the counters travel to workers being started (shared memory); a dataset pickled otherwise counts anew
+        return {"size": self.size, "counts": self.counts if get_spawning_popen() is not None else None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        counts = state["counts"]
+        self.__init__(state["size"])  # type: ignore[misc]
+        if counts is not None:
+            self.counts = counts
+
+    def count(self, hits: int, misses: int) -> None:
+        with self.counts.get_lock():
+            self.counts[0] += hits
+            self.counts[1] += misses
+
+    def lookup(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(hit mask, slots of the hits)``; hits become the most recently used."""
+        if not self.entries:
+            return np.zeros(len(positions), dtype=bool), np.empty(0, dtype=np.int64)
+        with self.lock:
+            got = [self.entries.get(p) for p in positions.tolist()]
+            hit = np.fromiter((g is not None for g in got), dtype=bool, count=len(got))
+            for p, g in zip(positions.tolist(), got):
+                if g is not None:
+                    self.entries.move_to_end(p)
+        return hit, np.array([g for g in got if g is not None], dtype=np.int64)
+
+    def put(self, positions: np.ndarray, parts: Sequence[np.ndarray], extra: Sequence[Any] | None) -> None:
+        """Keep samples ``positions`` (rows ``j`` of each of ``parts``), evicting the least recently used."""
+        if self.size == 0 or not len(positions):
+            return
+        with self.lock:
+            if self.rows is None:
+                self.rows = [np.empty((self.size,) + p.shape[1:], p.dtype) for p in parts]
+            keep: dict[int, int] = {}
+            for j, p in enumerate(positions.tolist()[-self.size:], start=max(len(positions) - self.size, 0)):
+                keep[p] = j  # the last copy of a repeated position
+            slots, rows = [], []
+            for p, j in keep.items():
+                slot = self.entries.pop(p, None)
+                if slot is None:
+                    slot = self.free.pop() if self.free else self.entries.popitem(last=False)[1]
+                self.entries[p] = slot
+                slots.append(slot)
+                rows.append(j)
+            s, r = np.array(slots, dtype=np.int64), np.array(rows, dtype=np.int64)
+            for store, part in zip(self.rows, parts):
+                store[s] = part[r]
+            if extra is not None:
+                for slot, j in zip(slots, rows):
+                    self.extra[slot] = extra[j]
+
+    def forget(self, position: int) -> None:
+        with self.lock:
+            slot = self.entries.pop(position, None)
+            if slot is not None:
+                self.free.append(slot)
+                self.extra[slot] = None
+
+    def clear(self) -> None:
+        with self.lock:
+            self.entries.clear()
+            self.free = list(range(self.size))
+            self.extra = [None] * self.size
+        with self.counts.get_lock():
+            self.counts[0] = self.counts[1] = 0
+
+
 class ClusterLabeledDataset(StoreDataset):
     """``(base_emb [D], steering_emb [D], label [n_clusters])`` per sample, plus metadata on request.
 
@@ -200,8 +414,8 @@ class ClusterLabeledDataset(StoreDataset):
         return_metadata: also return a dict of sample fields and all three labels.
         mmap_mode: ``"r"`` (default) or ``"c"``: embeddings are mapped read-only either way.
         cache_size: samples kept by the LRU cache of single-item access (``dataset[i]``).
-        catalog_url: the catalog (default: ``catalog.db`` beside a seed layout, else
-            ``$UNISTORE_CATALOG_URL``).
+        catalog_url: the catalog (default:
+            :func:`unistore.schemas.engine.default_catalog_url`, the same for every entry point).
         dataset_name: the dataset's name in the catalog (default: the directory's
             name, or the dataset whose store is ``dataset_dir``).
         storage_options: fsspec options for a remote store (never stored or printed).
@@ -234,8 +448,12 @@ class ClusterLabeledDataset(StoreDataset):
         self.mmap_mode = mmap_mode
         self._cache_size = int(cache_size)
         location = Location(dataset_dir, storage_options)
+        if location.is_local and not os.path.exists(location.path):
+            raise DatasetNotFoundError(f"dataset directory {location.path} does not exist (a ClusterLabeled "
+                                       "dataset directory holds dataset.db, base_embeddings.npy and "
+                                       "steering_embeddings.npy)")
         seed_layout = location.is_local and os.path.isdir(location.path) and (
-            os.path.isfile(os.path.join(location.path, "dataset.db")) or catalog_url is None)
+            os.path.isfile(os.path.join(location.path, "dataset.db")) or not _is_store(location.path))
         if seed_layout:
             catalog_url, dataset_name = import_seed_layout(location.path, catalog_url, dataset_name)
         self.catalog_url = catalog_url
@@ -322,10 +540,16 @@ class ClusterLabeledDataset(StoreDataset):
         self.embedding_dim = int(base.shape[1])
 
     def _init_cache(self) -> None:
-        self._sample_cache: OrderedDict[int, Any] = OrderedDict()
-        self._cache_lock = threading.Lock()
-        self._hits = 0
-        self._misses = 0
+        self._cache = _SampleCache(self._cache_size)
+
+    @property
+    def _sample_cache(self) -> OrderedDict[int, int]:
+        """The cached positions, least recently used first (``len()`` is the number of cached samples)."""
+        return self._cache.entries
+
+    @property
+    def _cache_lock(self) -> Any:
+        return self._cache.lock
 
     def _conn_catalog(self, write: bool = False) -> Any:
         """This process's catalog for reading (or writing), opened again after fork or in a spawned worker."""
@@ -341,7 +565,7 @@ class ClusterLabeledDataset(StoreDataset):
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        for key in ("_catalog", "_writer", "_sample_cache", "_cache_lock"):
+        for key in ("_catalog", "_writer"):
             state.pop(key, None)
         return state
 
@@ -349,19 +573,18 @@ class ClusterLabeledDataset(StoreDataset):
         self.__dict__.update(state)
         self._catalog = self._writer = None
         self._pid = -1
-        self._init_cache()
 
     # ------------------------------------------------------------- reading
     def sample_rows(self) -> tuple[np.ndarray | None, list[Any]] | None:
         return self._embedding_idx, [self.arrays["base_embeddings"], self.arrays["steering_embeddings"]]
 
-    def _get_batch(self, indices: np.ndarray) -> Any:
+    def _read(self, idx: np.ndarray) -> tuple[Any, ...]:
+        """Samples at positions ``idx`` from storage and the catalog: one gather per array, one query."""
         import torch
 
         from unistore.schemas.labels import SAMPLE_FIELDS, labels_by_pk, samples_by_pk
-        from unistore.storage.array import normalize_indices, to_tensor
+        from unistore.storage.array import to_tensor
 
-        idx = normalize_indices(indices, len(self), self.dataset_name)
         rows = self._embedding_idx[idx]
         base = self.arrays["base_embeddings"].take(rows, as_tensor=True)
         steering = self.arrays["steering_embeddings"].take(rows, as_tensor=True)
@@ -376,54 +599,95 @@ class ClusterLabeledDataset(StoreDataset):
         for j, values in enumerate(fields):
             meta: dict[str, Any] = dict(zip(SAMPLE_FIELDS, values))
             del meta["embedding_idx"]
-            meta.update({f"{kind}_label": tensors[kind][j] for kind in LABEL_TYPES})
+            meta.update({f"{kind}_label": tensors[kind][j].clone() for kind in LABEL_TYPES})
             metadata.append(meta)
         return base, steering, tensors[self.label_type], metadata
 
-    def __getitem__(self, index: int) -> Any:
-        key = int(index) + (len(self) if int(index) < 0 else 0)
-        with self._cache_lock:
-            cached = self._sample_cache.get(key)
-            if cached is not None:
-                self._sample_cache.move_to_end(key)
-                self._hits += 1
-                return cached
-            self._misses += 1
-        sample = self.__getitems__([key])[0]
-        self._remember(key, sample)
-        return sample
+    def _get_batch(self, indices: np.ndarray) -> Any:
+        """The batch at ``indices``: cached samples from the LRU cache, the rest read in one go and cached."""
+        import torch
 
-    def _remember(self, key: int, sample: Any) -> None:
-        if self._cache_size <= 0:
-            return
-        with self._cache_lock:
-            self._sample_cache[key] = sample
-            self._sample_cache.move_to_end(key)
-            while len(self._sample_cache) > self._cache_size:
-                self._sample_cache.popitem(last=False)
+        from unistore.storage.array import normalize_indices
+
+        idx = normalize_indices(indices, len(self), self.dataset_name)
+        cache = self._cache
+        if cache.size == 0:
+            cache.count(0, len(idx))
+            return self._read(idx)
+        hit, slots = cache.lookup(idx)
+        n_hit = int(hit.sum())
+        cache.count(n_hit, len(idx) - n_hit)
+        if n_hit == 0:
+            out = self._read(idx)
+            cache.put(idx, [t.numpy() for t in out[:3]], out[3] if self.return_metadata else None)
+            return out
+        miss = ~hit
+        fetched = self._read(idx[miss]) if miss.any() else None
+        assert cache.rows is not None
+        parts = []
+        for k, stored in enumerate(cache.rows):
+            part = np.empty((len(idx),) + stored.shape[1:], stored.dtype)
+            part[hit] = stored[slots]
+            if fetched is not None:
+                part[miss] = fetched[k].numpy()
+            parts.append(torch.from_numpy(part))
+        if fetched is not None:
+            cache.put(idx[miss], [t.numpy() for t in fetched[:3]], fetched[3] if self.return_metadata else None)
+        if not self.return_metadata:
+            return tuple(parts)
+        metadata: list[Any] = [None] * len(idx)
+        for j, slot in zip(np.flatnonzero(hit).tolist(), slots.tolist()):
+            metadata[j] = dict(cache.extra[slot])
+        if fetched is not None:
+            for j, meta in zip(np.flatnonzero(miss).tolist(), fetched[3]):
+                metadata[j] = meta
+        return (*parts, metadata)
+
+    def prefetch(self, indices: Any) -> None:
+        """The loader's read-ahead: bring the batch's embedding rows into the storage caches (the sample cache
+        and its statistics are left to the reads themselves)."""
+        from unistore.datasets.base import as_index_array
+        from unistore.storage.array import normalize_indices
+
+        rows = self._embedding_idx[normalize_indices(as_index_array(indices), len(self), self.dataset_name)]
+        for key in EMBEDDING_KEYS:
+            arr = self.arrays[key]
+            if isinstance(arr, Array):
+                arr.prefetch(rows)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.__getitems__([index])[0]
 
     # ------------------------------------------------------------- cache
     def get_cache_stats(self) -> dict[str, Any]:
-        """``{'hits', 'misses', 'hit_rate', 'size'}`` of the single-item LRU cache in this process."""
-        with self._cache_lock:
-            total = self._hits + self._misses
-            return {"hits": self._hits, "misses": self._misses, "hit_rate": self._hits / total if total else 0.0,
-                    "size": len(self._sample_cache)}
+        """``{'hits', 'misses', 'hit_rate', 'size'}`` of the LRU sample cache.
+
+        Every read counts: ``dataset[i]``, DataLoader batches, and the reads
+        of DataLoader workers started from this dataset (each worker has its
+        own cache; their counts add up here).  ``size`` is the number of
+        samples cached in this process.
+        """
+        with self._cache.counts.get_lock():
+            hits, misses = int(self._cache.counts[0]), int(self._cache.counts[1])
+        total = hits + misses
+        return {"hits": hits, "misses": misses, "hit_rate": hits / total if total else 0.0,
+                "size": len(self._cache.entries)}
 
     def prefill_cache(self, indices: Sequence[int]) -> None:
-        """Read ``indices`` in one batch and keep them in the LRU cache (up to ``cache_size``)."""
+        """Read ``indices`` in one batch and keep them in the LRU cache (the last ``cache_size`` of them);
+        the reads are not counted as hits or misses."""
+        from unistore.storage.array import normalize_indices
+
         wanted = [int(i) for i in indices][-self._cache_size:] if self._cache_size > 0 else []
         if not wanted:
             return
-        batch = self.__getitems__(wanted)
-        for j, key in enumerate(wanted):
-            self._remember(key + (len(self) if key < 0 else 0), batch[j])
+        idx = normalize_indices(np.asarray(wanted, dtype=np.int64), len(self), self.dataset_name)
+        out = self._read(idx)
+        self._cache.put(idx, [t.numpy() for t in out[:3]], out[3] if self.return_metadata else None)
 
     def clear_cache(self) -> None:
         """Empty the LRU cache and reset its statistics."""
-        with self._cache_lock:
-            self._sample_cache.clear()
-            self._hits = self._misses = 0
+        self._cache.clear()
 
     # ------------------------------------------------------------- samples and labels
     def get_sample_by_id(self, sample_id: int) -> dict[str, Any] | None:
@@ -463,8 +727,7 @@ class ClusterLabeledDataset(StoreDataset):
                 raise ShapeMismatchError(f"{kind}_label for sample_id {sample_id} has shape "
                                          f"{np.asarray(value).shape}, expected ({self.n_clusters},)")
         update_labels(self._conn_catalog(write=True), self._dataset_id, int(sample_id), new, provenance="manual")
-        with self._cache_lock:
-            self._sample_cache.pop(position, None)
+        self._cache.forget(position)
 
     # ------------------------------------------------------------- export
     def export(self, store_url: str, format: str, *, catalog_url: str | None = None, name: str | None = None,

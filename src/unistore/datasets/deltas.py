@@ -5,8 +5,9 @@ cache's root holding a ``(n, hidden_size)`` float32 array ``deltas``; the
 catalog's ``delta_embedding_cache`` table says which store and row holds the
 delta of each checkpoint path, and the cache itself is a ``datasets`` row of
 kind ``delta_cache`` (its ``hidden_size`` in the attrs).  The root may be any
-URL (local, ``s3://...``); the catalog is ``catalog.db`` inside a local root
-by default, or any catalog URL (PostgreSQL when several machines share one).
+URL (local, ``s3://...``); the catalog is the default one
+(:func:`unistore.schemas.engine.default_catalog_url`) or any catalog URL
+(PostgreSQL when several machines share one).
 
 Publishing a store and recording its rows are ordered so that nothing is
 ever half visible: the store is committed first, then the rows in one
@@ -66,8 +67,8 @@ class DeltaCache:
 
     Args:
         root_url: where the delta stores are written (any fsspec URL).
-        catalog_url: the catalog (default ``$UNISTORE_CATALOG_URL``, else
-            ``catalog.db`` inside a local root).
+        catalog_url: the catalog (default:
+            :func:`unistore.schemas.engine.default_catalog_url`).
         storage_options: for a remote root (credentials are never stored).
         format: format of the delta stores (``npy`` by default; any writable format).
         name: the cache's name in the catalog (default: derived from ``root_url``).
@@ -80,9 +81,9 @@ class DeltaCache:
                  storage_options: Mapping[str, Any] | None = None, format: str = "npy", name: str | None = None):
         self.root = Location(root_url, storage_options)
         self.format = format
-        from unistore.schemas.engine import catalog_url_for
+        from unistore.schemas.engine import default_catalog_url
 
-        self.catalog_url = catalog_url_for(self.root, catalog_url, "a delta cache")
+        self.catalog_url = catalog_url or default_catalog_url()
         self.name = name or f"deltas:{self.root.url.rstrip('/')}"
         self._catalog: Any = None
         self._stores: dict[str, Any] = {}

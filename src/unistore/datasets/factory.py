@@ -304,8 +304,8 @@ def create_dataset(name: str = "mnist", batch_size: int = 64, subset_size: int |
     choice).  Results are cached in this process (``DATASET_CACHE``):
     the same arguments return the same loaders; ``force_reload`` reopens the
     store and rebuilds them.  The use is recorded in the catalog
-    (``catalog_url``, else ``$UNISTORE_CATALOG_URL``, else ``catalog.db``
-    in a local data root) with ``experiment_id`` when given.
+    (``catalog_url``, else :func:`unistore.schemas.engine.default_catalog_url`)
+    with ``experiment_id`` when given.
 
     Raises:
         DatasetNotFoundError: ``name`` is not registered, or its store is missing.
@@ -344,13 +344,9 @@ def create_dataset(name: str = "mnist", batch_size: int = 64, subset_size: int |
 def _record_use(config: DatasetConfig, result: Mapping[str, Any], root: str, subset_size: int | None,
                 experiment_id: str | None, catalog_url: str | None, storage_options: Any) -> None:
     from unistore.datasets.metadata import DatasetMetadata, track_dataset_usage
-    from unistore.schemas.engine import catalog_url_for
+    from unistore.schemas.engine import default_catalog_url
 
-    try:
-        url = catalog_url_for(Location(root, storage_options), catalog_url, "the dataset factory's data root")
-    except ValueError:
-        log.debug("dataset use of %s not recorded: no catalog for data root %s", config.name, root)
-        return
+    url = catalog_url or default_catalog_url()
     train, test = result["train_loader"].dataset, result["test_loader"].dataset
     store = getattr(train, "store", None)
     metadata = DatasetMetadata(dataset_name=config.name, version=config.version, source="unistore-store",

@@ -16,7 +16,6 @@ they are queryable with SQL on SQLite or PostgreSQL alike.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -58,8 +57,10 @@ def _jsonable(value: Any, where: str) -> Any:
     return json.loads(text)
 
 
-def _catalog_url(catalog_url: str | None) -> str | None:
-    return catalog_url or os.environ.get("UNISTORE_CATALOG_URL")
+def _catalog_url(catalog_url: str | None) -> str:
+    from unistore.schemas.engine import default_catalog_url
+
+    return catalog_url or default_catalog_url()
 
 
 def track_dataset_usage(experiment_id: str | None, dataset_metadata: DatasetMetadata,
@@ -70,7 +71,7 @@ def track_dataset_usage(experiment_id: str | None, dataset_metadata: DatasetMeta
     ``experiment_id`` is the experiment's name (a catalog ``experiments``
     row, created when new); the dataset is found by name (created, kind
     ``tracked``, when new).  The catalog is ``catalog_url``, else
-    ``$UNISTORE_CATALOG_URL``, else ``catalog.db`` in the working directory.
+    :func:`unistore.schemas.engine.default_catalog_url`.
 
     Raises:
         NonFiniteMetricError: a statistic is NaN or inf.

@@ -39,8 +39,8 @@ class HybridExperimentStorage:
     Args:
         chroma_config: the search index (default: embedded in ``./chroma``).
         timeseries_config: where histories go (default: ``./timeseries``, HDF5).
-        catalog_url: one catalog for both (default: ``$UNISTORE_CATALOG_URL``, else the
-            search index's default).
+        catalog_url: one catalog for both (default:
+            :func:`unistore.schemas.engine.default_catalog_url`).
         history_inline_bytes: histories up to this size (rows x columns x 8 bytes)
             stay inline in the experiment record; larger ones go to the time series.
 

@@ -59,8 +59,8 @@ class ChromaConfig:
         persist_directory: directory of the embedded index (``PersistentClient``).
         collection_name: the Chroma collection.
         host / port / ssl / headers: a Chroma server (``HttpClient``) instead of the embedded index.
-        catalog_url: the catalog holding the experiments (default: ``$UNISTORE_CATALOG_URL``, else
-            ``catalog.db`` in ``persist_directory``).
+        catalog_url: the catalog holding the experiments (default:
+            :func:`unistore.schemas.engine.default_catalog_url`).
         embedding_function: a Chroma embedding function over the experiments' JSON documents
             (default: :class:`ExperimentFeaturizer`).
     """
@@ -271,11 +271,9 @@ class ExperimentSearcher:
 
     def __init__(self, config: ChromaConfig | None = None, catalog_url: str | None = None):
         self.config = config or ChromaConfig()
-        url = catalog_url or self.config.catalog_url or os.environ.get("UNISTORE_CATALOG_URL")
-        if url is None:
-            os.makedirs(self.config.persist_directory, exist_ok=True)
-            url = os.path.join(self.config.persist_directory, "catalog.db")
-        self.catalog_url = url
+        from unistore.schemas.engine import default_catalog_url
+
+        self.catalog_url = catalog_url or self.config.catalog_url or default_catalog_url()
         self.embedding_function = self.config.embedding_function or ExperimentFeaturizer()
         self._catalog: Any = None
         self._collection: Any = None

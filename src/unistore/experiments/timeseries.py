@@ -60,8 +60,8 @@ class TimeSeriesConfig:
         storage_dir: directory or URL (``s3://bucket/histories``) for the segment stores.
         use_hdf5: HDF5 segments (``.h5``) when true, zarr v3 (``.zarr``) otherwise.
         compression: ``"gzip"`` (both), ``"lzf"`` (HDF5), ``"zstd"`` (zarr) or ``None``.
-        catalog_url: the catalog holding the references (default: ``$UNISTORE_CATALOG_URL``,
-            else ``catalog.db`` inside a local ``storage_dir``).
+        catalog_url: the catalog holding the references (default:
+            :func:`unistore.schemas.engine.default_catalog_url`).
         storage_options: fsspec options for a remote ``storage_dir`` (never stored or printed).
     """
 
@@ -154,9 +154,9 @@ class TimeSeriesStorage:
         self.root = Location(self.config.storage_dir, self.config.storage_options)
         if self.config.compression not in (None, "gzip", "lzf", "zstd"):
             raise ValueError(f"compression must be gzip, lzf, zstd or None, got {self.config.compression!r}")
-        from unistore.schemas.engine import catalog_url_for
+        from unistore.schemas.engine import default_catalog_url
 
-        self.catalog_url = catalog_url_for(self.root, self.config.catalog_url, "a time-series storage_dir")
+        self.catalog_url = self.config.catalog_url or default_catalog_url()
         self._catalog: Any = None
         self._stores: dict[str, Any] = {}
         self._opened = 0

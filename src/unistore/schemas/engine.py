@@ -22,9 +22,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from unistore.errors import CatalogCorruptError, CatalogUnavailableError, UnistoreError
 
 __all__ = ["Catalog", "connect", "make_engine", "resolve_url", "safe_url", "CatalogOutdatedError",
-           "DEFAULT_CATALOG"]
+           "DEFAULT_CATALOG", "default_catalog_url", "default_catalog_dir"]
 
-#: File name of the default SQLite catalog (in the working directory, or set UNISTORE_CATALOG_URL).
+#: File name of the default SQLite catalog, in :func:`default_catalog_url`'s directory.
 DEFAULT_CATALOG = "catalog.db"
 SQLITE_BUSY_TIMEOUT_S = 60.0
 #: How much of a SQLite catalog a read-only engine maps into memory (file pages, shared between processes).
@@ -47,39 +47,41 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def resolve_url(url: str | os.PathLike[str] | None = None) -> str:
-    """A SQLAlchemy URL from a URL, a path to a SQLite file, or the default.
+def default_catalog_dir() -> str:
+    """Where the default SQLite catalog lives: ``$XDG_DATA_HOME/unistore`` (default ``~/.local/share/unistore``)."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "unistore")
 
-    ``None`` means ``$UNISTORE_CATALOG_URL`` or ``sqlite:///catalog.db``;
+
+def default_catalog_url() -> str:
+    """The catalog of every entry point that is given none: ``$UNISTORE_CATALOG_URL``, else
+    ``catalog.db`` in :func:`default_catalog_dir` (its directory created).
+
+    One rule for datasets, label corrections, dataset-usage records,
+    experiments, histories and delta caches, wherever the data they describe
+    lives: what one entry point records, every other finds.
+    """
+    url = os.environ.get("UNISTORE_CATALOG_URL")
+    if url:
+        return url
+    directory = default_catalog_dir()
+    os.makedirs(directory, exist_ok=True)
+    return os.path.join(directory, DEFAULT_CATALOG)
+
+
+def resolve_url(url: str | os.PathLike[str] | None = None) -> str:
+    """A SQLAlchemy URL from a URL, a path to a SQLite file, or the default (:func:`default_catalog_url`).
+
     ``postgresql://`` URLs use psycopg 3.
     """
     if url is None:
-        url = os.environ.get("UNISTORE_CATALOG_URL") or DEFAULT_CATALOG
+        url = default_catalog_url()
     url = os.fspath(url)
     if "://" not in url:
         return f"sqlite:///{os.path.abspath(url)}"
     if url.startswith("postgresql://") or url.startswith("postgres://"):
         return "postgresql+psycopg://" + url.split("://", 1)[1]
     return url
-
-
-def catalog_url_for(root: Any, catalog_url: str | None, what: str) -> str:
-    """The catalog of something stored under ``root`` (a :class:`~unistore.storage.location.Location`).
-
-    ``catalog_url``, else ``$UNISTORE_CATALOG_URL``, else ``catalog.db``
-    inside a local ``root`` (created).
-
-    Raises:
-        ValueError: ``root`` is remote and no catalog URL is known (naming ``what`` needs one).
-    """
-    url = catalog_url or os.environ.get("UNISTORE_CATALOG_URL")
-    if url is not None:
-        return url
-    if not root.is_local:
-        raise ValueError(f"{what} at {root.url} needs catalog_url=... or $UNISTORE_CATALOG_URL: a remote root "
-                         "has no local catalog file")
-    os.makedirs(root.path, exist_ok=True)
-    return os.path.join(root.path, "catalog.db")
 
 
 def safe_url(url: str | Any) -> str:

@@ -13,7 +13,8 @@ from unistore.schemas.engine import Catalog
 from unistore.schemas.models import LABEL_KINDS, Dataset, Label, Sample
 from unistore.schemas.types import decode_stack
 
-__all__ = ["dataset_id", "read_labels", "update_labels", "labels_by_pk", "samples_by_pk", "SAMPLE_FIELDS"]
+__all__ = ["dataset_id", "read_labels", "update_labels", "labels_by_pk", "samples_by_pk", "SAMPLE_FIELDS",
+           "export_labels", "drop_dataset"]
 
 #: The sample columns :func:`samples_by_pk` returns, in order.
 SAMPLE_FIELDS = ("sample_id", "embedding_idx", "sample_type", "text", "chroma_id", "suggestions", "steering_mode")
@@ -157,3 +158,40 @@ def samples_by_pk(conn: Connection, sample_pks: Any,
         labels[kind] = decode_stack([values[i] for i in where], dtype)[inverse]
     ordered = [fields[int(uniq[i])] for i in inverse]
     return ordered, labels
+
+
+def export_labels(catalog: Catalog, name: str, manual_only: bool = False) -> list[dict[str, Any]]:
+    """Every label of dataset ``name`` (or only those corrected by hand) as JSON-ready records.
+
+    Each record is ``{"sample_id", "kind", "label": [...], "provenance",
+    "version"}``, ordered by sample id and kind: the corrections kept in the
+    catalog, in a form any tool can read back.
+
+    Raises:
+        ArrayNotFoundError: no such dataset.
+    """
+    ds = dataset_id(catalog, name)
+    stmt = (select(Sample.sample_id, Label.kind, Label.vector, Label.provenance, Label.version)
+            .join(Label, Label.sample_pk == Sample.id).where(Sample.dataset_id == ds)
+            .order_by(Sample.sample_id, Label.kind))
+    if manual_only:
+        stmt = stmt.where(Label.provenance == "manual")
+    with catalog.session() as session:
+        return [{"sample_id": int(sid), "kind": kind, "label": np.asarray(vec).tolist(), "provenance": prov,
+                 "version": int(version)} for sid, kind, vec, prov, version in session.execute(stmt)]
+
+
+def drop_dataset(catalog: Catalog, name: str) -> int:
+    """Delete dataset ``name`` with its samples and labels from the catalog (its store is not touched);
+    returns the number of samples it held.
+
+    Raises:
+        ArrayNotFoundError: no such dataset.
+    """
+    from sqlalchemy import delete, func
+
+    ds = dataset_id(catalog, name)
+    with catalog.session() as session:
+        n = int(session.scalar(select(func.count()).select_from(Sample).where(Sample.dataset_id == ds)) or 0)
+        session.execute(delete(Dataset).where(Dataset.id == ds))
+    return n
