@@ -252,7 +252,9 @@ def cmd_experiments(args: argparse.Namespace) -> int:
             count = searcher.reindex(progress=not args.quiet)
             print(f"reindexed {count} experiments from {searcher.catalog.url} into {searcher.config.where}")
         elif args.exp_command == "show":
-            print(json.dumps(searcher.get_experiment(args.experiment_id), indent=2, sort_keys=True))
+            record = {"experiment_id": args.experiment_id,
+                      "experiment_data": searcher.get_experiment(args.experiment_id)}
+            print(json.dumps(record, indent=2, sort_keys=True))
         elif args.exp_command == "export":
             out = open(args.output, "w") if args.output else sys.stdout
             try:

@@ -21,6 +21,7 @@ __all__ = [
     "UnsafePickleError",
     "ShapeMismatchError",
     "LabelCorrectionsError",
+    "ProcessGroupError",
     "ReadOnlyError",
     "StoreExistsError",
     "IncompleteStoreError",
@@ -142,6 +143,10 @@ class LabelCorrectionsError(UnistoreError, ValueError):
     """Label corrections made through unistore no longer fit the dataset they were made on (its ``dataset.db``
     changed: a corrected sample is gone, or its labels changed shape).  The corrections are kept; the message
     names the commands that export or discard them."""
+
+
+class ProcessGroupError(UnistoreError, RuntimeError):
+    """``distributed=True`` was asked for, but no ``torch.distributed`` process group is initialised."""
 
 
 class IntegrityError(UnistoreError, ValueError):

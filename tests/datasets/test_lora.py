@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -64,8 +65,10 @@ def _check_sample(sample: dict[str, Any], ckpts: dict[str, Any], tok: Any, path:
 def test_samples_match_source_tensors_and_documented_types(ckpts: dict[str, Any], text_tokenizer: Any) -> None:
     ds = _dataset(ckpts, text_tokenizer)
     assert len(ds) == 5  # checkpoint-5 has no delta (require_delta=True)
-    assert ds.valid_checkpoints == sorted(p for p in ckpts["tensors"] if not p.endswith("checkpoint-5"))
-    for i, path in enumerate(ds.valid_checkpoints):
+    assert [str(p) for p in ds.valid_checkpoints] == sorted(p for p in ckpts["tensors"]
+                                                            if not p.endswith("checkpoint-5"))
+    assert all(isinstance(p, Path) for p in ds.valid_checkpoints + ds.checkpoint_paths)
+    for i, path in enumerate(map(str, ds.valid_checkpoints)):
         sample = ds[i]
         assert sample["checkpoint_path"] == path
         _check_sample(sample, ckpts, text_tokenizer, path)
@@ -80,8 +83,8 @@ def test_samples_match_source_tensors_and_documented_types(ckpts: dict[str, Any]
 
 def test_prompt_answer_condition(ckpts: dict[str, Any], text_tokenizer: Any) -> None:
     ds = _dataset(ckpts, text_tokenizer, condition_type="prompt_answer")
-    path = next(p for p in ds.valid_checkpoints if ckpts["prompts"][p])
-    sample = ds[ds.valid_checkpoints.index(path)]
+    path = next(str(p) for p in ds.valid_checkpoints if ckpts["prompts"][str(p)])
+    sample = ds[[str(p) for p in ds.valid_checkpoints].index(path)]
     text = ckpts["prompts"][path]["prompts"][0] + "\n" + "answer"
     assert sample["condition_ids"].tolist() == text_tokenizer(text, max_length=16, padding="max_length",
                                                               truncation=True)["input_ids"]
@@ -90,7 +93,7 @@ def test_prompt_answer_condition(ckpts: dict[str, Any], text_tokenizer: Any) -> 
 def test_missing_deltas_with_require_delta_false_get_fallback(ckpts: dict[str, Any], text_tokenizer: Any) -> None:
     ds = _dataset(ckpts, text_tokenizer, require_delta=False, fallback_delta_norm=2.0)
     assert len(ds) == 6
-    sample = ds[ds.valid_checkpoints.index(next(p for p in ds.valid_checkpoints if p.endswith("checkpoint-5")))]
+    sample = ds[ds.valid_checkpoints.index(next(p for p in ds.valid_checkpoints if p.name == "checkpoint-5"))]
     assert sample["delta"].shape == (HIDDEN,)
     assert float(sample["delta"].norm()) == pytest.approx(2.0)
     zeros = _dataset(ckpts, text_tokenizer, require_delta=False)[5]["delta"]
@@ -241,11 +244,12 @@ def test_lora_dataset_from_s3_matches_local(ckpts: dict[str, Any], text_tokenize
     cache = DeltaCache(f"s3://{s3['bucket']}/deltas", catalog_url=str(tmp_path / "remote-cache.db"),
                        storage_options=s3["options"])
     local = _dataset(ckpts, text_tokenizer)
-    cache.put_many({url + p[len(ckpts["root"]):]: ckpts["deltas"][p] for p in local.valid_checkpoints})
+    cache.put_many({url + str(p)[len(ckpts["root"]):]: ckpts["deltas"][str(p)] for p in local.valid_checkpoints})
     remote = Text2Qwen25LoRA_DeltaDataset(url, ReferenceLoRATokenizer((4, 8)), text_tokenizer, cache,
                                           max_text_length=16, storage_options=s3["options"], verbose=False)
-    assert [p[len(url):] for p in remote.valid_checkpoints] == [p[len(ckpts["root"]):] for p in
-                                                               local.valid_checkpoints]
+    assert [str(p)[len(url):] for p in remote.valid_checkpoints] == [str(p)[len(ckpts["root"]):] for p in
+                                                                    local.valid_checkpoints]
+    assert [p.name for p in remote.valid_checkpoints] == [p.name for p in local.valid_checkpoints]
     batch = remote.__getitems__(list(range(len(remote))))
     for got, want in zip(batch, [local[i] for i in range(len(local))]):
         for key in ("tokens", "scales", "condition_ids", "attention_mask", "delta"):

@@ -33,7 +33,9 @@ def test_experiments_cli(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> N
     assert main(["experiments", "search", *common, "--hypothesis", "width"]) == 0
     assert "cifar-wide" in capsys.readouterr().out
     assert main(["experiments", "show", *common, "cifar-small"]) == 0
-    assert json.loads(capsys.readouterr().out) == EXPERIMENTS["cifar-small"]
+    # the same record as one line of `export`: the id with the data
+    assert json.loads(capsys.readouterr().out) == {"experiment_id": "cifar-small",
+                                                   "experiment_data": EXPERIMENTS["cifar-small"]}
     assert main(["experiments", "export", *common, "-O", str(tmp_path / "all.jsonl")]) == 0
     exported = [json.loads(line) for line in open(tmp_path / "all.jsonl")]
     assert {e["experiment_id"]: e["experiment_data"] for e in exported} == EXPERIMENTS
@@ -51,3 +53,5 @@ def test_experiments_cli(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> N
     assert main(["experiments", "search", *common, "--architecture", "784,10", "--filter",
                  '{"accuracy": {"$near": 1}}']) == 2
     assert "$near" in capsys.readouterr().err
+    assert main(["experiments", "search", *common, "--filter", '{"accuracy": {"$gte": "high"}}']) == 2
+    assert "$gte compares numbers" in capsys.readouterr().err

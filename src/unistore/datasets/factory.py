@@ -285,6 +285,19 @@ class SyntheticLoader(DatasetLoader):
         return super().load_data()
 
 
+def _subset_of(ds: Any, rows: np.ndarray | None) -> Any:
+    """``ds`` restricted to ``rows``: a factory dataset keeps reading a batch in one ``take``; any other torch
+    dataset (what a registered loader's ``create_datasets`` may return) becomes a ``torch.utils.data.Subset``."""
+    if rows is None:
+        return ds
+    if isinstance(ds, ClassificationDataset):
+        ds.rows = ds.rows[rows]
+        return ds
+    from torch.utils.data import Subset
+
+    return Subset(ds, rows.tolist())
+
+
 def _subset(n: int, size: int | None, seed: int) -> np.ndarray | None:
     if size is None or size >= n:
         return None
@@ -321,15 +334,8 @@ def create_dataset(name: str = "mnist", batch_size: int = 64, subset_size: int |
     else:
         loader = _LOADERS.get(name, DatasetLoader)(config, root, storage_options)
         train_data, test_data = loader.load_data()
-        train, test = loader.create_datasets(train_data, test_data)
-        for ds in (train, test):
-            rows = _subset(len(ds), subset_size, seed)
-            if rows is None:
-                continue
-            if not isinstance(ds, ClassificationDataset):
-                raise TypeError(f"subset_size needs {type(loader).__name__}.create_datasets to return "
-                                "ClassificationDatasets")
-            ds.rows = ds.rows[rows]
+        train, test = (_subset_of(ds, _subset(len(ds), subset_size, seed))
+                       for ds in loader.create_datasets(train_data, test_data))
         result = {
             "train_loader": make_loader(train, batch_size, shuffle=True, seed=seed, num_workers=num_workers,
                                         **loader_kwargs),

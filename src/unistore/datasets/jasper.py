@@ -29,7 +29,7 @@ from unistore.errors import (
     UnsupportedError,
 )
 from unistore.storage.array import Array, RaggedArray, to_tensor
-from unistore.storage.formats import detect_format
+from unistore.storage.formats import detect_format, missing_library
 from unistore.storage.location import Location
 from unistore.storage.store import TensorStore, open_store
 
@@ -120,12 +120,20 @@ def _find_store(dataset_dir: Location, storage_format: str) -> tuple[Location, s
         return dataset_dir, found
     names = {posixpath.basename(p.rstrip("/")) for p in dataset_dir.fs.ls(dataset_dir.path, detail=False)}
     wanted = ("hdf5", "zarr", "safetensors", "pt", "npy") if storage_format == "auto" else (storage_format,)
+    unreadable: list[Exception] = []  # "auto": a layout whose library is missing falls back to the next one
     for fmt in wanted:
         name = _STORE_NAMES[fmt]
-        if name is not None and name in names:
-            return _child(dataset_dir, name), fmt
-        if name is None and any(n.endswith(f".{fmt}") for n in names):
-            return dataset_dir, fmt
+        present = (name in names) if name is not None else any(n.endswith(f".{fmt}") for n in names)
+        if not present:
+            continue
+        missing = missing_library(fmt) if storage_format == "auto" else None
+        if missing is not None:
+            log.info("%s: %s skipped (%s)", dataset_dir.url, name or f"the .{fmt} files", missing)
+            unreadable.append(missing)
+            continue
+        return (_child(dataset_dir, name), fmt) if name is not None else (dataset_dir, fmt)
+    if unreadable:
+        raise unreadable[0]
     try:  # the directory itself is a store: a zarr group, or a unistore-written npy/pt directory with subgroups
         itself: str | None = detect_format(dataset_dir)
     except UnknownFormatError:

@@ -339,6 +339,19 @@ def auto_read_ahead(dataset: Any, sampler: StoreSampler, batch_size: int) -> int
     return max(4, -(-2 * window_rows // max(batch_size, 1)))
 
 
+def _require_process_group() -> None:
+    """``distributed=True`` without rank and world size needs an initialised ``torch.distributed`` group (as
+    torch's ``DistributedSampler`` does): otherwise every rank would silently train on all the data."""
+    import torch.distributed as dist
+
+    from unistore.errors import ProcessGroupError
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ProcessGroupError("distributed=True needs the default process group: call "
+                           "torch.distributed.init_process_group(...) first (torchrun sets RANK and WORLD_SIZE), or "
+                           "pass rank= and world_size= yourself")
+
+
 def make_loader(dataset: Any, batch_size: int, *, shuffle: bool = True, seed: int = 0, distributed: bool = False,
                 rank: int | None = None, world_size: int | None = None, drop_last: bool = False,
                 num_workers: int = 0, chunk_rows: int | str | None = "auto", read_ahead: int | str = "auto",
@@ -367,6 +380,7 @@ def make_loader(dataset: Any, batch_size: int, *, shuffle: bool = True, seed: in
     chunk and the others wait for it.
     """
     if distributed and (rank is None or world_size is None):
+        _require_process_group()
         d_rank, d_world = dist_rank_and_world()
         rank = d_rank if rank is None else rank
         world_size = d_world if world_size is None else world_size

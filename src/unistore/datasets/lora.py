@@ -129,6 +129,26 @@ class LoRACheckpoint:
         return f"<LoRACheckpoint {self.path} tensors={len(self.lora_keys)}>"
 
 
+def as_path(path: str | os.PathLike[str]) -> Path:
+    """A checkpoint path as the seed documents use it (``.name``, ``.parent``, ``/``, ``.rglob``): a
+    ``pathlib.Path`` locally, a ``upath.UPath`` for a URL (``s3://...``; from universal_pathlib).
+
+    Remote paths are addresses only: they carry no credentials (the dataset's ``storage_options`` do), so
+    listing through one uses the filesystem's default credentials.
+    """
+    text = str(path)
+    if "://" not in text or text.startswith("file://"):
+        return Path(text.removeprefix("file://"))
+    try:
+        from upath import UPath
+    except ImportError as e:
+        from unistore.errors import MissingDependencyError
+
+        raise MissingDependencyError(f"remote checkpoint paths ({text}) need universal_pathlib: pip install "
+                                     "'unistore[lora]'") from e
+    return UPath(text)  # type: ignore[return-value]  # a Path to its users: the same methods
+
+
 def _join(folder: Location, found_dir: str, given: str) -> str:
     """The checkpoint's path spelled like the folder the user gave (as ``str(Path)`` does locally)."""
     if folder.is_local:
@@ -326,35 +346,51 @@ class Text2Qwen25LoRA_DeltaDataset(_TorchDataset):  # type: ignore[misc,valid-ty
                  fallback_delta_norm: float = 0.0, skip_bad: bool = False, verbose: bool = True):
         if condition_type not in ("prompt", "prompt_answer"):
             raise ValueError(f"condition_type must be 'prompt' or 'prompt_answer', got {condition_type!r}")
-        self.checkpoint_folder = checkpoint_folder
+        self.storage_options = dict(storage_options or {})
+        self.checkpoint_folder = as_path(checkpoint_folder)
         self.lora_tokenizer = lora_tokenizer
         self.text_tokenizer = text_tokenizer
         self.delta_cache = delta_cache
         self.max_text_length = max_text_length
         self.condition_type = condition_type
         self.fallback_delta_norm = fallback_delta_norm
+        self._remote = not Location(str(self.checkpoint_folder)).is_local
 
-        self.checkpoint_paths = find_checkpoints(checkpoint_folder, storage_options)
-        self.all_deltas = delta_cache.get_many(self.checkpoint_paths)
+        self.checkpoint_paths = self._find_checkpoints()
+        self.all_deltas = delta_cache.get_many([str(p) for p in self.checkpoint_paths])
         self.hidden_size = delta_cache.hidden_size or DEFAULT_HIDDEN_SIZE
-        wanted = [p for p in self.checkpoint_paths if not require_delta or p in self.all_deltas]
-        self._checkpoints, self.skipped = open_checkpoints(wanted, storage_options, skip_bad)
-        self.valid_checkpoints = [c.path for c in self._checkpoints]
-        self._remote = not Location(os.fspath(checkpoint_folder)).is_local
+        wanted = [str(p) for p in self.checkpoint_paths if not require_delta or str(p) in self.all_deltas]
+        self._checkpoints, self.skipped = open_checkpoints(wanted, self.storage_options, skip_bad)
+        self._by_path = {c.path: c for c in self._checkpoints}
+        self.valid_checkpoints = [as_path(c.path) for c in self._checkpoints]
         if verbose:
-            with_delta = sum(p in self.all_deltas for p in self.valid_checkpoints)
+            with_delta = sum(str(p) in self.all_deltas for p in self.valid_checkpoints)
             print(f"Found {with_delta}/{len(self.checkpoint_paths)} checkpoints with deltas")
-        self.conditions = _read_prompts(self._checkpoints, self._remote)
+        self.conditions = self._load_conditions()
+
+    # the seed document's hooks: a subclass may override any of them
+    def _find_checkpoints(self) -> list[Path]:
+        """Every folder below ``checkpoint_folder`` holding an ``adapter_config.json``, sorted (one listing)."""
+        return [as_path(p) for p in find_checkpoints(str(self.checkpoint_folder), self.storage_options)]
+
+    def _load_conditions(self) -> dict[str, dict[str, list[str]]]:
+        """``{str(checkpoint path): {"prompts": [...], "answers": [...]}}`` from each folder's ``prompts.json``
+        (the folder's name when there is none)."""
+        return _read_prompts(self._checkpoints, self._remote)
+
+    def _load_checkpoint(self, path: Path) -> dict[str, Any]:
+        """The LoRA tensors of the checkpoint at ``path`` as ``{name: float tensor}``, sorted by name (read
+        through the storage layer: one ranged read per tensor, from its safetensors header)."""
+        ckpt = self._by_path.get(str(path))
+        if ckpt is None:
+            ckpt = LoRACheckpoint(str(path), self.storage_options)
+        return ckpt.read_weights()
 
     def __len__(self) -> int:
         return len(self._checkpoints)
 
     def get_checkpoint_path(self, idx: int) -> str:
         return self._checkpoints[idx].path
-
-    def _load_checkpoint(self, idx: int) -> dict[str, Any]:
-        """The LoRA tensors of checkpoint ``idx`` as ``{name: float tensor}``, sorted by name."""
-        return self._checkpoints[idx].read_weights()
 
     def _text(self, path: str) -> str:
         cond = self.conditions[path]
@@ -365,7 +401,7 @@ class Text2Qwen25LoRA_DeltaDataset(_TorchDataset):  # type: ignore[misc,valid-ty
     def _sample(self, idx: int, weights: Mapping[str, Any]) -> dict[str, Any]:
         import torch
 
-        path = self._checkpoints[idx].path
+        path = str(self.valid_checkpoints[idx])
         tokens, scales = self.lora_tokenizer.tokenize(weights)
         encoded = self.text_tokenizer(self._text(path), max_length=self.max_text_length, padding="max_length",
                                       truncation=True, return_tensors="pt")
@@ -385,12 +421,12 @@ class Text2Qwen25LoRA_DeltaDataset(_TorchDataset):  # type: ignore[misc,valid-ty
         if not -len(self) <= idx < len(self):
             raise IndexError(f"sample {idx} of a dataset of {len(self)} checkpoints")
         idx %= len(self)
-        return self._sample(idx, self._load_checkpoint(idx))
+        return self._sample(idx, self._load_checkpoint(self.valid_checkpoints[idx]))
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
         """A batch of samples; remote checkpoints are read concurrently."""
         idx = [int(i) % len(self) for i in indices]
-        weights = _map(self._load_checkpoint, idx, self._remote)
+        weights = _map(self._load_checkpoint, [self.valid_checkpoints[i] for i in idx], self._remote)
         return [self._sample(i, w) for i, w in zip(idx, weights)]
 
     @staticmethod
@@ -424,7 +460,7 @@ def _path_of(base: Any, idx: int) -> str | None:
 
 
 def _str_or_none(value: Any) -> str | None:
-    return None if value is None else os.fspath(value) if isinstance(value, (str, os.PathLike)) else str(value)
+    return None if value is None else str(value)
 
 
 def _deltas_for(cache: DeltaCache, paths: Iterable[str | None]) -> dict[str, np.ndarray]:

@@ -30,7 +30,7 @@ from unistore.errors import ArrayNotFoundError, NonFiniteMetricError, UnistoreEr
 
 __all__ = ["ChromaConfig", "ExperimentSearcher", "ExperimentFeaturizer", "ExperimentNotFoundError",
            "InvalidFilterError", "SearchIndexUnavailableError", "NonFiniteMetricError", "get_chroma_client",
-           "reset_chroma_client", "parameter_count", "flat_metadata", "finite_json"]
+           "ChromaClient", "reset_chroma_client", "parameter_count", "flat_metadata", "finite_json"]
 
 #: Widths of at most this many layers enter the vector; deeper nets keep their depth and parameter count.
 MAX_LAYERS = 16
@@ -170,8 +170,31 @@ _CLIENTS: dict[tuple[Any, ...], Any] = {}
 _CLIENTS_LOCK = threading.Lock()
 
 
+class ChromaClient:
+    """This process's Chroma client (every Chroma client method), plus :meth:`count`: how many experiments
+    the configured collection holds, the number the seed documents print to verify an installation."""
+
+    def __init__(self, client: Any, config: ChromaConfig):
+        self._client = client
+        self._config = config
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def count(self) -> int:
+        """Experiments indexed in ``config.collection_name`` (0 before the first is indexed)."""
+        names = [getattr(c, "name", c) for c in self._client.list_collections()]
+        if self._config.collection_name not in names:
+            return 0
+        return int(self._client.get_collection(self._config.collection_name, embedding_function=None).count())
+
+    def __repr__(self) -> str:
+        return f"<unistore ChromaClient {self._config.where} collection={self._config.collection_name!r}>"
+
+
 def get_chroma_client(config: ChromaConfig | None = None) -> Any:
-    """This process's Chroma client for ``config`` (embedded or server), created once.
+    """This process's Chroma client for ``config`` (embedded or server), created once (a :class:`ChromaClient`:
+    Chroma's client with ``count()``).
 
     Raises:
         SearchIndexUnavailableError: the server cannot be reached.
@@ -201,7 +224,7 @@ def get_chroma_client(config: ChromaConfig | None = None) -> Any:
                     f"{str(e).splitlines()[0][:200]}); start it with `chroma run --path DIR --host {config.host} "
                     f"--port {config.port}`, then run `unistore experiments reindex` to catch it up") from e
             _CLIENTS[key] = client
-    return client
+    return ChromaClient(client, config)
 
 
 def reset_chroma_client() -> None:
@@ -237,6 +260,9 @@ def _where(filters: Mapping[str, Any] | None) -> dict[str, Any] | None:
                     value = [_filter_scalar(key, v) for v in value]
                 else:
                     value = _filter_scalar(key, value)
+                    if op in ("$gt", "$gte", "$lt", "$lte") and (isinstance(value, (str, bool))):
+                        raise InvalidFilterError(f"filter on {key!r}: {op} compares numbers, got {value!r}; "
+                                                 f"write e.g. {{{key!r}: {{{op!r}: 0.85}}}}")
                 clauses.append({key: {op: value}})
         else:
             clauses.append({key: {"$eq": _filter_scalar(key, cond)}})
@@ -302,7 +328,12 @@ class ExperimentSearcher:
         """Run a Chroma call; a server that went away is a :class:`SearchIndexUnavailableError`."""
         try:
             return fn()
-        except (UnistoreError, ValueError, TypeError, KeyError):
+        except UnistoreError:
+            raise
+        except ValueError as e:  # Chroma's verdict on a where clause or a value it cannot store
+            raise InvalidFilterError(f"the search index refused the request: {str(e).splitlines()[0][:300]}") \
+                from e
+        except (TypeError, KeyError):
             raise
         except Exception as e:  # noqa: BLE001 - transport errors of chromadb's HTTP client
             if not self.config.host:
@@ -349,6 +380,11 @@ class ExperimentSearcher:
             self._record(batch)
             self._upsert(batch)
         return len(clean)
+
+    def index_experiments_batch(self, experiments: Iterable[tuple[str, Mapping[str, Any]]],
+                                batch_size: int = 2000) -> int:
+        """``index_experiments`` under the name the seed documents use: ``[(experiment_id, data), ...]``."""
+        return self.index_experiments(experiments, batch_size=batch_size)
 
     def _record(self, batch: list[tuple[str, dict[str, Any]]]) -> None:
         """Write the experiments and their metrics to the catalog (the record), in one transaction."""

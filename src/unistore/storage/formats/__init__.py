@@ -16,7 +16,7 @@ from unistore.errors import MissingDependencyError, StoreNotFoundError, UnknownF
 from unistore.storage.formats.base import META_NAME, PENDING_NAME, Format, incomplete_error, loads_meta
 from unistore.storage.location import Location, retry_remote
 
-__all__ = ["get_format", "available_formats", "detect_format", "register_format"]
+__all__ = ["get_format", "available_formats", "detect_format", "register_format", "missing_library"]
 
 _REGISTRY: dict[str, tuple[str, str]] = {
     "npy": ("unistore.storage.formats._npy:NpyFormat", "numpy"),
@@ -25,6 +25,8 @@ _REGISTRY: dict[str, tuple[str, str]] = {
     "hdf5": ("unistore.storage.formats._hdf5:Hdf5Format", "pip install 'unistore[hdf5]'"),
     "zarr": ("unistore.storage.formats._zarr:ZarrFormat", "pip install 'unistore[zarr]'"),
 }
+#: the library each built-in format reads with (imported only when a store of that format is read)
+_LIBRARIES = {"pt": "torch", "safetensors": "safetensors", "hdf5": "h5py", "zarr": "zarr"}
 _ALIASES = {"h5": "hdf5", "torch": "pt", "numpy": "npy", "memmap": "npy", "raw": "npy", "st": "safetensors"}
 _LOADED: dict[str, Format] = {}
 _PLUGINS_SCANNED = False
@@ -48,6 +50,19 @@ def _scan_plugins() -> None:
             register_format(ep.name, ep.value, f"reinstall the package providing {ep.value}")
         except Exception as e:  # a broken plugin must not break unistore
             warnings.warn(f"unistore format plugin {ep.name!r} failed to register: {e}", stacklevel=2)
+
+
+def missing_library(name: str) -> MissingDependencyError | None:
+    """The error opening a ``name`` store would raise because its library is not installed, else None
+    (found without importing the library)."""
+    import importlib.util
+
+    name = _ALIASES.get(name, name)
+    library = _LIBRARIES.get(name)
+    if library is None or importlib.util.find_spec(library) is not None:
+        return None
+    return MissingDependencyError(f"format {name!r} needs {library}, which is not installed; "
+                                  f"{_REGISTRY[name][1]}")
 
 
 def available_formats() -> list[str]:
