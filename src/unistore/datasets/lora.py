@@ -554,11 +554,13 @@ class DnDDatasetWithDelta(_TorchDataset):  # type: ignore[misc,valid-type]
     def _build_path_index(self) -> None:
         """Map dataset indices to checkpoint paths (``checkpoint_paths`` or ``samples[i]["path"]``)."""
         self.idx_to_path: dict[int, str] = {}
-        paths = getattr(self.base_dataset, "checkpoint_paths", None)
-        if paths is None:
-            paths = getattr(self.base_dataset, "valid_checkpoints", None)
+        base = self.base_dataset
+        # the paths of the samples the base serves: a dataset that keeps only some checkpoints (those with a
+        # delta) lists them in valid_checkpoints, so checkpoint_paths is used only when it has one per sample
+        paths = next((getattr(base, attr) for attr in ("valid_checkpoints", "checkpoint_paths")
+                      if getattr(base, attr, None) is not None and len(getattr(base, attr)) == len(base)), None)
         if paths is not None:
-            self.idx_to_path = {i: os.fspath(p) for i, p in enumerate(paths)}
+            self.idx_to_path = {i: str(p) for i, p in enumerate(paths)}
         elif hasattr(self.base_dataset, "samples"):
             for i, sample in enumerate(self.base_dataset.samples):
                 if isinstance(sample, Mapping) and "path" in sample:
