@@ -59,8 +59,11 @@ def missing_library(name: str) -> MissingDependencyError | None:
 
     name = _ALIASES.get(name, name)
     library = _LIBRARIES.get(name)
-    if library is None or importlib.util.find_spec(library) is not None:
-        return None
+    try:
+        if library is None or importlib.util.find_spec(library) is not None:
+            return None
+    except (ImportError, ValueError):  # a broken installation: not importable either
+        pass
     return MissingDependencyError(f"format {name!r} needs {library}, which is not installed; "
                                   f"{_REGISTRY[name][1]}")
 
@@ -80,6 +83,9 @@ def get_format(name: str) -> Format:
     """
     _scan_plugins()
     name = _ALIASES.get(name, name)
+    missing = missing_library(name) if name in _REGISTRY else None
+    if missing is not None:
+        raise missing
     if name in _LOADED:
         return _LOADED[name]
     if name not in _REGISTRY:
