@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import pickle
 import sqlite3
+import struct
 from typing import Any
 
 import numpy as np
@@ -153,3 +155,47 @@ def write_cluster_seed(path: str, n: int = 60, dim: int = 8, n_clusters: int = 5
     conn.close()
     return {"base": base, "steering": steering, "rows": rows_of, "labels": labels, "ids": 100 + np.arange(n),
             "n_clusters": n_clusters, "dim": dim}
+
+
+def _idx(array: np.ndarray, magic_dims: int | None = None) -> bytes:
+    dims = array.shape
+    head = bytes([0, 0, 0x08, magic_dims or len(dims)]) + b"".join(struct.pack(">I", d) for d in dims)
+    return head + array.astype(np.uint8).tobytes()
+
+
+def write_mnist(folder: Any, n_train: int = 30, n_test: int = 10, gz: bool = False) -> dict[str, np.ndarray]:
+    """MNIST's four IDX files (optionally gzipped) as the dataset ships them; returns their arrays."""
+    rng = np.random.default_rng(0)
+    arrays = {"train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28)),
+              "train-labels-idx1-ubyte": rng.integers(0, 10, n_train),
+              "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28)),
+              "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test)}
+    os.makedirs(folder, exist_ok=True)
+    for name, arr in arrays.items():
+        payload = _idx(arr)
+        if gz:
+            (folder / (name + ".gz")).write_bytes(gzip.compress(payload))
+        else:
+            (folder / name).write_bytes(payload)
+    return arrays
+
+
+def write_cifar(folder: Any, variant: str = "cifar10", n: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Batches as the CIFAR python version ships them: protocol-2 pickles of dicts with bytes keys."""
+    rng = np.random.default_rng(1)
+    os.makedirs(folder, exist_ok=True)
+    names = ([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]) if variant == "cifar10" else ["train", "test"]
+    all_images, all_labels = [], []
+    for name in names:
+        images = rng.integers(0, 256, (n, 3072)).astype(np.uint8)
+        labels = rng.integers(0, 10 if variant == "cifar10" else 100, n).tolist()
+        key = b"labels" if variant == "cifar10" else b"fine_labels"
+        batch = {b"batch_label": name.encode(), key: labels, b"data": images,
+                 b"filenames": [f"img{i}.png".encode() for i in range(n)]}
+        if variant == "cifar100":
+            batch[b"coarse_labels"] = [x // 5 for x in labels]
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+        if "test" not in name:
+            all_images.append(images)
+            all_labels.extend(labels)
+    return np.concatenate(all_images), np.array(all_labels)

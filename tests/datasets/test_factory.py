@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import gzip
 import os
 import pickle
-import struct
 from typing import Any
 
 import numpy as np
@@ -31,6 +29,8 @@ from unistore.datasets import (
     write_classification_store,
 )
 from unistore.errors import CorruptDataError, NonFiniteMetricError, TruncatedDataError, UnsafePickleError
+
+from .builders import write_cifar, write_mnist
 
 torch = pytest.importorskip("torch")
 
@@ -127,31 +127,9 @@ def test_dataloader_workers_read_factory_stores(tmp_path: Any) -> None:
 
 
 # ------------------------------------------------------------------ importers
-def _idx(array: np.ndarray, magic_dims: int | None = None) -> bytes:
-    dims = array.shape
-    head = bytes([0, 0, 0x08, magic_dims or len(dims)]) + b"".join(struct.pack(">I", d) for d in dims)
-    return head + array.astype(np.uint8).tobytes()
-
-
-def _write_mnist(folder: Any, n_train: int = 30, n_test: int = 10, gz: bool = False) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    arrays = {"train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28)),
-              "train-labels-idx1-ubyte": rng.integers(0, 10, n_train),
-              "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28)),
-              "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test)}
-    os.makedirs(folder, exist_ok=True)
-    for name, arr in arrays.items():
-        payload = _idx(arr)
-        if gz:
-            (folder / (name + ".gz")).write_bytes(gzip.compress(payload))
-        else:
-            (folder / name).write_bytes(payload)
-    return arrays
-
-
 @pytest.mark.parametrize("gz", [False, True])
 def test_import_mnist_idx_files(tmp_path: Any, gz: bool) -> None:
-    arrays = _write_mnist(tmp_path / "raw", gz=gz)
+    arrays = write_mnist(tmp_path / "raw", gz=gz)
     url = import_mnist(str(tmp_path / "raw"), str(tmp_path / "data"))
     store = us.open_store(url)
     np.testing.assert_array_equal(store["train/images"][:][:, 0], arrays["train-images-idx3-ubyte"])
@@ -165,7 +143,7 @@ def test_import_mnist_idx_files(tmp_path: Any, gz: bool) -> None:
 
 
 def test_bad_mnist_files(tmp_path: Any) -> None:
-    _write_mnist(tmp_path / "raw")
+    write_mnist(tmp_path / "raw")
     labels = tmp_path / "raw" / "train-labels-idx1-ubyte"
     good = labels.read_bytes()
     labels.write_bytes(b"\x00\x00\x08\x03" + good[4:])
@@ -180,30 +158,9 @@ def test_bad_mnist_files(tmp_path: Any) -> None:
         import_mnist(str(tmp_path / "raw"), str(tmp_path / "data"))
 
 
-def _write_cifar(folder: Any, variant: str = "cifar10", n: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """Batches as the CIFAR python version ships them: protocol-2 pickles of dicts with bytes keys."""
-    rng = np.random.default_rng(1)
-    os.makedirs(folder, exist_ok=True)
-    names = ([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]) if variant == "cifar10" else ["train", "test"]
-    all_images, all_labels = [], []
-    for name in names:
-        images = rng.integers(0, 256, (n, 3072)).astype(np.uint8)
-        labels = rng.integers(0, 10 if variant == "cifar10" else 100, n).tolist()
-        key = b"labels" if variant == "cifar10" else b"fine_labels"
-        batch = {b"batch_label": name.encode(), key: labels, b"data": images,
-                 b"filenames": [f"img{i}.png".encode() for i in range(n)]}
-        if variant == "cifar100":
-            batch[b"coarse_labels"] = [x // 5 for x in labels]
-        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
-        if "test" not in name:
-            all_images.append(images)
-            all_labels.extend(labels)
-    return np.concatenate(all_images), np.array(all_labels)
-
-
 @pytest.mark.parametrize("variant", ["cifar10", "cifar100"])
 def test_import_cifar_batches(tmp_path: Any, variant: str) -> None:
-    images, labels = _write_cifar(tmp_path / "raw", variant)
+    images, labels = write_cifar(tmp_path / "raw", variant)
     url = import_cifar(str(tmp_path / "raw"), str(tmp_path / "data"), variant=variant)
     store = us.open_store(url)
     np.testing.assert_array_equal(store["train/images"][:], images.reshape(-1, 3, 32, 32))
@@ -219,7 +176,7 @@ class _Evil:
 
 
 def test_cifar_pickle_that_would_run_code_is_refused(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    _write_cifar(tmp_path / "raw")
+    write_cifar(tmp_path / "raw")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "raw" / "data_batch_3").write_bytes(pickle.dumps({b"data": _Evil(), b"labels": []}, protocol=2))
     with pytest.raises(UnsafePickleError, match="data_batch_3.*posix.system|data_batch_3.*os.system"):
@@ -232,7 +189,7 @@ def test_cifar_pickle_that_would_run_code_is_refused(tmp_path: Any, monkeypatch:
 
 @pytest.mark.s3
 def test_factory_reads_from_s3_root(tmp_path: Any, s3: dict[str, Any]) -> None:
-    _write_mnist(tmp_path / "raw", gz=True)
+    write_mnist(tmp_path / "raw", gz=True)
     s3["fs"].put(str(tmp_path / "raw") + "/", f"{s3['bucket']}/raw", recursive=True)
     root = f"s3://{s3['bucket']}/data"
     import_mnist(f"s3://{s3['bucket']}/raw", root, storage_options=s3["options"])
@@ -281,7 +238,7 @@ def test_create_dataset_records_in_the_default_catalog(tmp_path: Any) -> None:
 def test_cli_import_and_list(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
     from unistore.cli import main
 
-    _write_cifar(tmp_path / "raw")
+    write_cifar(tmp_path / "raw")
     data = str(tmp_path / "data")
     assert main(["datasets", "import", "cifar10", str(tmp_path / "raw"), "--data-dir", data, "--format", "zarr"]) == 0
     assert us.open_store(os.path.join(data, "cifar10")).format == "zarr"

@@ -338,3 +338,20 @@ def test_malicious_blob_is_refused_not_run(tmp_path: Any) -> None:
                        overrides={104: {"source_label": pickle.dumps(os.system)}})
     with pytest.raises(UnistoreError, match="sample_id 104"):
         ClusterLabeledDataset(path)
+
+
+@pytest.mark.s3
+def test_embeddings_on_s3(clusters: tuple[str, dict[str, Any]], s3: dict[str, Any]) -> None:
+    """The same dataset with its embeddings in a bucket: the document's calls, plus ``storage_options``."""
+    path, src = clusters
+    local = ClusterLabeledDataset(path)
+    url = f"s3://{s3['bucket']}/clusters.zarr"
+    name = local.export(url, "zarr", compression="zstd", chunks=(8,), storage_options=s3["options"])
+    dataset = ClusterLabeledDataset(url, label_type="combined", cache_size=100, storage_options=s3["options"],
+                                    dataset_name=name)
+    loader = DataLoader(dataset, batch_size=8, shuffle=False, num_workers=2)
+    base = torch.cat([b for b, _, _ in loader])
+    np.testing.assert_array_equal(base.numpy(), src["base"][src["rows"]])
+    dataset.update_labels(104, combined_label=np.array([0.0, 1.0, 0.0]))
+    np.testing.assert_array_equal(dataset[4][2].numpy(), [0, 1, 0])
+    assert dataset.get_cache_stats()["misses"] == 41

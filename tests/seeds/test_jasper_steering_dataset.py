@@ -272,3 +272,20 @@ def test_directory_layouts_and_config(dataset_dir: dict[str, Any]) -> None:
                       "negatives": ["hard", "tiers"],
                       "steering": ["centroid", "distances", "keyword_weighted", "residual"],
                       "splits": ["test", "train", "val"]}
+
+
+@pytest.mark.s3
+def test_dataset_dir_on_s3(dataset_dir: dict[str, Any], s3: dict[str, Any]) -> None:
+    """The document's calls on a dataset directory in a bucket (``storage_options`` added), PT and HDF5."""
+    from unistore.datasets import copy_dataset
+
+    for fmt in ("pt", "hdf5"):
+        url = copy_dataset("output/dataset", f"s3://{s3['bucket']}/dataset-{fmt}", fmt,
+                           out_storage_options=s3["options"])
+        dataset = JASPERSteeringDataset(url, split="train", storage_options=s3["options"])
+        assert dataset.storage_format == fmt
+        loader = create_loader(url, "train", batch_size=32, num_workers=2, storage_options=s3["options"])
+        set_epoch(loader, 3)
+        got = torch.cat([b["question_emb"] for b in loader])
+        pairs = dataset_dir["train_idx"][np.array(list(loader.sampler))]
+        np.testing.assert_array_equal(got.numpy(), dataset_dir["question_embs"][dataset_dir["pair_index"][pairs, 0]])

@@ -204,3 +204,24 @@ def test_acceptance_criteria(project: dict[str, Any]) -> None:
     with open(os.path.join("data/teacher_checkpoints/run0/checkpoint-0", "adapter_config.json"), "w") as f:
         json.dump({"peft_type": "LORA"}, f)  # still a checkpoint folder; its tensors are what is read
     assert len(_full(project, verbose=False)) == 4
+
+
+@pytest.mark.s3
+def test_checkpoints_on_s3(project: dict[str, Any], s3: dict[str, Any]) -> None:
+    """The document's dataset over a bucket of checkpoints (``storage_options`` added); deltas keyed by URL."""
+    from upath import UPath
+
+    url = f"s3://{s3['bucket']}/teacher_checkpoints"
+    s3["fs"].put("data/teacher_checkpoints", url, recursive=True)
+    cache = DeltaCache("remote-deltas")
+    cache.put_many({url + p[len("data/teacher_checkpoints"):]: d for p, d in project["deltas"].items()})
+    dataset = Text2Qwen25LoRA_DeltaDataset(url, project["lora_tokenizer"], project["text_tokenizer"], cache,
+                                           max_text_length=16, storage_options=s3["options"], verbose=False)
+    assert len(dataset) == 5 and all(isinstance(p, UPath) for p in dataset.valid_checkpoints)
+    assert [p.name for p in dataset.valid_checkpoints] == [p.name for p in _full(project, require_delta=False,
+                                                                                  verbose=False).valid_checkpoints]
+    batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=5, num_workers=2,
+                                                  collate_fn=dataset.collate_fn)))
+    for i, path in enumerate(batch["checkpoint_path"]):
+        np.testing.assert_array_equal(batch["delta"][i].numpy(), project["deltas"][
+            "data/teacher_checkpoints" + path[len(url):]])
