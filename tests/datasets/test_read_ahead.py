@@ -266,6 +266,15 @@ def test_remote_cached_arrays_get_block_order_and_read_ahead_by_default(s3: dict
         assert proxy.requests["GET"] == 0 and len(again) == len(got)
         for x, y in again:
             np.testing.assert_array_equal(x, data[y])
+        # a fresh process's open over the filled cache: the listing finds each object's version, its header
+        # comes from the cached first block, and the epoch sends no GET for any object
+        proxy.reset_counts()
+        reopened = StoreDataset(us.open_store(url, storage_options=options, cache=DiskCache(tmp_path / "cache")))
+        later = _batches(make_loader(reopened, 500, seed=4, num_workers=2))
+        object_gets = {p: n for (m, p), n in proxy.paths.items() if m == "GET" and p.endswith(".npy")}
+        assert object_gets == {} and len(later) == len(got)
+        for x, y in later:
+            np.testing.assert_array_equal(x, data[y])
         # the same epoch without read-ahead, from a cache of its own, gives the same batches
         fresh = StoreDataset(us.open_store(url, storage_options=options, cache=DiskCache(tmp_path / "other")))
         without = _batches(make_loader(fresh, 500, seed=4, num_workers=2, read_ahead=0))

@@ -184,3 +184,29 @@ def test_an_entry_produced_while_producing_another_under_the_same_lock_does_not_
     mine, others, token = DiskCache(tmp_path / "cache").claim("obj", ["outer", inner])
     assert sorted(mine) == sorted(["outer", inner]) and not others  # one claim, one lock file, one producer
     cache.release(token)
+
+
+@pytest.mark.s3
+def test_decoded_chunks_stay_within_the_budget_under_workers(s3: dict[str, Any], tmp_path: Any) -> None:
+    """A compressed zarr array on S3 larger than the disk cache, read an epoch at a time by a loader with two
+    workers and read-ahead: the cache never ends an epoch over its budget, and every row is right."""
+    from unistore.datasets import StoreDataset, make_loader
+
+    data = np.random.default_rng(2).standard_normal((8 * ROWS, DIM)).astype(np.float32)  # 3 MB decoded
+    url = f"s3://{s3['bucket']}/big.zarr"
+    with us.create_store(url, format="zarr", storage_options=s3["options"]) as store:
+        store.write_array("emb", data, chunks=(CHUNK, DIM), compression="zstd")
+    budget = data.nbytes * 4 // 10
+    cache = DiskCache(tmp_path / "cache", max_bytes=budget)
+    dataset = StoreDataset(us.open_store(url, storage_options=s3["options"], cache=cache))
+    loader = make_loader(dataset, 250, seed=3, num_workers=2)
+    assert loader.read_ahead > 0
+    for epoch in range(2):
+        loader.sampler.set_epoch(epoch)
+        seen = 0
+        for batch in loader:
+            seen += len(batch["emb"])
+            assert cache.info()["bytes"] <= budget
+        assert seen == len(data) and cache.info()["bytes"] <= budget
+    rows = np.random.default_rng(4).choice(len(data), 300, replace=False)
+    np.testing.assert_array_equal(dataset.arrays["emb"].take(rows), data[rows])

@@ -20,10 +20,12 @@ in bytes with LRU eviction across processes nor checksum entries.  Here:
   when an extended attribute says it was checked as it is now (inode, size,
   mtime) within ``UNISTORE_CACHE_REVERIFY_SECONDS`` (a day); after that it
   is checked again, so bit rot that keeps the mtime is found too;
-- the cache stays within ``max_bytes``: a process's first use of an entry
-  refreshes its atime, and the writer that pushes the total over budget
-  evicts the least recently used entries (under a file lock, one evictor at
-  a time).  An entry deleted while a process maps it keeps its disk space
+- the cache stays within ``max_bytes``: every writer reserves an entry's
+  bytes in a usage count shared through a file (under a file lock) before
+  writing it, and the writer that would push the total over budget first
+  evicts the least recently used entries (a process's first use of an entry
+  refreshes its atime) down to :data:`EVICT_TO` of the budget, so the next
+  evictions are a tenth of the budget apart.  An entry deleted while a process maps it keeps its disk space
   until it is unmapped, so a process keeps at most 1/8 of the budget mapped
   entry by entry, maps an object's blocks side by side
   (:class:`MappedObject`) only when the whole object fits in the budget,
@@ -62,6 +64,11 @@ DEFAULT_BLOCK_BYTES = 2 << 20
 MAX_RUN_BYTES = 16 << 20
 _TRAILER = struct.Struct("<QI")  # payload length, CRC-32
 _LOCK_NAME = ".evict.lock"
+#: the bytes held by entries, as the writers and the last eviction counted them (a shared estimate; each
+#: eviction recounts it from the directory)
+_USAGE_NAME = ".usage"
+#: an eviction leaves the cache at this share of its budget
+EVICT_TO = 0.9
 #: lock files (a fixed pool) that let one process fetch or decode an entry while others wait for it
 _LOCKS_DIR = ".producing"
 _N_LOCKS = 4096
@@ -94,7 +101,6 @@ class DiskCache:
         self.root = os.path.abspath(os.fspath(root))
         self.max_bytes = int(max_bytes)
         self.block_bytes = int(block_bytes)
-        self._written = 0  # bytes this process added since it last checked the budget
         self._lock = threading.Lock()
         #: entries this process verified: path -> (inode, size, mtime), a read-only mapping of the payload
         self._maps: OrderedDict[str, tuple[tuple[int, int, int], memoryview]] = OrderedDict()
@@ -207,10 +213,13 @@ class DiskCache:
         return memoryview(mapping)[:n]
 
     def _put(self, path: str, payload: Any) -> bool:
-        """Write an entry (temporary name, then rename); False when the disk refused it."""
+        """Write an entry (temporary name, then rename) within the budget; False when the disk refused it, or
+        the entry alone is larger than the whole budget."""
+        nbytes = len(payload) + _TRAILER.size
         tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        if nbytes > self.max_bytes or not self._reserve(nbytes, tmp):
+            return False
         try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(tmp, "wb") as f:
                 f.write(payload)
                 f.write(_TRAILER.pack(len(payload), self._crc(path, payload)))
@@ -219,14 +228,52 @@ class DiskCache:
         except OSError:
             with contextlib.suppress(OSError):
                 os.remove(tmp)
+            self._reserve(-nbytes)
             return False  # a full or read-only disk: the read still succeeds, uncached
-        with self._lock:
-            self._written += len(payload) + _TRAILER.size
-            check = self._written > max(self.max_bytes // 20, self.block_bytes)
-            if check:
-                self._written = 0
-        if check:
-            self.evict()
+        return True
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The cache-wide lock of eviction and of the usage count."""
+        import fcntl
+
+        os.makedirs(self.root, exist_ok=True)
+        with open(os.path.join(self.root, _LOCK_NAME), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _usage(self, value: int | None = None) -> int | None:
+        """Read (or, given ``value``, write) the shared usage count; None when there is none yet."""
+        path = os.path.join(self.root, _USAGE_NAME)
+        if value is not None:
+            with open(path, "w") as f:
+                f.write(str(max(int(value), 0)))
+            return value
+        try:
+            with open(path) as f:
+                return int(f.read() or 0)
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def _reserve(self, nbytes: int, tmp: str | None = None) -> bool:
+        """Count ``nbytes`` more (fewer, when negative) in the cache; when that would pass the budget, evict the
+        least recently used entries first, down to ``EVICT_TO`` of it.  ``tmp``, the temporary file the entry
+        will be written to, is created under the same lock, so an eviction meanwhile sees the entry is on its
+        way.  False when the lock, the count or the file cannot be written (a read-only cache directory)."""
+        try:
+            with self._locked():
+                used = self._usage()
+                if nbytes > 0 and (used is None or used + nbytes > self.max_bytes):
+                    used = self._evict_locked(int(self.max_bytes * EVICT_TO) - nbytes, used)
+                if tmp is not None:
+                    os.makedirs(os.path.dirname(tmp), exist_ok=True)
+                    open(tmp, "wb").close()
+                self._usage((used or 0) + nbytes)
+        except OSError:
+            return False
         return True
 
     # ------------------------------------------------------- whole entries
@@ -490,35 +537,59 @@ class DiskCache:
 
     def info(self) -> dict[str, Any]:
         """``{"root", "entries", "bytes", "max_bytes", "block_bytes", "objects"}`` of the cache as it is now."""
-        entries = list(self._entries())
-        return {"root": self.root, "entries": len(entries), "bytes": sum(e.stat().st_size for e in entries),
+        sizes: dict[str, int] = {}
+        for e in self._entries():
+            with contextlib.suppress(FileNotFoundError):  # evicted by another process while listed
+                sizes[e.path] = e.stat().st_size
+        return {"root": self.root, "entries": len(sizes), "bytes": sum(sizes.values()),
                 "max_bytes": self.max_bytes, "block_bytes": self.block_bytes,
-                "objects": len({os.path.dirname(e.path) for e in entries})}
+                "objects": len({os.path.dirname(p) for p in sizes})}
 
     def evict(self) -> int:
         """Delete least recently used entries until the cache is within ``max_bytes``; returns bytes freed."""
-        import fcntl
+        with self._locked():
+            before = sum(self._sizes())
+            self._usage(self._evict_locked(self.max_bytes, self._usage()))
+            return max(before - sum(self._sizes()), 0)
 
-        os.makedirs(self.root, exist_ok=True)
-        with open(os.path.join(self.root, _LOCK_NAME), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                stats = []
-                for e in self._entries():
-                    with contextlib.suppress(FileNotFoundError):
-                        st = e.stat()
-                        stats.append((st.st_atime_ns, st.st_size, e.path))
-                total = sum(s for _, s, _ in stats)
-                freed = 0
-                for _, nbytes, path in sorted(stats):
-                    if total - freed <= self.max_bytes:
-                        break
-                    with contextlib.suppress(FileNotFoundError):
-                        os.remove(path)
-                        freed += nbytes
-                return freed
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+    def _sizes(self) -> Iterator[int]:
+        for e in self._entries():
+            with contextlib.suppress(FileNotFoundError):
+                yield e.stat().st_size
+
+    def _evict_locked(self, target: int, used: int | None = None) -> int:
+        """Delete least recently used entries until at most ``target`` bytes remain (the lock held); returns the
+        bytes counted as held afterwards.
+
+        Entries being written right now (reserved in ``used`` but not yet in
+        place) count too: while any temporary file is there, the part of
+        ``used`` the directory does not show is taken to be theirs.
+        """
+        stats, writing = [], False
+        if os.path.isdir(self.root):
+            for top in os.scandir(self.root):
+                if not top.is_dir():
+                    continue
+                for obj in os.scandir(top.path):
+                    if not obj.is_dir():
+                        continue
+                    for e in os.scandir(obj.path):
+                        if ".tmp-" in e.name:
+                            writing = True
+                            continue
+                        with contextlib.suppress(FileNotFoundError):
+                            if e.is_file():
+                                st = e.stat()
+                                stats.append((st.st_atime_ns, st.st_size, e.path))
+        total = sum(s for _, s, _ in stats)
+        pending = max(0, (used or 0) - total) if writing else 0
+        for _, nbytes, path in sorted(stats):
+            if total + pending <= target:
+                break
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+                total -= nbytes
+        return total + pending
 
     def clear(self) -> int:
         """Delete every entry, and the folders and lock files that held them; returns bytes freed.
@@ -539,6 +610,8 @@ class DiskCache:
                             (os.remove if top.name == _LOCKS_DIR else os.rmdir)(leftover)
                     with contextlib.suppress(OSError):
                         os.rmdir(top.path)
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(self.root, _USAGE_NAME))  # recounted from the directory when next written
         return freed
 
 

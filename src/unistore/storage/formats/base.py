@@ -343,12 +343,32 @@ def head_bytes(location: Location, paths: list[str], nbytes: int) -> list[tuple[
                 out.append((f.read(nbytes), stamp_of(os.fstat(f.fileno()))))
         return out
     fs = location.fs
-    blobs = retry_remote(lambda: fs.cat_ranges(paths, [0] * len(paths), [nbytes] * len(paths), on_error="return"),
-                         location)
+    heads: list[bytes | None] = [_cached_head(location, p, nbytes) for p in paths]
+    asked = [p for p, h in zip(paths, heads) if h is None]
+    blobs = retry_remote(lambda: fs.cat_ranges(asked, [0] * len(asked), [nbytes] * len(asked), on_error="return"),
+                         location) if asked else []
     for blob in blobs:
         if isinstance(blob, BaseException):  # cat_ranges returns some failures instead of raising them
             raise _as_remote_error(blob, location)
-    return [(bytes(b), 0) for b in blobs]
+    fetched = iter(blobs)
+    return [(h if h is not None else bytes(next(fetched)), 0) for h in heads]
+
+
+def _cached_head(location: Location, path: str, nbytes: int) -> bytes | None:
+    """The first ``nbytes`` of a remote object from its first disk-cache block, when the cache holds that block
+    for the version the listing (or lookup) found; None otherwise (nothing is fetched here)."""
+    cache = location.cache
+    if cache is None:
+        return None
+    known = location.listed.get(path) or (location.known_identity if path == location.path else None)
+    if known is None:
+        return None
+    identity, size = known
+    want = min(cache.block_bytes, size)
+    if want < min(nbytes, size):
+        return None
+    block = cache.get_entry(identity, "0", want)
+    return None if block is None else bytes(block[:nbytes])
 
 
 def _as_remote_error(exc: BaseException, location: Location) -> Exception:
