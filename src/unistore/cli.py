@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -112,6 +113,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from unistore.demo_lora import run_lora_demo
     from unistore.demo_training import run_training_demo
 
+    # everything the demo records goes to a catalog inside its own directory, unless one is set
+    os.environ.setdefault("UNISTORE_CATALOG_URL", os.path.join(os.path.abspath(args.dir), "catalog.db"))
+    os.makedirs(args.dir, exist_ok=True)
     if not args.skip_read_table:
         run_demo(rows=args.rows, dim=args.dim, workdir=args.dir, batches=args.batches)
     results = run_training_demo(args.dir, rows=args.train_rows, pairs=args.train_rows, steps=args.steps,

@@ -77,7 +77,7 @@ def _factory_demo(workdir: str, steps: int) -> dict[str, Any]:
     with torch.no_grad():
         correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in data["test_loader"])
     accuracy = correct / len(data["test_loader"].dataset)
-    uses = len(dataset_usage_history("synthetic", catalog_url=os.path.join(data_dir, "catalog.db")))
+    uses = len(dataset_usage_history("synthetic"))  # the catalog create_dataset recorded the use in
     print(f"\nDataset factory: create_dataset('synthetic') from {data_dir} ({config.input_shape}, "
           f"{config.num_classes} classes): {steps} steps at {rate:,.0f} samples/s, loss {first:.3f} -> {last:.3f}, "
           f"test accuracy {accuracy:.2f}; {uses} use(s) recorded in the catalog")

@@ -206,7 +206,7 @@ def run_training_demo(workdir: str, rows: int = 20_000, pairs: int = 20_000, dim
     seed_dir = os.path.join(workdir, "clusters")
     shutil.rmtree(seed_dir, ignore_errors=True)
     write_cluster_seed_layout(seed_dir, rows, dim, n_clusters=16)
-    seed = ClusterLabeledDataset(seed_dir)  # imports dataset.db into clusters/catalog.db once
+    seed = ClusterLabeledDataset(seed_dir)  # imports dataset.db into the catalog once
     cluster_sets: list[tuple[str, Any]] = [("seed layout (sqlite + memmap)", seed)]
     targets: list[tuple[str, str, str | None, str, dict[str, Any] | None]] = [
         (label, fmt, comp, os.path.join(workdir, f"clusters-{fmt}"), None) for label, fmt, comp in FORMATS]

@@ -228,3 +228,33 @@ def test_a_store_never_committed_warns_and_leaves_nothing(tmp_path: Any) -> None
         del store
         gc.collect()
     assert os.listdir(tmp_path) == []
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts this process's descriptors (Linux)")
+def test_mapped_files_hold_one_descriptor_each_and_a_bounded_number(tmp_path: Any,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file's arrays share one mapping (one descriptor), and a process maps at most MAX_MAPPED_FILES files:
+    reading thousands of checkpoints never runs out of file descriptors."""
+    from safetensors.numpy import save_file
+
+    from unistore.storage import engine
+
+    tensors = {f"layer{i}.weight": np.full((4, 8), i, np.float32) for i in range(30)}
+    save_file(tensors, str(tmp_path / "ckpt.safetensors"))
+    before = _open_fds()
+    store = us.open_store(str(tmp_path / "ckpt.safetensors"))
+    for key, value in tensors.items():
+        np.testing.assert_array_equal(store[key].take([1, 3]), value[[1, 3]])
+    assert _open_fds() - before <= 1
+    monkeypatch.setattr(engine, "MAX_MAPPED_FILES", 8)
+    for i in range(40):
+        np.save(tmp_path / f"a{i}.npy", np.full((5, 3), i, np.int64))
+    before = _open_fds()
+    for _ in range(2):
+        for i in range(40):
+            assert us.open_store(str(tmp_path / f"a{i}.npy"))[f"a{i}"].take([4])[0, 0] == i
+    assert _open_fds() - before <= 8

@@ -101,8 +101,34 @@ def _read_rows(layout: Layout, start: int, stop: int, stats: IOStats) -> np.ndar
 
 
 # ---------------------------------------------------------------- local mmap
-_MMAPS: dict[tuple[Any, ...], np.ndarray] = {}
+#: arrays over mapped files, by (pid, path, stamp, offset, shape, dtype), least recently used first
+_MMAPS: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()
+#: one mapping per file, by (pid, path, stamp): every array of a file (a checkpoint's tensors) is a view of it
+_FILE_MAPS: OrderedDict[tuple[Any, ...], tuple[mmap.mmap, int]] = OrderedDict()
 _MMAP_LOCK = threading.Lock()
+#: files a process keeps mapped between reads; each mapping holds a file descriptor (Python's mmap keeps a
+#: duplicate), so the number is bounded well below the usual limit of 1024 open files.  An evicted file is
+#: mapped again on its next read; arrays already handed out keep their mapping alive.
+MAX_MAPPED_FILES = int(os.environ.get("UNISTORE_MAX_MAPPED_FILES", 256))
+
+
+def _file_map(layout: ContiguousLayout) -> tuple[mmap.mmap, int]:
+    """This process's mapping of the layout's file (the one described at open) and its size (lock held)."""
+    key = (os.getpid(), layout.location.path, layout.stamp)
+    found = _FILE_MAPS.get(key)
+    if found is not None:
+        _FILE_MAPS.move_to_end(key)
+        return found
+    with open_described(layout.location, layout.stamp) as f:
+        size = os.fstat(f.fileno()).st_size
+        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+    found = (mapping, size)  # type: ignore[assignment]
+    _FILE_MAPS[key] = found  # type: ignore[assignment]
+    while len(_FILE_MAPS) > MAX_MAPPED_FILES:
+        (pid, path, stamp), _ = _FILE_MAPS.popitem(last=False)
+        for k in [k for k in _MMAPS if k[:3] == (pid, path, stamp)]:
+            del _MMAPS[k]
+    return found  # type: ignore[return-value]
 
 
 def _memmap(layout: ContiguousLayout) -> np.ndarray:
@@ -115,17 +141,15 @@ def _memmap(layout: ContiguousLayout) -> np.ndarray:
                 if 0 in layout.shape:
                     mm = np.empty(layout.shape, layout.dtype)
                 else:
-                    with open_described(layout.location, layout.stamp) as f:
-                        size = os.fstat(f.fileno()).st_size
-                        need = layout.offset + layout.row_nbytes * layout.shape[0]
-                        if size < need:
-                            raise TruncatedDataError(
-                                f"{layout.location.url} is truncated: {size} bytes, but the header "
-                                f"promises {need}; re-create or re-download the file"
-                            )
-                        # a plain ndarray over the mapping: np.memmap's subclass hooks cost
-                        # more per gather than the copy itself for small batches
-                        mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                    mapping, size = _file_map(layout)
+                    need = layout.offset + layout.row_nbytes * layout.shape[0]
+                    if size < need:
+                        raise TruncatedDataError(
+                            f"{layout.location.url} is truncated: {size} bytes, but the header "
+                            f"promises {need}; re-create or re-download the file"
+                        )
+                    # a plain ndarray over the mapping: np.memmap's subclass hooks cost
+                    # more per gather than the copy itself for small batches
                     count = int(np.prod(layout.shape, dtype=np.int64))
                     mm = np.frombuffer(mapping, dtype=layout.dtype, count=count,
                                        offset=layout.offset).reshape(layout.shape)

@@ -96,8 +96,10 @@ def _ask(request: dict[str, str]) -> tuple[str, str] | None:
         _kill()
         return ("crash", "the HDF5 probe process died before it could read the file")
     deadline = _timeout() if "path" in request else max(_timeout(), float(request["deadline"]) + 15)
-    ready, _, _ = select.select([helper.stdout], [], [], deadline)
-    if not ready:
+    # poll, not select: a training process may hold more than FD_SETSIZE (1024) descriptors
+    poller = select.poll()
+    poller.register(helper.stdout, select.POLLIN | select.POLLHUP | select.POLLERR)
+    if not poller.poll(deadline * 1000):
         _kill()
         return ("hang", f"libhdf5 did not finish opening it within {deadline:g}s (UNISTORE_HDF5_PROBE_TIMEOUT)")
     line = helper.stdout.readline()
