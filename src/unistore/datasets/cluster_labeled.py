@@ -349,17 +349,22 @@ class _SampleCache:
             self.counts[0] += hits
             self.counts[1] += misses
 
-    def lookup(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(hit mask, slots of the hits)``; hits become the most recently used."""
+    def lookup(self, positions: np.ndarray) -> tuple[np.ndarray, list[np.ndarray], list[Any]]:
+        """``(hit mask, the hits' rows of each part, the hits' extras)``, copied out under the lock (a slot may
+        be reused by another thread right after); hits become the most recently used."""
         if not self.entries:
-            return np.zeros(len(positions), dtype=bool), np.empty(0, dtype=np.int64)
+            return np.zeros(len(positions), dtype=bool), [], []
         with self.lock:
             got = [self.entries.get(p) for p in positions.tolist()]
             hit = np.fromiter((g is not None for g in got), dtype=bool, count=len(got))
+            if not hit.any():
+                return hit, [], []
             for p, g in zip(positions.tolist(), got):
                 if g is not None:
                     self.entries.move_to_end(p)
-        return hit, np.array([g for g in got if g is not None], dtype=np.int64)
+            slots = np.array([g for g in got if g is not None], dtype=np.int64)
+            assert self.rows is not None
+            return hit, [stored[slots] for stored in self.rows], [self.extra[s] for s in slots.tolist()]
 
     def put(self, positions: np.ndarray, parts: Sequence[np.ndarray], extra: Sequence[Any] | None) -> None:
         """Keep samples ``positions`` (rows ``j`` of each of ``parts``), evicting the least recently used."""
@@ -614,7 +619,7 @@ class ClusterLabeledDataset(StoreDataset):
         if cache.size == 0:
             cache.count(0, len(idx))
             return self._read(idx)
-        hit, slots = cache.lookup(idx)
+        hit, cached, extras = cache.lookup(idx)
         n_hit = int(hit.sum())
         cache.count(n_hit, len(idx) - n_hit)
         if n_hit == 0:
@@ -623,11 +628,10 @@ class ClusterLabeledDataset(StoreDataset):
             return out
         miss = ~hit
         fetched = self._read(idx[miss]) if miss.any() else None
-        assert cache.rows is not None
         parts = []
-        for k, stored in enumerate(cache.rows):
-            part = np.empty((len(idx),) + stored.shape[1:], stored.dtype)
-            part[hit] = stored[slots]
+        for k, rows in enumerate(cached):
+            part = np.empty((len(idx),) + rows.shape[1:], rows.dtype)
+            part[hit] = rows
             if fetched is not None:
                 part[miss] = fetched[k].numpy()
             parts.append(torch.from_numpy(part))
@@ -636,8 +640,8 @@ class ClusterLabeledDataset(StoreDataset):
         if not self.return_metadata:
             return tuple(parts)
         metadata: list[Any] = [None] * len(idx)
-        for j, slot in zip(np.flatnonzero(hit).tolist(), slots.tolist()):
-            metadata[j] = dict(cache.extra[slot])
+        for j, extra in zip(np.flatnonzero(hit).tolist(), extras):
+            metadata[j] = dict(extra)
         if fetched is not None:
             for j, meta in zip(np.flatnonzero(miss).tolist(), fetched[3]):
                 metadata[j] = meta
