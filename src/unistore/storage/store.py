@@ -462,29 +462,33 @@ def open_store(url: str | os.PathLike[str] | Location, mode: str = "r", format: 
         # must not be judged by a stale listing
         location.fs.invalidate_cache(location.path)
     location.cache = _as_cache(cache)
-    if format == "auto":
-        format = detect_format(location)
-    elif not location.exists():
+    if format != "auto" and not location.exists():
         raise StoreNotFoundError(f"no store at {location.url}: the path does not exist")
-    fmt = get_format(format)
-    return TensorStore(location, fmt.name, "r", _open_consistent(fmt, location, format_options))
+    fmt, opened = _open_consistent(format, location, format_options)
+    return TensorStore(location, fmt.name, "r", opened)
 
 
-def _open_consistent(fmt: Any, location: Location, options: Mapping[str, Any]) -> OpenedStore:
-    """``fmt.open`` of one version of a local directory store: a store republished while it was being listed
-    (its root replaced) is listed again, so its files and its metadata come from one version."""
+def _open_consistent(format: str, location: Location, options: Mapping[str, Any]) -> tuple[Any, OpenedStore]:
+    """The format (detected when ``"auto"``) and ``open`` of one version of a store: locally, a store
+    republished while it was being detected or listed (its root replaced, the old one being deleted) is
+    detected and listed again, so its format, files and metadata all come from one version."""
+
+    def attempt() -> tuple[Any, OpenedStore]:
+        fmt = get_format(detect_format(location) if format == "auto" else format)
+        return fmt, fmt.open(location, **options)
+
     if not location.is_local:
-        return fmt.open(location, **options)
+        return attempt()
     for _ in range(5):
         before = path_identity(location.path)
         try:
-            opened = fmt.open(location, **options)
+            fmt, opened = attempt()
         except (FileNotFoundError, UnistoreError):
             if path_identity(location.path) == before:
                 raise
             continue  # republished mid-listing: list the new version
         if path_identity(location.path) == before:
-            return opened
+            return fmt, opened
     from unistore.errors import StoreChangedError
 
     raise StoreChangedError(f"{location.url} was rewritten 5 times while it was being opened; open it again once "
