@@ -147,3 +147,36 @@ def test_a_foreign_zarr_store_on_s3_reads_under_the_pin(s3: dict[str, Any]) -> N
     store = us.open_store(path, storage_options=s3["options"], cache=False)
     expected = np.arange(128.0, dtype=np.float32).reshape(32, 4)
     np.testing.assert_array_equal(store["emb"].take([0, 31]), expected[[0, 31]])
+
+
+_REWRITE_THEN_READ = """
+import sys, numpy as np, unistore as us
+url, endpoint, secret = sys.argv[1:4]
+opts = {"key": "testing", "secret": secret, "client_kwargs": {"endpoint_url": endpoint, "region_name": "us-east-1"}}
+def write(v):
+    with us.create_store(url, format="hdf5", overwrite=True, storage_options=opts) as store:
+        store.write_array("emb", np.full((64, 16), v, np.float32), chunks=(8, 16))
+write(1)
+reader = us.open_store(url, storage_options=opts, cache=False)
+import time; time.sleep(1.1)
+write(2)
+try:
+    reader["emb"].take([3])
+except us.errors.StoreChangedError:
+    print("StoreChangedError")
+"""
+
+
+@pytest.mark.s3
+def test_a_remote_hdf5_rewritten_before_its_first_read_exits_cleanly(s3: dict[str, Any]) -> None:
+    """The version check fails inside libhdf5's open of the file object; the process that saw it must still
+    exit cleanly (an error kept with libhdf5's callback frames crashed the interpreter at exit)."""
+    import subprocess
+    import sys
+
+    from ..conftest import S3_SECRET
+
+    url = f"s3://{s3['bucket']}/first-read.h5"
+    done = subprocess.run([sys.executable, "-c", _REWRITE_THEN_READ, url, s3["endpoint"], S3_SECRET],
+                          capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "StoreChangedError" and done.returncode == 0, (done.returncode, done.stderr[-2000:])

@@ -58,7 +58,8 @@ def _open_h5(location: Location) -> tuple[Any, Any]:
         return h5py.File(fileobj, "r"), fileobj
     except OSError as e:
         if fileobj is not None and fileobj.error is not None:
-            raise fileobj.error from None  # what the storage did (RemoteError, a missing object), not libhdf5's echo
+            # what the storage did (RemoteError, a missing object), not libhdf5's echo
+            raise _storage_error(fileobj) from None
         text = str(e)
         if "truncated" in text.lower() or "eof" in text.lower():
             raise TruncatedDataError(f"{location.url} is a truncated HDF5 file ({text}); re-create or re-download it") \
@@ -66,6 +67,16 @@ def _open_h5(location: Location) -> tuple[Any, Any]:
         if "signature" in text.lower() or "not an hdf5" in text.lower() or "unable to open" in text.lower():
             raise CorruptDataError(f"{location.url} is not a readable HDF5 file ({text})") from e
         raise
+
+
+def _storage_error(fileobj: _RemoteFile) -> BaseException:
+    """The error that ended a read of ``fileobj``, taken from it and without its traceback: that traceback runs
+    through libhdf5's callback frames, and kept alive (the file object holds the error, the error's frames hold
+    the file object) it is destroyed only at interpreter exit, after libhdf5, which then crashes."""
+    error = fileobj.error
+    assert error is not None
+    fileobj.error = None
+    return error.with_traceback(None)
 
 
 def _stored_as_is(ds: Any, dtype: np.dtype[Any], nbytes: int) -> bool:
@@ -257,7 +268,11 @@ class Hdf5BlockReader(LazyBlockReader):
                 return np.asarray(ds[start:stop])
             except (OSError, RuntimeError, ValueError) as e:
                 if fileobj is not None and fileobj.error is not None:
-                    raise fileobj.error from None  # the storage failed (retried already), not the file
+                    # the storage failed (retried already), not the file: libhdf5 may hold half-read state of
+                    # it, so the handle is closed now, while closing is safe; the next read opens it afresh
+                    error = _storage_error(fileobj)
+                    self.close()
+                    raise error from None
                 raise CorruptDataError(f"{self.location.url}: cannot decode rows {start}:{stop} of "
                                        f"{self.name!r} ({type(e).__name__}: {e}); the file is corrupt") from e
 
