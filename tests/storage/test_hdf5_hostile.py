@@ -281,3 +281,32 @@ def test_a_remote_file_that_hangs_libhdf5_is_a_corrupt_data_error(tmp_path: Any,
     assert time.monotonic() - start < 60
     good = us.open_store(f"s3://{s3['bucket']}/ok.h5", storage_options=s3["options"])
     np.testing.assert_array_equal(good["emb"].take([3]), arrays["emb"][[3]])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_probe_helper_does_not_outlive_its_parent(tmp_path: Any) -> None:
+    """A helper stuck in libhdf5 never reads the end of its input: it is killed when its parent ends instead."""
+    path = tmp_path / "spin.h5"
+    _base(path)
+    raw = bytearray(path.read_bytes())
+    raw[_last_heap_object_size_field(bytes(raw))] -= 2  # libhdf5 walks the heap forever
+    path.write_bytes(bytes(raw))
+    script = ("import json, os, sys, time\nfrom unistore.storage.formats import _hdf5_probe\n"
+              "h = _hdf5_probe._helper()\nprint(h.pid, flush=True)\n"
+              f"h.stdin.write(json.dumps({{'path': {str(path)!r}}}).encode() + b'\\n'); h.stdin.flush()\n"
+              "time.sleep(3)\nos._exit(0)\n")  # the parent ends while its helper spins in libhdf5
+    parent = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    pid = int(parent.stdout.split()[0])
+
+    def alive() -> bool:
+        try:
+            return "Z" not in open(f"/proc/{pid}/stat").read().split()[2]
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 10
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if alive():
+        os.kill(pid, 9)
+        pytest.fail("the probe helper outlived its parent")

@@ -72,8 +72,8 @@ def probe(location: Location) -> tuple[str, str] | None:
 def _helper() -> subprocess.Popen[bytes]:
     global _HELPER, _HELPER_PID
     if _HELPER is None or _HELPER_PID != os.getpid() or _HELPER.poll() is not None:
-        _HELPER = subprocess.Popen([sys.executable, "-c", _CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                   stderr=subprocess.DEVNULL, close_fds=True)
+        _HELPER = subprocess.Popen([sys.executable, "-c", _CHILD, str(os.getpid())], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, close_fds=True)
         _HELPER_PID = os.getpid()
     return _HELPER
 
@@ -96,10 +96,15 @@ def _ask(request: dict[str, str]) -> tuple[str, str] | None:
         _kill()
         return ("crash", "the HDF5 probe process died before it could read the file")
     deadline = _timeout() if "path" in request else max(_timeout(), float(request["deadline"]) + 15)
-    # poll, not select: a training process may hold more than FD_SETSIZE (1024) descriptors
-    poller = select.poll()
-    poller.register(helper.stdout, select.POLLIN | select.POLLHUP | select.POLLERR)
-    if not poller.poll(deadline * 1000):
+    try:
+        # poll, not select: a training process may hold more than FD_SETSIZE (1024) descriptors
+        poller = select.poll()
+        poller.register(helper.stdout, select.POLLIN | select.POLLHUP | select.POLLERR)
+        answered = bool(poller.poll(deadline * 1000))
+    except BaseException:  # interrupted: the helper may be stuck in libhdf5, and must not outlive the wait
+        _kill()
+        raise
+    if not answered:
         _kill()
         return ("hang", f"libhdf5 did not finish opening it within {deadline:g}s (UNISTORE_HDF5_PROBE_TIMEOUT)")
     line = helper.stdout.readline()
@@ -112,7 +117,12 @@ def _ask(request: dict[str, str]) -> tuple[str, str] | None:
 
 
 _CHILD = r"""
-import base64, json, pickle, sys
+import base64, json, os, pickle, sys
+if sys.platform.startswith("linux"):  # killed when the process that started it ends: a helper stuck in libhdf5
+    import ctypes                      # never reads the end of its input, and would outlive its parent, spinning
+    ctypes.CDLL(None).prctl(1, 9)      # PR_SET_PDEATHSIG, SIGKILL
+    if os.getppid() != int(sys.argv[1]):
+        sys.exit(0)                    # the parent ended before that took effect
 import numpy as np
 import h5py
 
