@@ -250,6 +250,11 @@ def test_lora_dataset_from_s3_matches_local(ckpts: dict[str, Any], text_tokenize
     assert [str(p)[len(url):] for p in remote.valid_checkpoints] == [str(p)[len(ckpts["root"]):] for p in
                                                                     local.valid_checkpoints]
     assert [p.name for p in remote.valid_checkpoints] == [p.name for p in local.valid_checkpoints]
+    import pickle
+
+    from ..conftest import S3_SECRET
+
+    assert S3_SECRET.encode() not in pickle.dumps(remote)  # what DataLoader workers receive carries no secret
     batch = remote.__getitems__(list(range(len(remote))))
     for got, want in zip(batch, [local[i] for i in range(len(local))]):
         for key in ("tokens", "scales", "condition_ids", "attention_mask", "delta"):

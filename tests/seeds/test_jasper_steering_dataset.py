@@ -30,7 +30,6 @@ from __future__ import annotations
 import inspect
 import os
 import sys
-import time
 from typing import Any
 
 import numpy as np
@@ -159,9 +158,8 @@ def test_basic_training_loop(dataset_dir: dict[str, Any]) -> None:
             neg = neg * weights
         return nn.functional.cross_entropy(torch.cat([pos, neg], dim=1), torch.zeros(len(output), dtype=torch.long))
 
-    start = time.time()
-    batch = next(iter(loader))
-    assert time.time() - start < 60  # (the document's profile; generous: worker start-up)
+    batch = next(iter(loader))  # the document's "Slow DataLoader" profile: one batch through the workers
+    assert batch["question_emb"].shape == (32, 8)
     losses = []
     for epoch in range(3):
         dataset.set_epoch(epoch)

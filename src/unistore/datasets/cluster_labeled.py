@@ -624,7 +624,7 @@ class ClusterLabeledDataset(StoreDataset):
         cache.count(n_hit, len(idx) - n_hit)
         if n_hit == 0:
             out = self._read(idx)
-            cache.put(idx, [t.numpy() for t in out[:3]], out[3] if self.return_metadata else None)
+            self._keep(idx, out)
             return out
         miss = ~hit
         fetched = self._read(idx[miss]) if miss.any() else None
@@ -636,7 +636,7 @@ class ClusterLabeledDataset(StoreDataset):
                 part[miss] = fetched[k].numpy()
             parts.append(torch.from_numpy(part))
         if fetched is not None:
-            cache.put(idx[miss], [t.numpy() for t in fetched[:3]], fetched[3] if self.return_metadata else None)
+            self._keep(idx[miss], fetched)
         if not self.return_metadata:
             return tuple(parts)
         metadata: list[Any] = [None] * len(idx)
@@ -646,6 +646,10 @@ class ClusterLabeledDataset(StoreDataset):
             for j, meta in zip(np.flatnonzero(miss).tolist(), fetched[3]):
                 metadata[j] = meta
         return (*parts, metadata)
+
+    def _keep(self, idx: np.ndarray, samples: tuple[Any, ...]) -> None:
+        """Put samples ``idx`` (as :meth:`_read` returned them) into the LRU cache."""
+        self._cache.put(idx, [t.numpy() for t in samples[:3]], samples[3] if self.return_metadata else None)
 
     def prefetch(self, indices: Any) -> None:
         """The loader's read-ahead: bring the batch's embedding rows into the storage caches (the sample cache
@@ -686,8 +690,7 @@ class ClusterLabeledDataset(StoreDataset):
         if not wanted:
             return
         idx = normalize_indices(np.asarray(wanted, dtype=np.int64), len(self), self.dataset_name)
-        out = self._read(idx)
-        self._cache.put(idx, [t.numpy() for t in out[:3]], out[3] if self.return_metadata else None)
+        self._keep(idx, self._read(idx))
 
     def clear_cache(self) -> None:
         """Empty the LRU cache and reset its statistics."""

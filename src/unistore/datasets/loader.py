@@ -348,8 +348,8 @@ def _require_process_group() -> None:
 
     if not (dist.is_available() and dist.is_initialized()):
         raise ProcessGroupError("distributed=True needs the default process group: call "
-                           "torch.distributed.init_process_group(...) first (torchrun sets RANK and WORLD_SIZE), or "
-                           "pass rank= and world_size= yourself")
+                                "torch.distributed.init_process_group(...) first (torchrun sets RANK and "
+                                "WORLD_SIZE), or pass rank= and world_size= yourself")
 
 
 def make_loader(dataset: Any, batch_size: int, *, shuffle: bool = True, seed: int = 0, distributed: bool = False,

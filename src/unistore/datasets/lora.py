@@ -346,7 +346,9 @@ class Text2Qwen25LoRA_DeltaDataset(_TorchDataset):  # type: ignore[misc,valid-ty
                  fallback_delta_norm: float = 0.0, skip_bad: bool = False, verbose: bool = True):
         if condition_type not in ("prompt", "prompt_answer"):
             raise ValueError(f"condition_type must be 'prompt' or 'prompt_answer', got {condition_type!r}")
-        self.storage_options = dict(storage_options or {})
+        # the folder's Location carries the storage options: pickled into DataLoader workers, its secrets are
+        # handed off outside the pickle (unistore.storage.secrets), as every other Location's are
+        self._folder = Location(str(checkpoint_folder), storage_options)
         self.checkpoint_folder = as_path(checkpoint_folder)
         self.lora_tokenizer = lora_tokenizer
         self.text_tokenizer = text_tokenizer
@@ -354,13 +356,13 @@ class Text2Qwen25LoRA_DeltaDataset(_TorchDataset):  # type: ignore[misc,valid-ty
         self.max_text_length = max_text_length
         self.condition_type = condition_type
         self.fallback_delta_norm = fallback_delta_norm
-        self._remote = not Location(str(self.checkpoint_folder)).is_local
+        self._remote = not self._folder.is_local
 
         self.checkpoint_paths = self._find_checkpoints()
         self.all_deltas = delta_cache.get_many([str(p) for p in self.checkpoint_paths])
         self.hidden_size = delta_cache.hidden_size or DEFAULT_HIDDEN_SIZE
         wanted = [str(p) for p in self.checkpoint_paths if not require_delta or str(p) in self.all_deltas]
-        self._checkpoints, self.skipped = open_checkpoints(wanted, self.storage_options, skip_bad)
+        self._checkpoints, self.skipped = open_checkpoints(wanted, self._folder.storage_options, skip_bad)
         self._by_path = {c.path: c for c in self._checkpoints}
         self.valid_checkpoints = [as_path(c.path) for c in self._checkpoints]
         if verbose:
@@ -371,7 +373,7 @@ class Text2Qwen25LoRA_DeltaDataset(_TorchDataset):  # type: ignore[misc,valid-ty
     # the seed document's hooks: a subclass may override any of them
     def _find_checkpoints(self) -> list[Path]:
         """Every folder below ``checkpoint_folder`` holding an ``adapter_config.json``, sorted (one listing)."""
-        return [as_path(p) for p in find_checkpoints(str(self.checkpoint_folder), self.storage_options)]
+        return [as_path(p) for p in find_checkpoints(str(self.checkpoint_folder), self._folder.storage_options)]
 
     def _load_conditions(self) -> dict[str, dict[str, list[str]]]:
         """``{str(checkpoint path): {"prompts": [...], "answers": [...]}}`` from each folder's ``prompts.json``
@@ -383,7 +385,7 @@ class Text2Qwen25LoRA_DeltaDataset(_TorchDataset):  # type: ignore[misc,valid-ty
         through the storage layer: one ranged read per tensor, from its safetensors header)."""
         ckpt = self._by_path.get(str(path))
         if ckpt is None:
-            ckpt = LoRACheckpoint(str(path), self.storage_options)
+            ckpt = LoRACheckpoint(str(path), self._folder.storage_options)
         return ckpt.read_weights()
 
     def __len__(self) -> int:

@@ -267,7 +267,7 @@ class DiskCache:
             with self._locked():
                 used = self._usage()
                 if nbytes > 0 and (used is None or used + nbytes > self.max_bytes):
-                    used = self._evict_locked(int(self.max_bytes * EVICT_TO) - nbytes, used)
+                    used = self._evict_locked(int(self.max_bytes * EVICT_TO) - nbytes, used)[0]
                 if tmp is not None:
                     os.makedirs(os.path.dirname(tmp), exist_ok=True)
                     open(tmp, "wb").close()
@@ -525,7 +525,8 @@ class DiskCache:
         return kept
 
     # ------------------------------------------------------------- upkeep
-    def _entries(self) -> Iterator[os.DirEntry[str]]:
+    def _files(self) -> Iterator[os.DirEntry[str]]:
+        """Every file in the objects' folders: entries, and entries being written (temporary names)."""
         if not os.path.isdir(self.root):
             return
         for top in os.scandir(self.root):
@@ -533,7 +534,10 @@ class DiskCache:
                 continue
             for obj in os.scandir(top.path):
                 if obj.is_dir():
-                    yield from (e for e in os.scandir(obj.path) if e.is_file() and ".tmp-" not in e.name)
+                    yield from (e for e in os.scandir(obj.path) if e.is_file())
+
+    def _entries(self) -> Iterator[os.DirEntry[str]]:
+        return (e for e in self._files() if ".tmp-" not in e.name)
 
     def info(self) -> dict[str, Any]:
         """``{"root", "entries", "bytes", "max_bytes", "block_bytes", "objects"}`` of the cache as it is now."""
@@ -548,48 +552,36 @@ class DiskCache:
     def evict(self) -> int:
         """Delete least recently used entries until the cache is within ``max_bytes``; returns bytes freed."""
         with self._locked():
-            before = sum(self._sizes())
-            self._usage(self._evict_locked(self.max_bytes, self._usage()))
-            return max(before - sum(self._sizes()), 0)
+            held, freed = self._evict_locked(self.max_bytes, self._usage())
+            self._usage(held)
+        return freed
 
-    def _sizes(self) -> Iterator[int]:
-        for e in self._entries():
-            with contextlib.suppress(FileNotFoundError):
-                yield e.stat().st_size
-
-    def _evict_locked(self, target: int, used: int | None = None) -> int:
+    def _evict_locked(self, target: int, used: int | None = None) -> tuple[int, int]:
         """Delete least recently used entries until at most ``target`` bytes remain (the lock held); returns the
-        bytes counted as held afterwards.
+        bytes counted as held afterwards and the bytes freed.
 
         Entries being written right now (reserved in ``used`` but not yet in
         place) count too: while any temporary file is there, the part of
         ``used`` the directory does not show is taken to be theirs.
         """
         stats, writing = [], False
-        if os.path.isdir(self.root):
-            for top in os.scandir(self.root):
-                if not top.is_dir():
-                    continue
-                for obj in os.scandir(top.path):
-                    if not obj.is_dir():
-                        continue
-                    for e in os.scandir(obj.path):
-                        if ".tmp-" in e.name:
-                            writing = True
-                            continue
-                        with contextlib.suppress(FileNotFoundError):
-                            if e.is_file():
-                                st = e.stat()
-                                stats.append((st.st_atime_ns, st.st_size, e.path))
+        for e in self._files():
+            if ".tmp-" in e.name:
+                writing = True
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                st = e.stat()
+                stats.append((st.st_atime_ns, st.st_size, e.path))
         total = sum(s for _, s, _ in stats)
         pending = max(0, (used or 0) - total) if writing else 0
+        freed = 0
         for _, nbytes, path in sorted(stats):
-            if total + pending <= target:
+            if total - freed + pending <= target:
                 break
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
-                total -= nbytes
-        return total + pending
+                freed += nbytes
+        return total - freed + pending, freed
 
     def clear(self) -> int:
         """Delete every entry, and the folders and lock files that held them; returns bytes freed.

@@ -29,7 +29,7 @@ from unistore.storage.layout import (
     Layout,
     open_described,
 )
-from unistore.storage.location import Location, ShortReadError, one_deadline, retry_remote
+from unistore.storage.location import Location, ShortReadError, one_deadline, precondition_failed, retry_remote
 
 __all__ = ["gather", "prefetch", "map_cached", "release_mapped", "read_rows", "read_contiguous", "ChunkCache",
            "chunk_cache", "MERGE_GAP_BYTES"]
@@ -104,7 +104,7 @@ def _read_rows(layout: Layout, start: int, stop: int, stats: IOStats) -> np.ndar
 #: arrays over mapped files, by (pid, path, stamp, offset, shape, dtype), least recently used first
 _MMAPS: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()
 #: one mapping per file, by (pid, path, stamp): every array of a file (a checkpoint's tensors) is a view of it
-_FILE_MAPS: OrderedDict[tuple[Any, ...], tuple[mmap.mmap, int]] = OrderedDict()
+_FILE_MAPS: OrderedDict[tuple[Any, ...], tuple[mmap.mmap | None, int]] = OrderedDict()
 _MMAP_LOCK = threading.Lock()
 #: files a process keeps mapped between reads; each mapping holds a file descriptor (Python's mmap keeps a
 #: duplicate), so the number is bounded well below the usual limit of 1024 open files.  An evicted file is
@@ -112,7 +112,7 @@ _MMAP_LOCK = threading.Lock()
 MAX_MAPPED_FILES = int(os.environ.get("UNISTORE_MAX_MAPPED_FILES", 256))
 
 
-def _file_map(layout: ContiguousLayout) -> tuple[mmap.mmap, int]:
+def _file_map(layout: ContiguousLayout) -> tuple[mmap.mmap | None, int]:
     """This process's mapping of the layout's file (the one described at open) and its size (lock held)."""
     key = (os.getpid(), layout.location.path, layout.stamp)
     found = _FILE_MAPS.get(key)
@@ -122,13 +122,12 @@ def _file_map(layout: ContiguousLayout) -> tuple[mmap.mmap, int]:
     with open_described(layout.location, layout.stamp) as f:
         size = os.fstat(f.fileno()).st_size
         mapping = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
-    found = (mapping, size)  # type: ignore[assignment]
-    _FILE_MAPS[key] = found  # type: ignore[assignment]
+    found = _FILE_MAPS[key] = (mapping, size)
     while len(_FILE_MAPS) > MAX_MAPPED_FILES:
-        (pid, path, stamp), _ = _FILE_MAPS.popitem(last=False)
-        for k in [k for k in _MMAPS if k[:3] == (pid, path, stamp)]:
+        evicted, _ = _FILE_MAPS.popitem(last=False)
+        for k in [k for k in _MMAPS if k[:3] == evicted]:
             del _MMAPS[k]
-    return found  # type: ignore[return-value]
+    return found
 
 
 def _memmap(layout: ContiguousLayout) -> np.ndarray:
@@ -148,6 +147,7 @@ def _memmap(layout: ContiguousLayout) -> np.ndarray:
                             f"{layout.location.url} is truncated: {size} bytes, but the header "
                             f"promises {need}; re-create or re-download the file"
                         )
+                    assert mapping is not None  # only an empty file has none, and it failed the check above
                     # a plain ndarray over the mapping: np.memmap's subclass hooks cost
                     # more per gather than the copy itself for small batches
                     count = int(np.prod(layout.shape, dtype=np.int64))
@@ -273,8 +273,7 @@ def _pinned_fetch(loc: Location) -> Any:
     def fetch(starts: list[int], ends: list[int]) -> list[Any]:
         blobs = sync(fs.loop, all_ranges, starts, ends)
         for blob in blobs:
-            if isinstance(blob, BaseException) and "PreconditionFailed" in f"{type(blob).__name__} {blob}" + \
-                    f" {getattr(blob, '__cause__', '')}":
+            if isinstance(blob, BaseException) and precondition_failed(blob):
                 raise StoreChangedError(f"{loc.url} was rewritten after its store was opened (its ETag is no longer "
                                         f"{tag}); no bytes of the new version are served under the old one - open "
                                         "the store again to read it")

@@ -22,7 +22,8 @@ from typing import Any, TypeVar
 from unistore.errors import InvalidKeyError, RemoteError, UnistoreError
 from unistore.storage.secrets import is_secret_key
 
-__all__ = ["Location", "validate_key", "retry_remote", "RetryPolicy", "one_retry_budget", "one_deadline"]
+__all__ = ["Location", "validate_key", "retry_remote", "RetryPolicy", "one_retry_budget", "one_deadline",
+           "precondition_failed"]
 
 T = TypeVar("T")
 
@@ -300,6 +301,13 @@ _TRANSIENT_MARKERS = ("SlowDown", "reduce your request rate", "InternalError", "
                       "FSTimeoutError", "TimeoutError")
 # status codes as whole numbers only: a bucket or key name may contain "500"
 _TRANSIENT_STATUS = re.compile(r"(?<![\w-])(500|502|503|504)(?![\w-])")
+
+
+def precondition_failed(exc: BaseException) -> bool:
+    """Whether S3 refused a conditional request (HTTP 412: ``If-Match`` / ``If-Unmodified-Since`` no longer
+    hold, the object was rewritten): a GET says so by error code, a HEAD by status only."""
+    text = f"{type(exc).__name__} {exc} {exc.__cause__}"
+    return "PreconditionFailed" in text or "Precondition Failed" in text or "(412)" in text
 
 
 def _is_transient(exc: BaseException) -> bool:

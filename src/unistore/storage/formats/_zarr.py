@@ -27,7 +27,7 @@ from unistore.storage.formats.base import (
     incomplete_error,
 )
 from unistore.storage.layout import ChunkedLayout, LazyBlockReader, path_identity
-from unistore.storage.location import Location, one_retry_budget, retry_remote
+from unistore.storage.location import Location, one_retry_budget, precondition_failed, retry_remote
 
 #: Default chunk size (bytes) for arrays written without explicit chunks.
 DEFAULT_CHUNK_BYTES = 1 << 20
@@ -140,7 +140,7 @@ def _counting_store(location: Location, strict: bool = False, root_id: tuple[int
             except FileNotFoundError:
                 return None
             except Exception as e:  # noqa: BLE001 - sorted by S3's error code below
-                if _precondition_failed(e):
+                if precondition_failed(e):
                     raise _changed(location) from e
                 if "InvalidRange" in f"{e} {e.__cause__}":  # a range past the object's end: short, judged by the caller
                     return prototype.buffer.from_bytes(b"")
@@ -167,18 +167,12 @@ def _counting_store(location: Location, strict: bool = False, root_id: tuple[int
             except FileNotFoundError:
                 return False
             except Exception as e:  # noqa: BLE001
-                if _precondition_failed(e):
+                if precondition_failed(e):
                     return False
                 raise
             return True
 
     return CountingStore(_zarr_store(location))
-
-
-def _precondition_failed(e: BaseException) -> bool:
-    """Whether S3 refused a conditional request (HTTP 412): a GET says so by code, a HEAD by status only."""
-    text = f"{e} {e.__cause__}"
-    return "PreconditionFailed" in text or "Precondition Failed" in text or "(412)" in text
 
 
 def _changed(location: Location) -> UnistoreError:
