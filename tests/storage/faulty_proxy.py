@@ -96,7 +96,13 @@ class FaultyProxy:
                 if fail and proxy.mode == "trickle":
                     self.send_response(206)
                     self.send_header("Content-Type", "application/octet-stream")
-                    self.send_header("Content-Length", "1048576")
+                    # the range asked (or a MiB from 0), as a slow server's answer states it before its body
+                    asked = (self.headers.get("Range") or "bytes=0-1048575").split("=", 1)[1]
+                    first, _, last = asked.partition("-")
+                    a = int(first or 0)
+                    b = int(last) if last else a + 1048575
+                    self.send_header("Content-Length", str(b - a + 1))
+                    self.send_header("Content-Range", f"bytes {a}-{b}/{b + 1}")
                     self.end_headers()
                     while not proxy._released.wait(0.2):
                         try:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from unistore.errors import StoreChangedError, TruncatedDataError
+from unistore.errors import TruncatedDataError
 from unistore.storage.cache import MappedObject, blocks_of
 from unistore.storage.layout import (
     ChunkedLayout,
@@ -29,7 +29,8 @@ from unistore.storage.layout import (
     Layout,
     open_described,
 )
-from unistore.storage.location import Location, ShortReadError, one_deadline, precondition_failed, retry_remote
+from unistore.storage.location import Location, ShortReadError, one_deadline, retry_remote
+from unistore.storage.transport import Pin
 
 __all__ = ["gather", "prefetch", "map_cached", "release_mapped", "read_rows", "read_contiguous", "ChunkCache",
            "chunk_cache", "MERGE_GAP_BYTES"]
@@ -216,70 +217,38 @@ def fetch_ranges(loc: Location, starts: np.ndarray, ends: np.ndarray, stats: IOS
 
 
 def _fetch_remote(loc: Location, starts: np.ndarray, ends: np.ndarray, stats: IOStats) -> list[bytes]:
-    """Fetch byte ranges of one remote object concurrently, with retries and length checks."""
+    """Fetch byte ranges of one remote object through its transport, with retries and length checks; pinned to
+    the version the location learned, where it learned one."""
     n = len(starts)
     if n == 0:
         return []
     s_list = [int(s) for s in starts]
     e_list = [int(e) for e in ends]
-
-    pinned = _pinned_fetch(loc)
+    pin = _pin(loc)
 
     def attempt() -> list[bytes]:
-        if pinned is not None:
-            blobs = pinned(s_list, e_list)
-        else:
-            blobs = loc.fs.cat_ranges([loc.path] * n, s_list, e_list, on_error="raise")
+        blobs = loc.transport.get_ranges(loc.path, s_list, e_list, pin)
         for blob, s, e in zip(blobs, s_list, e_list):
-            if isinstance(blob, BaseException):
-                raise blob
             if len(blob) != e - s:
                 raise ShortReadError(f"asked {e - s} bytes at {s}, got {len(blob)}")
-        return list(blobs)
+        return blobs  # type: ignore[no-any-return]
 
     blobs = retry_remote(attempt, loc)  # a short read is retried like any transient failure
     stats.add(requests=n, nbytes=sum(len(b) for b in blobs))
     return blobs
 
 
-def _pinned_fetch(loc: Location) -> Any:
-    """For an S3 object whose ETag this location learned (a disk-cached or HDF5 read asks it once), a ranged
-    fetch that asks S3 for that version only (``If-Match``): bytes of a rewritten object are never mixed with
-    the old ones or cached under the old identity.  None where no ETag is known or the filesystem is not S3.
-    """
+def _pin(loc: Location) -> Pin | None:
+    """The version reads of an S3 object ask for (``If-Match`` its ETag) once the location learned it (a
+    disk-cached or HDF5 read asks it once, a directory listing finds it): bytes of a rewritten object are never
+    mixed with the old ones or cached under the old identity.  None where no ETag is known."""
     known = loc.known_identity
     if loc.protocol not in ("s3", "s3a") or known is None:
         return None
     tag = known[0].split("|")[1]
     if not (tag.startswith('"') and tag.endswith('"')):
         return None  # a version id or a modification time: not an ETag to match
-    import asyncio
-
-    from fsspec.asyn import sync
-
-    fs = loc.fs
-    bucket, _, key = loc.path.partition("/")
-
-    async def one(start: int, end: int) -> bytes:
-        resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}", IfMatch=tag)
-        try:
-            return bytes(await resp["Body"].read())
-        finally:
-            resp["Body"].close()
-
-    async def all_ranges(starts: list[int], ends: list[int]) -> list[Any]:
-        return list(await asyncio.gather(*(one(a, b) for a, b in zip(starts, ends)), return_exceptions=True))
-
-    def fetch(starts: list[int], ends: list[int]) -> list[Any]:
-        blobs = sync(fs.loop, all_ranges, starts, ends)
-        for blob in blobs:
-            if isinstance(blob, BaseException) and precondition_failed(blob):
-                raise StoreChangedError(f"{loc.url} was rewritten after its store was opened (its ETag is no longer "
-                                        f"{tag}); no bytes of the new version are served under the old one - open "
-                                        "the store again to read it")
-        return blobs
-
-    return fetch
+    return Pin(loc.url, etag=tag)
 
 
 def read_contiguous(layouts: dict[str, ContiguousLayout], stats: IOStats) -> dict[str, np.ndarray]:

@@ -91,9 +91,10 @@ class Location:
     """
 
     __slots__ = ("url", "protocol", "path", "_options", "_fs", "_pid", "cache", "_identity", "mapped", "_token",
-                 "_missing_secrets", "deadline", "listed", "__weakref__")
+                 "_missing_secrets", "deadline", "listed", "transport_choice", "_transport", "__weakref__")
 
-    def __init__(self, url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None):
+    def __init__(self, url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None,
+                 transport: str | None = None):
         import fsspec.core
 
         url = os.fspath(url)
@@ -126,6 +127,10 @@ class Location:
         self.deadline: float | None = None
         #: identities of the objects below a remote directory, from the listing that found them (never pickled)
         self.listed: dict[str, tuple[str, int]] = {}
+        #: how object bytes travel: "auto", "obstore" or "fsspec" (None: ``$UNISTORE_TRANSPORT``, else "auto"); see
+        #: :mod:`unistore.storage.transport`
+        self.transport_choice = transport
+        self._transport: Any = None
 
     # -- pickling: handles do not travel, and secrets travel outside the pickle (a token in it names them,
     # see unistore.storage.secrets); the object identity travels, so every process caches the bytes of the
@@ -139,7 +144,8 @@ class Location:
             if self._token is None or self._token[0] != found:
                 self._token = (found, hand_off(found))
             token = self._token[1]
-        return (self.url, self.protocol, self.path, public, self.cache, self._identity, token, self.deadline)
+        return (self.url, self.protocol, self.path, public, self.cache, self._identity, token, self.deadline,
+                self.transport_choice)
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
         from unistore.storage.secrets import merge_secrets, take
@@ -148,6 +154,8 @@ class Location:
         self.cache, self._identity = (state[4], state[5]) if len(state) > 4 else (None, None)
         token = state[6] if len(state) > 6 else None
         self.deadline = state[7] if len(state) > 7 else None
+        self.transport_choice = state[8] if len(state) > 8 else None
+        self._transport = None
         self._token = None
         self._missing_secrets = False
         if token:
@@ -239,6 +247,18 @@ class Location:
         return self._fs
 
     @property
+    def transport(self) -> Any:
+        """This process's :class:`~unistore.storage.transport.Transport` for the object bytes below this location
+        (chosen on first use in each process: a forked child of a process that used obstore reads through
+        fsspec)."""
+        if self._transport is None or self._transport[0] != os.getpid():
+            from unistore.storage.transport import transport_for
+
+            self._transport = (os.getpid(), transport_for(self.transport_choice or "", self.protocol, self.path,
+                                                          self._options, self.fs))
+        return self._transport[1]
+
+    @property
     def name(self) -> str:
         return posixpath.basename(self.path.rstrip("/"))
 
@@ -298,7 +318,11 @@ _TRANSIENT_MARKERS = ("SlowDown", "reduce your request rate", "InternalError", "
                       "ConnectionReset", "Connection reset", "EndpointConnectionError", "ReadTimeout",
                       "IncompleteRead", "ResponseStreamingError", "ClientPayloadError", "ServerDisconnected",
                       "ConnectionClosedError", "Connection was closed", "ReadTimeoutError", "ConnectTimeout",
-                      "FSTimeoutError", "TimeoutError")
+                      "FSTimeoutError", "TimeoutError",
+                      # obstore (object_store / reqwest / hyper)
+                      "error sending request", "HTTP error", "error decoding response body",
+                      "error reading a body", "operation timed out", "connection closed before message completed",
+                      "IncompleteMessage", "unexpected end of file")
 # status codes as whole numbers only: a bucket or key name may contain "500"
 _TRANSIENT_STATUS = re.compile(r"(?<![\w-])(500|502|503|504)(?![\w-])")
 

@@ -427,7 +427,7 @@ def _stream_checksum(arr: Array, block_rows: int | None) -> str:
 # ------------------------------------------------------------------- open
 def open_store(url: str | os.PathLike[str] | Location, mode: str = "r", format: str = "auto",
                storage_options: Mapping[str, Any] | None = None, cache: Any = None, deadline: float | None = None,
-               **format_options: Any) -> TensorStore:
+               transport: str | None = None, **format_options: Any) -> TensorStore:
     """Open the store at ``url`` for reading.  Reads metadata only.
 
     ``format="auto"`` sniffs magic bytes, then names.  ``format_options`` go to
@@ -446,6 +446,11 @@ def open_store(url: str | os.PathLike[str] | Location, mode: str = "r", format: 
     included, before it raises :class:`~unistore.errors.RemoteError` (default
     ``$UNISTORE_RETRY_DEADLINE``, else 60).
 
+    ``transport``: how object bytes travel - ``"auto"`` (obstore where it is
+    installed and takes the storage options, else fsspec), ``"obstore"`` or
+    ``"fsspec"``; default ``$UNISTORE_TRANSPORT``, else ``"auto"`` (see
+    :mod:`unistore.storage.transport`).  Metadata always goes through fsspec.
+
     Raises:
         StoreNotFoundError: nothing at ``url``.
         UnknownFormatError: the format could not be detected.
@@ -457,6 +462,13 @@ def open_store(url: str | os.PathLike[str] | Location, mode: str = "r", format: 
     location = url if isinstance(url, Location) else Location(url, storage_options)
     if deadline is not None:
         location.deadline = float(deadline)
+    if transport is not None:
+        from unistore.storage.transport import TRANSPORTS
+
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {transport!r}")
+        location.transport_choice = transport
+        location._transport = None
     if not location.is_local:
         # fsspec caches listings per filesystem instance; a store published since
         # must not be judged by a stale listing

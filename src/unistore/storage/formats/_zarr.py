@@ -124,6 +124,9 @@ def _counting_store(location: Location, strict: bool = False, root_id: tuple[int
 
         async def _s3_get(self, key: str, prototype: Any, byte_range: Any) -> Any:
             bucket, path = self._object(key)
+            transport = location.transport
+            if self.opened_at is not None and transport.name == "obstore":
+                return await self._obstore_get(transport, f"{bucket}/{path}", prototype, byte_range)
             kwargs: dict[str, Any] = {"Bucket": bucket, "Key": path}
             if isinstance(byte_range, RangeByteRequest):
                 if byte_range.end <= byte_range.start:
@@ -155,6 +158,21 @@ def _counting_store(location: Location, strict: bool = False, root_id: tuple[int
                 date = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
                 self.opened_at = parsedate_to_datetime(date) if date else None
             return prototype.buffer.from_bytes(data)
+
+        async def _obstore_get(self, transport: Any, path: str, prototype: Any, byte_range: Any) -> Any:
+            """One object through obstore, pinned to the moment the store was opened."""
+            from unistore.storage.transport import Pin
+
+            start = end = suffix = None
+            if isinstance(byte_range, RangeByteRequest):
+                start, end = byte_range.start, byte_range.end
+            elif isinstance(byte_range, OffsetByteRequest):
+                start = byte_range.offset
+            elif byte_range is not None:  # SuffixByteRequest
+                suffix = byte_range.suffix
+            data = await transport.get_async(path, start, end, suffix,
+                                             pin=Pin(location.url, unmodified_since=self.opened_at))
+            return None if data is None else prototype.buffer.from_bytes(data)
 
         async def _root_unchanged(self) -> bool:
             """Whether the root metadata is still the version opened (a republish deletes objects first)."""

@@ -386,5 +386,5 @@ def file_location(location: Location, path: str) -> Location:
     url = path if location.protocol == "file" else f"{location.protocol}://{path}"
     known = location.known_identity if path == location.path else location.listed.get(path)
     loc.__setstate__((url, location.protocol, path, location.storage_options, location.cache, known, None,
-                      location.deadline))
+                      location.deadline, location.transport_choice))
     return loc

@@ -1,0 +1,122 @@
+"""Client CPU per GiB of object bytes: the obstore transport against fsspec (s3fs), same server, same ranges.
+
+Two access patterns over one object on moto's S3 server (its own process;
+the same calls once more through the counting proxy check that both
+transports ask for the same requests and bytes):
+
+- ``sequential``: the object read in 2 MiB ranges, as a disk cache fills;
+- ``random rows``: batches of rows at random (a ``.npy`` read with no disk
+  cache), each batch one call (rows merged where they touch).
+
+Each is measured at three levels: s3fs's ``cat_ranges`` called directly
+(the reference), unistore's transports (``Location.transport.get_ranges``),
+and ``Array.take`` end to end (random rows only).  CPU is this process's
+(every thread: what the reader pays), ratios are taken in the same run.
+
+    python benchmarks/bench_transport.py [--mib 300] [--batches 20] [--batch 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from wire import s3_behind_proxy  # noqa: E402
+
+
+def measure(fn: Callable[[], int]) -> tuple[float, float, int]:
+    """(CPU seconds of this process, wall seconds, bytes) of ``fn``."""
+    fn()  # warm: connections, first-call imports
+    c0, w0 = time.process_time(), time.perf_counter()
+    nbytes = fn()
+    return time.process_time() - c0, time.perf_counter() - w0, nbytes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mib", type=int, default=300, help="object size")
+    parser.add_argument("--dim", type=int, default=384, help="float32 values per row")
+    parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=256, help="rows per random batch")
+    args = parser.parse_args()
+
+    import s3fs
+
+    import unistore as us
+
+    rows = (args.mib << 20) // (args.dim * 4)
+    data = np.random.default_rng(0).standard_normal((rows, args.dim)).astype(np.float32)
+    rng = np.random.default_rng(1)
+    batches = [np.sort(rng.choice(rows, args.batch, replace=False)) for _ in range(args.batches)]
+    with tempfile.TemporaryDirectory() as tmp, s3_behind_proxy() as wire:
+        local = os.path.join(tmp, "emb_npy")
+        with us.create_store(local, format="npy") as store:
+            store.write_array("emb", data)
+        url = wire.upload(local, "emb_npy")
+        # CPU is measured straight to the server (a proxy in between re-chunks the bytes it relays); the same
+        # calls are then made once through the proxy, which counts them
+        stores = {(t, via_proxy): us.open_store(url, storage_options=wire.options if via_proxy else wire.direct,
+                                                transport=t, cache=False)
+                  for t in ("fsspec", "obstore") for via_proxy in (False, True)}
+        layout = stores[("fsspec", False)]["emb"].layout
+        path, offset, row = layout.location.path, layout.offset, layout.row_nbytes
+        size = offset + rows * row
+        seq = (list(range(0, size, 2 << 20)), [min(s + (2 << 20), size) for s in range(0, size, 2 << 20)])
+        rand = [([offset + int(i) * row for i in b], [offset + int(i) * row + row for i in b]) for b in batches]
+        filesystems = {p: s3fs.S3FileSystem(skip_instance_cache=True, **(wire.options if p else wire.direct))
+                       for p in (False, True)}
+
+        def raw(jobs: list[tuple[list[int], list[int]]]) -> Callable[[bool], int]:
+            return lambda p: sum(sum(map(len, filesystems[p].cat_ranges([path] * len(s), s, e))) for s, e in jobs)
+
+        def via(transport: str, jobs: list[tuple[list[int], list[int]]]) -> Callable[[bool], int]:
+            def run(p: bool) -> int:
+                tr = stores[(transport, p)]["emb"].layout.location.transport
+                assert tr.name == transport, tr
+                return sum(sum(map(len, tr.get_ranges(path, s, e))) for s, e in jobs)
+            return run
+
+        def take(transport: str) -> Callable[[bool], int]:
+            return lambda p: sum(stores[(transport, p)]["emb"].take(b).nbytes for b in batches)
+
+        cases = [
+            ("sequential 2 MiB", "s3fs cat_ranges", raw([seq])),
+            ("sequential 2 MiB", "transport fsspec", via("fsspec", [seq])),
+            ("sequential 2 MiB", "transport obstore", via("obstore", [seq])),
+            ("random rows", "s3fs cat_ranges", raw(rand)),
+            ("random rows", "transport fsspec", via("fsspec", rand)),
+            ("random rows", "transport obstore", via("obstore", rand)),
+            ("random rows", "Array.take fsspec", take("fsspec")),
+            ("random rows", "Array.take obstore", take("obstore")),
+        ]
+        results: dict[tuple[str, str], tuple[float, float, int]] = {}
+        wire_figures: dict[tuple[str, str], tuple[int, int]] = {}
+        for pattern, name, fn in cases:
+            results[(pattern, name)] = measure(lambda fn=fn: fn(False))  # type: ignore[misc]
+            wire.proxy.reset_counts()
+            fn(True)
+            wire_figures[(pattern, name)] = (wire.proxy.total_requests, wire.proxy.bytes_out)
+
+    print(f"object: {args.mib} MiB .npy on moto S3; random rows: {args.batches} "
+          f"batches of {args.batch} rows of {row} B\n")
+    print("| pattern | client | CPU s | wall s | CPU s/GiB | CPU / s3fs | requests* | bytes at proxy* |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for (pattern, name), (cpu, wall, nbytes) in results.items():
+        ref = results[(pattern, "s3fs cat_ranges")][0]
+        requests, sent = wire_figures[(pattern, name)]
+        print(f"| {pattern} | {name} | {cpu:.2f} | {wall:.2f} | {cpu / (nbytes / 2**30):.2f} | {cpu / ref:.2f}x | "
+              f"{requests} | {sent:,} |")
+    print("\n* the same calls once more through the counting proxy")
+
+
+if __name__ == "__main__":
+    main()
