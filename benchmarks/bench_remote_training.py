@@ -41,8 +41,10 @@ from wire import cpu_busy, s3_behind_proxy  # noqa: E402
 
 import unistore as us  # noqa: E402
 from unistore.datasets import StoreSampler  # noqa: E402
-from unistore.storage.cache import DiskCache  # noqa: E402
-from unistore.storage.engine import chunk_cache  # noqa: E402
+from unistore.storage.cache import (
+    DiskCache,  # noqa: E402
+    chunk_cache,  # noqa: E402
+)
 
 BATCH = 256
 

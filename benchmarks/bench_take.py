@@ -156,7 +156,7 @@ def s3_table(workdir: str, rows: int, dim: int, n_batches: int) -> list[list[str
             else:
                 fs.put_file(local[label], remote)
             store, arr = open_array(f"s3://{remote}", label, dim, options)
-            from unistore.storage.engine import chunk_cache
+            from unistore.storage.cache import chunk_cache
 
             chunk_cache.clear()
             store.reset_io_stats()

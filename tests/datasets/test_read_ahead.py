@@ -257,7 +257,7 @@ def test_remote_cached_arrays_get_block_order_and_read_ahead_by_default(s3: dict
         assert proxy.bytes_out <= 1.1 * (data.nbytes + rows * 8)
         assert x_gets <= 2 * data.nbytes // (512 << 10) // 4, x_gets  # ranges of several blocks, not one a block
         assert loader.read_ahead_stats["where"] == "workers" and ds.is_cached()  # every block is in the cache
-        assert not ds.arrays["x"].layout.location.mapped  # the loop let go of its mapping once workers started
+        assert not ds.arrays["x"].layout.source.mapped  # the loop let go of its mapping once workers started
         # epoch 2: every row is in the cache, mapped before the workers start: nothing is read ahead
         loader.sampler.set_epoch(1)
         proxy.reset_counts()

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 import unistore as us
-from unistore.storage.cache import DiskCache
-from unistore.storage.engine import chunk_cache
+from unistore.storage.cache import DiskCache, chunk_cache
 
 from ..conftest import s3_options
 from .faulty_proxy import FaultyProxy
@@ -169,11 +168,13 @@ def test_an_entry_produced_while_producing_another_under_the_same_lock_does_not_
     inner = next(f"b{i}" for i in range(1_000_000) if cache._lock_path("blocks", f"b{i}") == outer)
     made: list[str] = []
 
-    def produce_inner(names: list[str]) -> None:
-        cache.produce("blocks", [inner, "other"], lambda n: n in made, made.extend)
-        made.extend(names)
+    def produce_outer() -> None:
+        for names in cache.producing("obj", ["outer"], lambda n: n in made):
+            for inner_names in cache.producing("blocks", [inner, "other"], lambda n: n in made):
+                made.extend(inner_names)
+            made.extend(names)
 
-    worker = threading.Thread(target=cache.produce, args=("obj", ["outer"], lambda n: n in made, produce_inner))
+    worker = threading.Thread(target=produce_outer)
     worker.start()
     worker.join(30)
     assert not worker.is_alive(), "the thread waits on a lock it holds itself"

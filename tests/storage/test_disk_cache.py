@@ -155,7 +155,7 @@ def test_objects_that_fit_but_not_together_leave_evicted_blocks_unmapped(s3: dic
             for i in range(0, ROWS, 500):
                 np.testing.assert_array_equal(arr.take(order[i:i + 500]), remote["data"][order[i:i + 500]])
             if round_ == 0 and arr is arrays[0]:
-                assert arr.layout.location.mapped.complete  # within the budget: mapped whole
+                assert arr.layout.source.mapped.complete  # within the budget: mapped whole
     assert _pinned(root) <= budget // 8, _pinned(root)  # 448 KiB when objects mapped whole were kept
     # a writer evicts each time it has added 1/20 of the budget
     assert DiskCache(root, max_bytes=budget).info()["bytes"] <= budget
@@ -186,7 +186,7 @@ def test_readers_in_threads_while_mapped_objects_are_let_go(s3: dict[str, Any], 
                     errors.append("wrong rows")
             except Exception as e:  # noqa: BLE001 - reported below
                 errors.append(repr(e))
-            whole = arr.layout.location.mapped
+            whole = arr.layout.source.mapped
             if whole and whole not in seen:
                 seen.add(whole)
                 made[0] += 1
@@ -251,7 +251,7 @@ def test_cache_from_environment_and_cli(remote: Any, tmp_path: Any, monkeypatch:
 @pytest.mark.parametrize("shards", [None, 4])
 def test_zarr_chunks_are_cached_on_disk(s3: dict[str, Any], tmp_path: Any, shards: int | None) -> None:
     """Chunk (or shard) objects of a compressed zarr array: fetched once, then read from the local cache."""
-    from unistore.storage.engine import chunk_cache
+    from unistore.storage.cache import chunk_cache
 
     data = np.random.default_rng(5).standard_normal((ROWS, DIM)).astype(np.float32)
     local = str(tmp_path / "z.zarr")
@@ -316,7 +316,7 @@ def test_rows_gathered_out_of_cached_blocks(s3: dict[str, Any], tmp_path: Any, d
     idx = rng.permutation(300)[:100]
     np.testing.assert_array_equal(again["emb"].take(idx), data[idx])  # all from the cache now
     assert again.io_stats()["disk_misses"] == 0 and again.io_stats()["requests"] == 0
-    mapped = again["emb"].layout.location.mapped
+    mapped = again["emb"].layout.source.mapped
     if block % 4096:
         assert mapped is False  # blocks that are not whole pages cannot be mapped side by side
     else:
@@ -338,7 +338,7 @@ def test_cached_blocks_are_mapped_once_and_inherited_by_forked_workers(remote: A
     arr = store["emb"]
     proxy = remote["proxy"]
     arr.prepare_for_workers()
-    whole = arr.layout.location.mapped
+    whole = arr.layout.source.mapped
     assert whole.mapped.all()  # every block the cache holds, mapped before any read
     proxy.reset_counts()
     rows = np.random.default_rng(7).permutation(ROWS)[:1000]
@@ -384,16 +384,17 @@ def test_readers_wanting_one_block_at_once_fetch_it_once(remote: Any, tmp_path: 
 
 def test_objects_beyond_the_mapping_budget_are_read_block_by_block(remote: Any, tmp_path: Any,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    import unistore.storage.cache as cache_module
+    from unistore.storage import budget
+    from unistore.storage.cache import mapping
 
-    monkeypatch.setattr(cache_module, "MAX_MAPPED_BLOCKS", cache_module._MAPPED[0] + 3)  # the object has 17
+    monkeypatch.setattr(budget, "MAX_MAPPED_BLOCKS", mapping._MAPPED[0] + 3)  # the object has 17
     cache = DiskCache(tmp_path / "cache", block_bytes=64 << 10)
     for _ in range(2):  # fetched, then from the cache
         store = us.open_store(remote["url"], storage_options=remote["options"], cache=cache)
         order = np.random.default_rng(3).permutation(ROWS)
         for i in range(0, ROWS, 500):
             np.testing.assert_array_equal(store["emb"].take(order[i:i + 500]), remote["data"][order[i:i + 500]])
-        assert store["emb"].layout.location.mapped is False
+        assert store["emb"].layout.source.mapped is False
     assert store.io_stats()["requests"] == 0 and store.io_stats()["disk_hits"] > 0
 
 
@@ -470,7 +471,7 @@ def test_a_block_moved_copied_or_linked_into_another_place_is_not_served(remote:
 
 def test_bit_rot_that_keeps_the_mtime_is_found_once_the_mark_is_old(remote: Any, tmp_path: Any,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    from unistore.storage import cache as cache_module
+    from unistore.storage import budget
 
     cache = DiskCache(tmp_path / "cache", block_bytes=64 << 10)
     _epoch(remote["url"], remote["options"], cache, seed=1)
@@ -480,7 +481,7 @@ def test_bit_rot_that_keeps_the_mtime_is_found_once_the_mark_is_old(remote: Any,
         f.seek(1000)
         f.write(b"\x00\x11\x22\x33")
     os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))  # the rot keeps size, inode and mtime
-    monkeypatch.setattr(cache_module, "REVERIFY_SECONDS", 0.0)  # as if the mark were a day old
+    monkeypatch.setattr(budget, "REVERIFY_SECONDS", 0.0)  # as if the mark were a day old
     got, stats = _epoch(remote["url"], remote["options"], DiskCache(tmp_path / "cache", block_bytes=64 << 10), seed=4)
     np.testing.assert_array_equal(got, remote["data"])
     assert stats["disk_misses"] == 1

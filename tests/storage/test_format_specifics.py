@@ -173,7 +173,7 @@ def test_zarr_v2_store_is_readable(tmp_path: Any) -> None:
 
 
 def test_zarr_chunks_read_once_per_take(tmp_path: Any) -> None:
-    from unistore.storage.engine import chunk_cache
+    from unistore.storage.cache import chunk_cache
 
     data = np.arange(1000, dtype=np.float64).reshape(250, 4)
     with us.create_store(tmp_path / "z.zarr", format="zarr") as store:
@@ -241,7 +241,7 @@ def test_mapped_files_hold_one_descriptor_each_and_a_bounded_number(tmp_path: An
     reading thousands of checkpoints never runs out of file descriptors."""
     from safetensors.numpy import save_file
 
-    from unistore.storage import engine
+    from unistore.storage import budget
 
     tensors = {f"layer{i}.weight": np.full((4, 8), i, np.float32) for i in range(30)}
     save_file(tensors, str(tmp_path / "ckpt.safetensors"))
@@ -250,7 +250,7 @@ def test_mapped_files_hold_one_descriptor_each_and_a_bounded_number(tmp_path: An
     for key, value in tensors.items():
         np.testing.assert_array_equal(store[key].take([1, 3]), value[[1, 3]])
     assert _open_fds() - before <= 1
-    monkeypatch.setattr(engine, "MAX_MAPPED_FILES", 8)
+    monkeypatch.setattr(budget, "MAX_MAPPED_FILES", 8)
     for i in range(40):
         np.save(tmp_path / f"a{i}.npy", np.full((5, 3), i, np.int64))
     before = _open_fds()

@@ -148,6 +148,10 @@ class StoreDataset(_TorchDataset):  # type: ignore[misc,valid-type]
         ShapeMismatchError: the arrays have different numbers of rows.
     """
 
+    #: the read-ahead of a loader's worker processes (:class:`~unistore.datasets.readahead.WorkerReadAhead`), set
+    #: by the loader while its workers start (they inherit it), else None
+    worker_read_ahead: Any = None
+
     def __init__(self, store: TensorStore | str | os.PathLike[str], keys: Sequence[str] | None = None, *,
                  storage_options: Mapping[str, Any] | None = None, format: str = "auto", as_numpy: bool = False):
         self._open_arrays(store, keys, storage_options=storage_options, format=format)
@@ -176,7 +180,7 @@ class StoreDataset(_TorchDataset):  # type: ignore[misc,valid-type]
 
     def __getitems__(self, indices: Any) -> Batch:
         idx = as_index_array(indices)
-        ahead = self.__dict__.get("_worker_read_ahead")  # make_loader's read-ahead, in worker processes
+        ahead = self.worker_read_ahead  # make_loader's read-ahead, in worker processes
         if ahead is not None:
             ahead.saw(self, idx)
         return Batch(self._get_batch(idx), len(idx))

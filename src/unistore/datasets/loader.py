@@ -5,13 +5,13 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import threading
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 
-from unistore.datasets.base import StoreDataset, collate
+from unistore.datasets.base import collate
+from unistore.datasets.readahead import ReadAhead, ReadsAhead, WorkerReadAhead
 from unistore.datasets.sampler import StoreSampler, dist_rank_and_world
 
 __all__ = ["create_loader", "set_epoch", "validate_first_batch", "make_loader", "auto_chunk_rows", "auto_read_ahead"]
@@ -43,20 +43,21 @@ class _Loader(_TorchLoader):  # type: ignore[misc,valid-type]
         ahead = None
         # worker processes start with this epoch (persistent ones only with the first)
         forking = bool(self.num_workers) and not (self.persistent_workers and getattr(self, "_iterator", None))
-        if forking and hasattr(self.dataset_obj, "prepare_for_workers"):
+        reads_ahead = isinstance(self.dataset_obj, ReadsAhead)
+        if forking and reads_ahead:
             self.dataset_obj.prepare_for_workers()  # fresh workers each epoch inherit, not re-ask, cache keys
         # nothing to read ahead when every row is in the disk cache already (a later epoch): the thread would
         # only compete with the reads
-        wanted = self.read_ahead > 0 and hasattr(self.dataset_obj, "prefetch") and \
-            not (hasattr(self.dataset_obj, "is_cached") and self.dataset_obj.is_cached())
+        wanted = self.read_ahead > 0 and reads_ahead and not self.dataset_obj.is_cached()
         self.read_ahead_stats: dict[str, Any] = {"where": "nowhere"}
         unit_rows = sampler.chunk_rows if _samples_are_rows(self.dataset_obj) else None
         in_workers = wanted and self.num_workers > 0 and not self.persistent_workers and \
-            isinstance(self.dataset, StoreDataset)
+            isinstance(self.dataset, ReadsAhead)
         if in_workers:
             # each worker reads ahead in a thread of its own: chunks are fetched and decoded in the
             # processes that assemble the batches, and this process, which receives them, stays free
-            self.dataset.__dict__["_worker_read_ahead"] = _WorkerReadAhead(
+            dataset: Any = self.dataset
+            dataset.worker_read_ahead = WorkerReadAhead(
                 sampler.order()[self._start:], int(self.batch_size or 1), self.read_ahead, unit_rows)
             self.read_ahead_stats = {"where": "workers"}
         if forking:
@@ -69,8 +70,9 @@ class _Loader(_TorchLoader):  # type: ignore[misc,valid-type]
         finally:
             if forking:
                 gc.unfreeze()
-            self.dataset.__dict__.pop("_worker_read_ahead", None)
-        if forking and hasattr(self.dataset_obj, "release_mappings"):
+            if in_workers:
+                self.dataset.worker_read_ahead = None  # type: ignore[attr-defined]
+        if forking and reads_ahead:
             # the workers hold what this process mapped for them; kept here, the blocks evicted during the
             # epoch would keep their disk space until the next one
             self.dataset_obj.release_mappings()
@@ -78,7 +80,7 @@ class _Loader(_TorchLoader):  # type: ignore[misc,valid-type]
             # persistent workers hold last epoch's dataset: read ahead from here, past the batches
             # the workers already have in hand
             lead = self.num_workers * (self.prefetch_factor or 2) if self.num_workers else 0
-            ahead = _ReadAhead(self.dataset_obj, sampler.order()[self._start:], int(self.batch_size or 1),
+            ahead = ReadAhead(self.dataset_obj, sampler.order()[self._start:], int(self.batch_size or 1),
                                self.read_ahead + lead, unit_rows)
             self.read_ahead_stats = ahead.stats
             self.read_ahead_stats["where"] = "loop"
@@ -104,175 +106,6 @@ class _Loader(_TorchLoader):  # type: ignore[misc,valid-type]
         """Resume: the next iteration starts at the first sample not delivered before ``state`` was taken."""
         sampler: Any = self.sampler
         sampler.load_state_dict(state)
-
-
-#: batches a read-ahead reads at once (each batch's missing blocks or chunks are themselves fetched concurrently)
-MAX_READS_AHEAD = 8
-#: blocks of the chunk-aware order a read-ahead reads at once: a few large requests keep a distant bucket's
-#: bandwidth busy, and more only share it, delaying the blocks needed first
-MAX_BLOCKS_AHEAD = 4
-
-
-class _ReadAhead:
-    """Reads what the next ``depth`` batches of the sampler's order need, in a background thread.
-
-    The sampler itself is not advanced (its state stays what the loop consumed);
-    the thread walks the epoch's order and stays at most ``depth`` batches
-    ahead of the batches delivered.  A failed read-ahead is only logged: the
-    real read raises.
-
-    With ``unit_rows`` (the chunk-aware order's blocks, samples being rows),
-    it reads by block rather than by batch: the order's rows of each block,
-    once, when the first batch that needs the block comes within ``depth``,
-    up to 4 blocks at once.  Batch by batch, the 8 reads would all wait on the
-    same blocks (every batch of a window touches all of its blocks).
-    ``share=(i, n)`` splits the blocks among ``n`` readers walking the same
-    order (DataLoader workers): reader ``i`` takes every ``n``-th block in
-    order of first use, so the workers fetch different blocks at once and
-    each waits for (or, if it gets there first, fetches) the others' blocks.
-    """
-
-    def __init__(self, dataset: Any, order: np.ndarray, batch_size: int, depth: int,
-                 unit_rows: int | None = None, share: tuple[int, int] = (0, 1)):
-        self.dataset, self.order, self.batch_size, self.depth = dataset, order, batch_size, depth
-        self.unit_rows, self.share = unit_rows, share
-        self.stats: dict[str, Any] = {"batches": 0, "units": 0, "errors": 0}
-        self._delivered = 0
-        self._stop = False
-        self._cv = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="unistore-read-ahead", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
-        n_batches = -(-len(self.order) // self.batch_size)
-        units = _Units(self.order, self.unit_rows) if self.unit_rows else None
-        mine, readers = self.share
-        k = 1  # batch 0 is being read by the loop itself
-        # up to ``depth`` batches ahead, 8 read at once: on a distant bucket each waits on latency, not bandwidth
-        width = min(self.depth, MAX_READS_AHEAD if units is None else MAX_BLOCKS_AHEAD)
-        with ThreadPoolExecutor(width, thread_name_prefix="unistore-read-ahead") as pool:
-            while True:
-                with self._cv:
-                    self._cv.wait_for(lambda k=k: self._stop or k < self._delivered + 1 + self.depth)  # type: ignore[misc]
-                    if self._stop:
-                        return
-                    if units is None:  # batches the reader passed need no reading ahead; blocks are
-                        k = max(k, self._delivered + 1)  # numbered as first used, all alike in every reader
-                if k >= n_batches:
-                    return
-                if units is None:
-                    pool.submit(self._one, k)
-                else:
-                    for seq, rows in units.new(k * self.batch_size, (k + 1) * self.batch_size):
-                        if seq % readers == mine:
-                            pool.submit(self._read, rows, "units")
-                k += 1
-
-    def _one(self, k: int) -> None:
-        self._read(self.order[k * self.batch_size:(k + 1) * self.batch_size], "batches")
-
-    def _read(self, indices: np.ndarray, what: str) -> None:
-        if self._stop:
-            return
-        try:
-            self.dataset.prefetch(indices)
-            self.stats[what] += 1
-        except Exception as e:  # noqa: BLE001 - the loop's own read of these rows reports it
-            self.stats["errors"] += 1
-            log.debug("read-ahead of %d rows failed: %s", len(indices), e)
-
-    def advance(self) -> None:
-        with self._cv:
-            self._delivered += 1
-            self._cv.notify()
-
-    def reached(self, k: int) -> None:
-        """Batch ``k`` of the order is being read now: read ahead of it."""
-        with self._cv:
-            if k > self._delivered:
-                self._delivered = k
-                self._cv.notify()
-
-    def close(self) -> None:
-        with self._cv:
-            self._stop = True
-            self._cv.notify()
-        self._thread.join(timeout=30)
-
-
-class _Units:
-    """The blocks of ``unit_rows`` rows an order touches, each handed out once, in order of first use."""
-
-    def __init__(self, order: np.ndarray, unit_rows: int):
-        units = order // unit_rows
-        self.order, self.units = order, units
-        self.by_unit = np.argsort(units, kind="stable")  # positions in the order, grouped by block
-        self.bounds = np.searchsorted(units[self.by_unit], np.arange(int(units.max(initial=-1)) + 2))
-        self.seen = np.zeros(len(self.bounds), bool)
-        self.count = 0
-
-    def new(self, start: int, stop: int) -> list[tuple[int, np.ndarray]]:
-        """``(sequence number, rows of the order in the block)`` of the blocks first used in ``order[start:stop]``."""
-        out = []
-        for u in dict.fromkeys(self.units[start:stop].tolist()):
-            if not self.seen[u]:
-                self.seen[u] = True
-                out.append((self.count, self.order[self.by_unit[self.bounds[u]:self.bounds[u + 1]]]))
-                self.count += 1
-        return out
-
-
-class _WorkerReadAhead:
-    """Read-ahead that travels with the dataset into DataLoader worker processes.
-
-    The loader attaches it to the dataset just before the workers start;
-    :meth:`StoreDataset.__getitems__` tells it which batch of the epoch's
-    order a worker is reading, and the worker reads the ``depth`` batches
-    after it in a thread of its own.  Workers reading ahead over the same
-    chunks do not fetch them twice: the disk cache lets one fetch while the
-    others wait.  Nothing runs in the loop's process.
-    """
-
-    def __init__(self, order: np.ndarray, batch_size: int, depth: int, unit_rows: int | None = None):
-        self.order, self.batch_size, self.depth, self.unit_rows = order, batch_size, depth, unit_rows
-        self._pid = -1
-        self._lock = threading.Lock()
-        self._ahead: _ReadAhead | None = None
-        self._position = np.zeros(0, np.int64)
-
-    def __getstate__(self) -> tuple[np.ndarray, int, int, int | None]:
-        return (self.order, self.batch_size, self.depth, self.unit_rows)
-
-    def __setstate__(self, state: tuple[np.ndarray, int, int, int | None]) -> None:
-        self.__init__(*state)  # type: ignore[misc]
-
-    def saw(self, dataset: Any, indices: np.ndarray) -> None:
-        """A worker is reading ``indices``: start (once per process) or move its read-ahead."""
-        if not len(indices) or not len(self.order):
-            return
-        if self._pid != os.getpid():
-            from torch.utils.data import get_worker_info
-
-            info = get_worker_info()
-            if info is None:
-                return  # not a worker process
-            with self._lock:
-                if self._pid != os.getpid():
-                    import atexit
-
-                    position = np.zeros(int(self.order.max()) + 1, np.int64)
-                    position[self.order] = np.arange(len(self.order))
-                    self._position = position
-                    # the workers split the order's blocks among them: each fetches its own while reading
-                    self._ahead = _ReadAhead(dataset, self.order, self.batch_size, self.depth, self.unit_rows,
-                                             share=(info.id, info.num_workers))
-                    atexit.register(self._ahead.close)
-                    self._pid = os.getpid()
-        first = int(indices[0])
-        if self._ahead is not None and first < len(self._position):
-            self._ahead.reached(int(self._position[first]) // self.batch_size)
 
 
 def _sample_rows(dataset: Any) -> tuple[np.ndarray | None, list[Any]] | None:
@@ -323,9 +156,9 @@ def auto_chunk_rows(dataset: Any) -> int | None:
 
 def _remote_cached(array: Any) -> bool:
     """Whether ``array`` is read from remote storage through a disk cache."""
-    layout = getattr(array, "layout", None)
-    loc = getattr(layout, "location", None) or getattr(getattr(layout, "reader", None), "location", None)
-    return loc is not None and not loc.is_local and loc.cache is not None
+    from unistore.storage.array import Array
+
+    return isinstance(array, Array) and array.remote_cached
 
 
 def auto_read_ahead(dataset: Any, sampler: StoreSampler, batch_size: int) -> int:

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from unistore.errors import OutOfBoundsError, ShapeMismatchError
-from unistore.storage.engine import gather, map_cached, prefetch, read_rows, release_mapped, wholly_cached
+from unistore.storage.engine import gather, prefetch, read_rows, wholly_cached
 from unistore.storage.formats.base import ArrayInfo, RaggedInfo, bfloat16, dtype_name
 from unistore.storage.layout import ChunkedLayout, ContiguousLayout, InMemoryLayout, IOStats
 
@@ -121,15 +121,25 @@ class Array:
         uncompressed remote array also has the blocks the cache holds mapped, so forked workers inherit the
         mapping."""
         layout = self._info.layout
-        if isinstance(layout, ContiguousLayout) and not layout.location.is_local and layout.location.cache:
-            map_cached(layout)
+        if isinstance(layout, ContiguousLayout):
+            layout.source.prepare_for_workers()
         elif isinstance(layout, ChunkedLayout) and hasattr(layout.reader, "identity"):
             layout.reader.identity()
 
     def release_mapping(self) -> None:
         """Let go of this process's mapping of a cached remote array, once the workers started from it have
         their own: blocks evicted while it would be kept free their disk space; the next read maps afresh."""
-        release_mapped(self._info.layout)
+        if isinstance(self._info.layout, ContiguousLayout):
+            self._info.layout.source.release()
+
+    @property
+    def remote_cached(self) -> bool:
+        """Whether this array is read from remote storage through a disk cache."""
+        layout = self._info.layout
+        if isinstance(layout, ContiguousLayout):
+            return layout.source.cached_remote
+        loc = getattr(layout.reader, "location", None) if isinstance(layout, ChunkedLayout) else None
+        return loc is not None and not loc.is_local and loc.cache is not None
 
     def is_cached(self) -> bool:
         """Whether every row of this array is in place in the disk cache: every block of a remote uncompressed

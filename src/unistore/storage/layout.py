@@ -39,6 +39,14 @@ class ContiguousLayout:
     #: identity of a local file when it was opened, so a replaced file is never
     #: served from a stale mapping (0 for remote objects)
     stamp: int = 0
+    #: where the bytes come from (:func:`~unistore.storage.sources.byte_source`, shared by the arrays of one file)
+    source: Any = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.source is None:
+            from unistore.storage.sources import byte_source
+
+            object.__setattr__(self, "source", byte_source(self.location, self.stamp))
 
     @property
     def row_nbytes(self) -> int:

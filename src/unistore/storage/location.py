@@ -90,7 +90,7 @@ class Location:
     Location('s3://bucket/run1.zarr', storage_options=<2 keys hidden>)
     """
 
-    __slots__ = ("url", "protocol", "path", "_options", "_fs", "_pid", "cache", "_identity", "mapped", "_token",
+    __slots__ = ("url", "protocol", "path", "_options", "_fs", "_pid", "cache", "_identity", "_token",
                  "_missing_secrets", "deadline", "listed", "transport_choice", "_transport", "__weakref__")
 
     def __init__(self, url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None,
@@ -118,9 +118,6 @@ class Location:
         #: a :class:`~unistore.storage.cache.DiskCache` for remote reads (set by ``open_store``), or None
         self.cache: Any = None
         self._identity: tuple[str, int] | None = None
-        #: this process's :class:`~unistore.storage.cache.MappedObject` of the cached object (False: none can be
-        #: made), set by its first cached read; never pickled
-        self.mapped: Any = None
         self._token: tuple[Any, str] | None = None  # (secrets, hand-off token) once pickled
         self._missing_secrets = False
         #: seconds a remote read may take, retries included (None: ``UNISTORE_RETRY_DEADLINE``, else 60)
@@ -167,7 +164,6 @@ class Location:
                 self._token = (found, token)
         self._fs = None
         self._pid = -1
-        self.mapped = None
         self.listed = {}
 
     def identity(self) -> tuple[str, int]:
@@ -366,7 +362,8 @@ def one_deadline(where: Location | None) -> Iterator[None]:
     progress - several of them waiting one after another on a silent server - ends within one deadline, not one
     per read; a batch that keeps completing reads is never cut short.
 
-    Threads that read on the batch's behalf run in a copy of this context (see ``engine._load_runs``).
+    Threads that read on the batch's behalf run in a copy of this context (see
+    :func:`unistore.storage.engine._load_runs`).
     """
     if where is None or where.is_local or _BATCH_DEADLINE.get() is not None:
         yield

@@ -69,12 +69,13 @@ class Pin:
 class Transport:
     """Range reads of the objects below one location, in this process.
 
-    ``get_ranges`` returns one bytes-like object per ``[start, end)``; a
+    ``get_ranges`` returns one bytes-like object per ``[start, end)``, each
+    checked for length (a short one raises
+    :class:`~unistore.storage.location.ShortReadError`, which is retried); a
     missing object is :class:`FileNotFoundError`, a refused one
     :class:`PermissionError`, a broken pin :class:`~unistore.errors.StoreChangedError`;
     anything else is raised as the transport raised it, for
-    :func:`~unistore.storage.location.retry_remote` to judge.  Lengths are
-    checked by the caller.
+    :func:`~unistore.storage.location.retry_remote` to judge.
     """
 
     name = "transport"
@@ -106,7 +107,7 @@ class FsspecTransport(Transport):
             for blob in blobs:
                 if isinstance(blob, BaseException):
                     raise blob
-            return list(blobs)
+            return _checked(list(blobs), starts, ends)
         from fsspec.asyn import sync
 
         async def all_ranges() -> list[Any]:
@@ -127,7 +128,7 @@ class FsspecTransport(Transport):
                 raise blob
             if blob is None:
                 raise FileNotFoundError(path)
-        return blobs
+        return _checked(blobs, starts, ends)
 
     async def get_async(self, path: str, start: int | None, end: int | None, suffix: int | None = None,
                         pin: Pin | None = None) -> bytes | None:
@@ -206,7 +207,10 @@ class ObstoreTransport(Transport):
         touching = any(starts[b] <= ends[a] for a, b in zip(order, order[1:]))
         try:
             if not touching:
-                return _get_ranges(store, key, starts, ends)
+                import obstore
+
+                return _checked(list(obstore.get_ranges(store, key, starts=starts, ends=ends, coalesce=0)), starts,
+                                ends)
             halves = (order[0::2], order[1::2])
             pool = _pool()
             futures = [pool.submit(_get_ranges, store, key, [starts[i] for i in h], [ends[i] for i in h])
@@ -215,7 +219,7 @@ class ObstoreTransport(Transport):
             for half, future in zip(halves, futures):
                 for i, blob in zip(half, future.result()):
                     out[i] = blob
-            return out
+            return _checked(out, starts, ends)
         except Exception as e:  # noqa: BLE001 - mapped onto unistore's kinds
             raise _mapped(e, f"{self.protocol}://{path}", pin) from None
 
@@ -240,9 +244,19 @@ class ObstoreTransport(Transport):
             mapped = _mapped(e, f"{self.protocol}://{path}", pin)
             if isinstance(mapped, FileNotFoundError):
                 return None
-            if "416" in str(e) or "InvalidRange" in str(e):
+            if "Range Not Satisfiable" in str(e) or "InvalidRange" in str(e):  # a range past the object's end
                 return b""
             raise mapped from None
+
+
+def _checked(blobs: list[Any], starts: Sequence[int], ends: Sequence[int]) -> list[Any]:
+    """``blobs``, each checked to hold the bytes of its range (a short one is retried, never handed on)."""
+    from unistore.storage.location import ShortReadError
+
+    for blob, s, e in zip(blobs, starts, ends):
+        if len(blob) != e - s:
+            raise ShortReadError(f"asked {e - s} bytes at {s}, got {len(blob)}")
+    return blobs
 
 
 def _get_ranges(store: Any, key: str, starts: list[int], ends: list[int]) -> list[Any]:

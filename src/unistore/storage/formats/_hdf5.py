@@ -98,7 +98,8 @@ def _h5_stamp(f: Any) -> int:
 class _RemoteFile:
     """A read-only file object over a remote HDF5 file for h5py.
 
-    Every read is a ranged read of the engine (``fetch_ranges``): through the
+    Every read is a ranged read of the file's byte source
+    (:func:`~unistore.storage.sources.byte_source`): through the
     location's disk cache when it has one (fetched once, in cache blocks, and
     read locally afterwards by every process on the machine), else with a
     1 MiB read-ahead buffer for h5py's many small metadata reads.  Reads are
@@ -111,7 +112,10 @@ class _RemoteFile:
     READ_AHEAD = 1 << 20
 
     def __init__(self, location: Location):
+        from unistore.storage.sources import byte_source
+
         self._loc = location
+        self._source = byte_source(location)
         self._size = location.identity()[1]
         self._pos = 0
         self._stats = IOStats()
@@ -120,10 +124,8 @@ class _RemoteFile:
         self.error: BaseException | None = None
 
     def _fetch(self, start: int, end: int) -> bytes:
-        from unistore.storage.engine import fetch_ranges
-
         try:
-            return bytes(fetch_ranges(self._loc, np.array([start]), np.array([end]), self._stats)[0])
+            return bytes(self._source.read_ranges(np.array([start]), np.array([end]), self._stats)[0])
         except BaseException as e:
             self.error = e
             raise
