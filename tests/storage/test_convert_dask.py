@@ -141,7 +141,7 @@ KILLED_CLIENT = textwrap.dedent("""
     from unistore.storage import convert as convert_module
     convert_module.BLOCK_BYTES = 4 * 1024
     from dask.distributed import Client, LocalCluster
-    import time, unistore.storage.distributed as d
+    import time, unistore.storage.dask_jobs as d
     slow = d.stage_block
     def stage_block(*a, **k):
         time.sleep(0.05)

@@ -123,7 +123,7 @@ def convert(src_url: str | os.PathLike[str] | Location, dst_url: str | os.PathLi
     encoded: set[str] = set()
     try:
         if scheduler is not None:
-            from unistore.storage.distributed import dask_client
+            from unistore.storage.dask_jobs import dask_client
 
             job = _DaskJob(src, arrays, dst.location, format, compression, chunks, rename)
             client = stack.enter_context(dask_client(scheduler))
@@ -270,7 +270,7 @@ class _DaskJob:
         """
         from dask.distributed import as_completed
 
-        from unistore.storage.distributed import stage_block
+        from unistore.storage.dask_jobs import stage_block
 
         order = [(key, i) for key, blocks in self.blocks.items() for i in range(len(blocks))]
         futures = {}
@@ -306,7 +306,7 @@ class _DaskJob:
     def _verified(self, key: str, i: int) -> bytes:
         """Staged block ``i`` of ``key``, checked against its marker."""
         from unistore.errors import ChecksumMismatchError
-        from unistore.storage.distributed import _sha256
+        from unistore.storage.checksums import sha256_hex as _sha256
 
         fs = self.location.fs
         name = self.blocks[key][i][2]

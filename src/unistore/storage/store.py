@@ -8,7 +8,6 @@ no store or a complete one.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -31,6 +30,7 @@ from unistore.errors import (
     UnistoreError,
 )
 from unistore.storage.array import Array, RaggedArray
+from unistore.storage.checksums import checksum_of
 from unistore.storage.formats import detect_format, get_format
 from unistore.storage.formats.base import PENDING_NAME, ArrayInfo, FormatWriter, OpenedStore, RaggedInfo, bfloat16
 from unistore.storage.layout import IOStats, path_identity
@@ -41,20 +41,6 @@ __all__ = ["TensorStore", "open_store", "create_store", "as_ragged", "checksum_o
 
 log = logging.getLogger("unistore")
 _ALLOWED_KINDS = "biufc"
-
-
-def checksum_of(parts: Sequence[np.ndarray]) -> str:
-    """``sha256:<hex>`` of the C-ordered bytes of ``parts`` (values then offsets for ragged)."""
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(_bytes_view(p))
-    return "sha256:" + h.hexdigest()
-
-
-def _bytes_view(data: np.ndarray) -> memoryview:
-    """The raw bytes of ``data`` (works for extension dtypes such as bfloat16)."""
-    flat = np.ascontiguousarray(data).reshape(-1)
-    return (flat.view(np.uint8) if flat.size else np.empty(0, np.uint8)).data
 
 
 def _check_dtype(key: str, data: np.ndarray) -> None:
@@ -225,7 +211,7 @@ class TensorStore:
         Raises:
             ChecksumMismatchError: naming the first array (in key order) whose bytes changed.
         """
-        from unistore.storage.distributed import checksum_task, dask_client
+        from unistore.storage.dask_jobs import checksum_task, dask_client
 
         expected = {key: self._opened.checksums.get(key) for key in self.keys()}
         todo = [key for key, value in expected.items() if value is not None]
@@ -410,18 +396,6 @@ def _to_numpy(data: Any) -> np.ndarray:
     if isinstance(data, (Array, RaggedArray)):
         return data.read() if isinstance(data, Array) else np.asarray(data.read())
     return np.asarray(data)
-
-
-def _stream_checksum(arr: Array, block_rows: int | None) -> str:
-    h = hashlib.sha256()
-    if not arr.shape:
-        h.update(_bytes_view(arr.read()))
-        return "sha256:" + h.hexdigest()
-    row = max(1, arr.nbytes // max(arr.shape[0], 1))
-    step = block_rows or max(1, (64 << 20) // row)
-    for start in range(0, arr.shape[0], step):
-        h.update(_bytes_view(arr[start:start + step]))
-    return "sha256:" + h.hexdigest()
 
 
 # ------------------------------------------------------------------- open

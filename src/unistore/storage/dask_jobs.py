@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from unistore.errors import MissingDependencyError
+from unistore.storage.checksums import sha256_hex
 
 __all__ = ["dask_client", "checksum_task", "stage_block"]
 
@@ -49,21 +50,15 @@ def dask_client(scheduler: Any, n_workers: int | None = None) -> Iterator[Any]:
 def checksum_task(store: Any, key: str, block_rows: int | None) -> str:
     """The checksum of ``store[key]`` as stored now (run on a worker, which reads the array itself)."""
     from unistore.storage.array import RaggedArray
-    from unistore.storage.store import _stream_checksum, checksum_of
+    from unistore.storage.checksums import checksum_of, stream_checksum
 
     arr = store[key]
     if isinstance(arr, RaggedArray):
         return checksum_of([arr.values.read(), arr.offsets])
-    return _stream_checksum(arr, block_rows)
+    return stream_checksum(arr, block_rows)
 
 
 # ----------------------------------------------------------------- convert
-def _sha256(raw: bytes | memoryview) -> str:
-    import hashlib
-
-    return hashlib.sha256(raw).hexdigest()
-
-
 def stage_block(src: Any, key: str, start: int, stop: int, job: Any, name: str,
                 array_path: str | None = None) -> tuple[str, int]:
     """Copy rows ``[start, stop)`` of ``src[key]`` into the job directory, and encode them (run on a worker).
@@ -88,7 +83,7 @@ def stage_block(src: Any, key: str, start: int, stop: int, job: Any, name: str,
     block: np.ndarray | None = None
     try:
         raw = fs.cat_file(path)
-        if _sha256(raw) == fs.cat_file(path + ".sha256").decode():
+        if sha256_hex(raw) == fs.cat_file(path + ".sha256").decode():
             block = np.frombuffer(raw, dtype=arr.dtype).reshape((stop - start,) + tuple(arr.shape[1:]))
     except FileNotFoundError:
         pass
@@ -99,7 +94,7 @@ def stage_block(src: Any, key: str, start: int, stop: int, job: Any, name: str,
         raw_view = block.reshape(-1).view(np.uint8).data  # written and hashed without another copy
         with fs.open(path, "wb") as f:
             f.write(raw_view)
-        fs.pipe_file(path + ".sha256", _sha256(raw_view).encode())
+        fs.pipe_file(path + ".sha256", sha256_hex(raw_view).encode())
         status, nbytes = "copied", src.io_stats()["bytes"] - before
     if array_path is not None and array_path.endswith(".npy"):  # a preallocated .npy: rows at their offset
         out = np.load(array_path, mmap_mode="r+")
