@@ -206,9 +206,10 @@ def _stray_corrections(directory: str, catalog_url: str) -> None:
 
 def _is_store(path: str) -> bool:
     """Whether a local directory is a store (zarr metadata, or unistore's own) rather than a seed layout."""
+    from unistore.storage.formats import directory_markers
     from unistore.storage.formats.base import META_NAME
 
-    return any(os.path.exists(os.path.join(path, name)) for name in ("zarr.json", ".zgroup", ".zarray", META_NAME))
+    return any(os.path.exists(os.path.join(path, name)) for name in (*directory_markers(), META_NAME))
 
 
 def _import_name(session: Any, db_path: str, directory: str) -> str:

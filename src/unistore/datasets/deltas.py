@@ -252,11 +252,10 @@ class DeltaCache:
             raise
 
     def _write_store(self, matrix: np.ndarray) -> str:
+        from unistore.storage.formats import store_suffix
         from unistore.storage.store import create_store
 
-        ext = {"npy": "", "hdf5": ".h5", "zarr": ".zarr", "pt": ".pt", "safetensors": ".safetensors"}.get(self.format,
-                                                                                                        "")
-        url = f"{self.root.url.rstrip('/')}/deltas-{uuid.uuid4().hex}{ext}"
+        url = f"{self.root.url.rstrip('/')}/deltas-{uuid.uuid4().hex}{store_suffix(self.format)}"
         with create_store(url, format=self.format, storage_options=self.root.storage_options) as store:
             store.write_array("deltas", matrix)
             store.commit()

@@ -53,7 +53,6 @@ __all__ = [
 
 log = logging.getLogger("unistore")
 SPLITS = ("train", "test")
-_STORE_SUFFIXES = ("", ".zarr", ".h5", ".hdf5", ".safetensors", ".pt", ".npy")
 
 
 @dataclass(frozen=True)
@@ -139,7 +138,9 @@ def dataset_url(name: str, data_dir: str | os.PathLike[str] | None = None,
                 storage_options: Mapping[str, Any] | None = None) -> str | None:
     """The URL of the store holding ``name`` below the data root, or None when there is none."""
     root = data_root(data_dir)
-    for suffix in _STORE_SUFFIXES:
+    from unistore.storage.formats import store_suffixes
+
+    for suffix in store_suffixes():
         url = _join(root, name + suffix)
         if Location(url, storage_options).exists():
             return url

@@ -29,7 +29,7 @@ from unistore.errors import (
     UnsupportedError,
 )
 from unistore.storage.array import Array, RaggedArray, to_tensor
-from unistore.storage.formats import detect_format, missing_library
+from unistore.storage.formats import detect_format, missing_library, store_suffix
 from unistore.storage.location import Location
 from unistore.storage.store import TensorStore, open_store
 
@@ -74,8 +74,9 @@ _GROUPS = {"embeddings": "embeddings", "pair_data": "pair data", "negatives": "n
            "steering": "steering tensors", "splits": "split indices"}
 _FORMATS = ("auto", "pt", "hdf5", "zarr", "safetensors", "npy")
 #: ``storage_format`` -> the store's name inside ``dataset_dir`` (``None``: the directory itself).
-_STORE_NAMES: dict[str, str | None] = {"hdf5": "dataset.h5", "zarr": "dataset.zarr",
-                                       "safetensors": "dataset.safetensors", "pt": None, "npy": None}
+#: The PT layout of the seed document is the directory's own ``.pt`` files, and npy is a directory store.
+_STORE_NAMES: dict[str, str | None] = {fmt: None if fmt == "pt" else ("dataset" + store_suffix(fmt) if store_suffix(fmt)
+                                                                      else None) for fmt in _FORMATS[1:]}
 
 _CURRICULUM = np.array([
     [0.7, 0.2, 0.1, 0.0],

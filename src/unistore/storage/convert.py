@@ -218,6 +218,7 @@ class _DaskJob:
         import posixpath
 
         self.src = src
+        self.format = format
         self.arrays = {k: a for k, a in arrays.items() if isinstance(a, Array) and a.shape and a.shape[0]}
         ident = json.dumps({"src": src.location.url, "dst": dst.url, "format": format, "compression": compression,
                             "chunks": repr(chunks), "rename": sorted(rename.items()), "checksums": src.checksums,
@@ -277,7 +278,7 @@ class _DaskJob:
         for key, i in order:
             start, stop, name = self.blocks[key][i]
             futures[client.submit(stage_block, self.src, key, start, stop, self.location, name, self.targets.get(key),
-                                  pure=False)] = (key, i)
+                                  self.format, pure=False)] = (key, i)
         if progress and futures:
             from dask.distributed import progress as show_progress
 

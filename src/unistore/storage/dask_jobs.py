@@ -60,16 +60,16 @@ def checksum_task(store: Any, key: str, block_rows: int | None) -> str:
 
 # ----------------------------------------------------------------- convert
 def stage_block(src: Any, key: str, start: int, stop: int, job: Any, name: str,
-                array_path: str | None = None) -> tuple[str, int]:
+                array_path: str | None = None, fmt: str | None = None) -> tuple[str, int]:
     """Copy rows ``[start, stop)`` of ``src[key]`` into the job directory, and encode them (run on a worker).
 
     The block is stored as its raw bytes, then a ``.sha256`` marker holding
     their hash: a block whose marker is present and matches is *verified* and
     is not read from the source again by a rerun; a block cut short by a crash
     has no marker (or a wrong one) and is copied again.  With ``array_path``
-    the rows are also written into that destination array: a zarr array (the
-    block covers whole chunks, or shards, of it, so workers never share one)
-    or a preallocated ``.npy`` file (rows at their byte offset).
+    the rows are also written into that destination array by its format
+    (``fmt``: :meth:`~unistore.storage.formats.base.Format.write_block`; the
+    block covers whole chunks or shards of it, so workers never share one).
     Returns ``("skipped" | "copied", source bytes read)``.
     """
     import posixpath
@@ -96,13 +96,8 @@ def stage_block(src: Any, key: str, start: int, stop: int, job: Any, name: str,
             f.write(raw_view)
         fs.pipe_file(path + ".sha256", sha256_hex(raw_view).encode())
         status, nbytes = "copied", src.io_stats()["bytes"] - before
-    if array_path is not None and array_path.endswith(".npy"):  # a preallocated .npy: rows at their offset
-        out = np.load(array_path, mmap_mode="r+")
-        out[start:stop] = block
-        out.flush()
-        del out
-    elif array_path is not None:
-        import zarr
+    if array_path is not None and fmt is not None:  # the destination format's own block writer
+        from unistore.storage.formats import format_class
 
-        zarr.open_array(array_path, mode="r+")[start:stop] = block
+        format_class(fmt).write_block(array_path, start, block)
     return status, nbytes

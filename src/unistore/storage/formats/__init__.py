@@ -1,7 +1,10 @@
 """The lazy format registry and format detection.
 
-Each name maps to ``module:Class`` plus an install hint; the module is
-imported on first use.  Third-party formats register through the
+Each name maps to ``module:Class``; the module is imported on first use
+(format modules import their own libraries only when a store is read or
+written).  Extensions, magic bytes, store suffixes and libraries are class
+attributes of each format, and every table here is built from them: adding a
+format is one module and one registry line.  Third-party formats register through the
 ``unistore.formats`` entry-point group; a broken plugin warns instead of
 breaking ``import unistore``.
 """
@@ -16,25 +19,32 @@ from unistore.errors import MissingDependencyError, StoreNotFoundError, UnknownF
 from unistore.storage.formats.base import META_NAME, PENDING_NAME, Format, incomplete_error, loads_meta
 from unistore.storage.location import Location, retry_remote
 
-__all__ = ["get_format", "available_formats", "detect_format", "register_format", "missing_library"]
+__all__ = ["get_format", "available_formats", "detect_format", "register_format", "missing_library",
+           "format_class", "store_suffix", "store_suffixes", "directory_markers"]
 
-_REGISTRY: dict[str, tuple[str, str]] = {
-    "npy": ("unistore.storage.formats._npy:NpyFormat", "numpy"),
-    "pt": ("unistore.storage.formats._pt:PtFormat", "pip install 'unistore[torch]' (or pip install torch)"),
-    "safetensors": ("unistore.storage.formats._safetensors:SafetensorsFormat", "pip install 'unistore[safetensors]'"),
-    "hdf5": ("unistore.storage.formats._hdf5:Hdf5Format", "pip install 'unistore[hdf5]'"),
-    "zarr": ("unistore.storage.formats._zarr:ZarrFormat", "pip install 'unistore[zarr]'"),
+#: name -> ``"module:Class"`` of the format; what a format is (its extensions, magic bytes, store suffix,
+#: library) is said by the class itself (:class:`~unistore.storage.formats.base.Format`), and every table
+#: below is built from these classes
+_REGISTRY: dict[str, str] = {
+    "npy": "unistore.storage.formats._npy:NpyFormat",
+    "pt": "unistore.storage.formats._pt:PtFormat",
+    "safetensors": "unistore.storage.formats._safetensors:SafetensorsFormat",
+    "hdf5": "unistore.storage.formats._hdf5:Hdf5Format",
+    "zarr": "unistore.storage.formats._zarr:ZarrFormat",
 }
-#: the library each built-in format reads with (imported only when a store of that format is read)
-_LIBRARIES = {"pt": "torch", "safetensors": "safetensors", "hdf5": "h5py", "zarr": "zarr"}
+#: how to install what a plugin format needs, as its registration said
+_HINTS: dict[str, str] = {}
 _ALIASES = {"h5": "hdf5", "torch": "pt", "numpy": "npy", "memmap": "npy", "raw": "npy", "st": "safetensors"}
+_CLASSES: dict[str, type[Format]] = {}
 _LOADED: dict[str, Format] = {}
 _PLUGINS_SCANNED = False
 
 
 def register_format(name: str, target: str, hint: str = "") -> None:
     """Register a format class at ``"package.module:Class"`` under ``name``."""
-    _REGISTRY[name] = (target, hint)
+    _REGISTRY[name] = target
+    _HINTS[name] = hint
+    _CLASSES.pop(name, None)
     _LOADED.pop(name, None)
 
 
@@ -52,26 +62,63 @@ def _scan_plugins() -> None:
             warnings.warn(f"unistore format plugin {ep.name!r} failed to register: {e}", stacklevel=2)
 
 
+def format_class(name: str) -> type[Format]:
+    """The class of the format registered as ``name`` (its module imported; format modules import their
+    libraries only when a store is read or written).
+
+    Raises:
+        UnknownFormatError: no such format.
+        MissingDependencyError: its module cannot be imported.
+    """
+    _scan_plugins()
+    name = _ALIASES.get(name, name)
+    found = _CLASSES.get(name)
+    if found is not None:
+        return found
+    if name not in _REGISTRY:
+        raise UnknownFormatError(f"unknown format {name!r}; choose one of {', '.join(available_formats())}")
+    module_name, _, cls_name = _REGISTRY[name].partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise MissingDependencyError(f"format {name!r} needs a library that is not installed ({e}); "
+                                     f"{_HINTS.get(name, '')}") from e
+    found = _CLASSES[name] = getattr(module, cls_name)
+    return found
+
+
+def _classes() -> list[tuple[str, type[Format]]]:
+    """Every registered format whose class can be imported, in registration order."""
+    out = []
+    for name in available_formats(sort=False):
+        try:
+            out.append((name, format_class(name)))
+        except (MissingDependencyError, AttributeError) as e:
+            warnings.warn(f"unistore format {name!r} cannot be loaded: {e}", stacklevel=2)
+    return out
+
+
 def missing_library(name: str) -> MissingDependencyError | None:
     """The error opening a ``name`` store would raise because its library is not installed, else None
     (found without importing the library)."""
     import importlib.util
 
-    name = _ALIASES.get(name, name)
-    library = _LIBRARIES.get(name)
+    cls = format_class(name)
+    if cls.library is None:
+        return None
     try:
-        if library is None or importlib.util.find_spec(library) is not None:
+        if importlib.util.find_spec(cls.library) is not None:
             return None
     except (ImportError, ValueError):  # a broken installation: not importable either
         pass
-    return MissingDependencyError(f"format {name!r} needs {library}, which is not installed; "
-                                  f"{_REGISTRY[name][1]}")
+    return MissingDependencyError(f"format {cls.name!r} needs {cls.library}, which is not installed; "
+                                  f"{cls.install_hint or _HINTS.get(cls.name, '')}")
 
 
-def available_formats() -> list[str]:
+def available_formats(sort: bool = True) -> list[str]:
     """Names of every registered format (importable or not)."""
     _scan_plugins()
-    return sorted(_REGISTRY)
+    return sorted(_REGISTRY) if sort else list(_REGISTRY)
 
 
 def get_format(name: str) -> Format:
@@ -81,44 +128,46 @@ def get_format(name: str) -> Format:
         UnknownFormatError: no such format.
         MissingDependencyError: its library is not installed (with the pip command).
     """
-    _scan_plugins()
     name = _ALIASES.get(name, name)
-    missing = missing_library(name) if name in _REGISTRY else None
+    cls = format_class(name)
+    missing = missing_library(name)
     if missing is not None:
         raise missing
-    if name in _LOADED:
-        return _LOADED[name]
-    if name not in _REGISTRY:
-        raise UnknownFormatError(f"unknown format {name!r}; choose one of {', '.join(available_formats())}")
-    target, hint = _REGISTRY[name]
-    module_name, _, cls_name = target.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise MissingDependencyError(f"format {name!r} needs a library that is not installed ({e}); {hint}") from e
-    fmt: Format = getattr(module, cls_name)()
-    _LOADED[name] = fmt
-    return fmt
+    if name not in _LOADED:
+        _LOADED[name] = cls()
+    return _LOADED[name]
 
 
-_MAGIC = (
-    (b"\x93NUMPY", "npy"),
-    (b"\x89HDF\r\n\x1a\n", "hdf5"),
-    (b"PK\x03\x04", "pt"),
-)
-_EXT = {".npy": "npy", ".pt": "pt", ".pth": "pt", ".safetensors": "safetensors", ".h5": "hdf5",
-        ".hdf5": "hdf5", ".hdf": "hdf5", ".zarr": "zarr"}
+def store_suffix(name: str) -> str:
+    """The suffix a store of format ``name`` is named with (``""``: a directory of files)."""
+    return format_class(name).store_suffix
+
+
+def store_suffixes() -> tuple[str, ...]:
+    """Every suffix a store path may carry, ``""`` first: what to try when a dataset names a store without one."""
+    found = [""]
+    for _, cls in _classes():
+        for suffix in (cls.store_suffix, *cls.extensions):
+            if suffix not in found:
+                found.append(suffix)
+    return tuple(found)
+
+
+def directory_markers() -> tuple[str, ...]:
+    """Names whose presence makes a directory a store of some format (zarr's metadata documents)."""
+    return tuple(m for _, cls in _classes() for m in cls.markers)
 
 
 def _sniff_head(head: bytes) -> str | None:
-    for magic, name in _MAGIC:
-        if head.startswith(magic):
+    for name, cls in _classes():
+        if cls.sniff(head):
             return name
-    if len(head) >= 9:
-        n = int.from_bytes(head[:8], "little")
-        if 2 <= n < 100_000_000 and head[8:9] == b"{":
-            return "safetensors"
     return None
+
+
+def _by_extension(name: str) -> str | None:
+    ext = posixpath.splitext(name)[1].lower()
+    return next((fmt for fmt, cls in _classes() if ext in cls.extensions), None) if ext else None
 
 
 def detect_format(location: Location) -> str:
@@ -134,8 +183,9 @@ def detect_format(location: Location) -> str:
     if location.isdir():
         names = [posixpath.basename(p.rstrip("/")) for p in retry_remote(lambda: fs.ls(location.path, detail=False),
                                                                          location)]
-        if "zarr.json" in names or ".zgroup" in names or ".zarray" in names:
-            return "zarr"
+        for fmt, cls in _classes():
+            if any(m in names for m in cls.markers):
+                return fmt
         if PENDING_NAME in names and META_NAME not in names:
             raise incomplete_error(location)
         if META_NAME in names:
@@ -144,9 +194,9 @@ def detect_format(location: Location) -> str:
                 return str(meta["format"])
         counts: dict[str, int] = {}
         for n in names:
-            ext = posixpath.splitext(n)[1].lower()
-            if ext in _EXT:
-                counts[_EXT[ext]] = counts.get(_EXT[ext], 0) + 1
+            named = _by_extension(n)
+            if named is not None:
+                counts[named] = counts.get(named, 0) + 1
         if counts:
             return max(counts, key=lambda k: counts[k])
         raise UnknownFormatError(
@@ -157,8 +207,8 @@ def detect_format(location: Location) -> str:
     found = _sniff_head(head)
     if found:
         return found
-    ext = posixpath.splitext(location.path)[1].lower()
-    if ext in _EXT:
-        return _EXT[ext]
+    by_name = _by_extension(location.path)
+    if by_name is not None:
+        return by_name
     raise UnknownFormatError(f"cannot tell the format of {location.url} from its first bytes or its name; "
                              "pass format=... explicitly")

@@ -282,6 +282,11 @@ class Hdf5BlockReader(LazyBlockReader):
 class Hdf5Format(Format):
     name = "hdf5"
     compressions = ("gzip", "lzf")
+    extensions = (".h5", ".hdf5", ".hdf")
+    magic = (b"\x89HDF\r\n\x1a\n",)
+    store_suffix = ".h5"
+    library = "h5py"
+    install_hint = "pip install 'unistore[hdf5]'"
 
     def open(self, location: Location, **options: Any) -> OpenedStore:
         if options:

@@ -136,6 +136,16 @@ def _parse_raw_spec(key: str, spec: Any, size: int, where: str) -> tuple[tuple[i
 
 class NpyFormat(Format):
     name = "npy"
+    extensions = (".npy",)
+    magic = (b"\x93NUMPY",)
+
+    @classmethod
+    def write_block(cls, array_path: str, start: int, block: np.ndarray) -> None:
+        """Rows at their byte offset in the preallocated ``.npy``."""
+        out = np.load(array_path, mmap_mode="r+")
+        out[start:start + len(block)] = block
+        out.flush()
+        del out
 
     def open(self, location: Location, raw: Mapping[str, Any] | None = None, **options: Any) -> OpenedStore:
         if options:

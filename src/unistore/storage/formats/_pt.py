@@ -326,6 +326,11 @@ def _to_plain(obj: Any) -> Any:
 
 class PtFormat(Format):
     name = "pt"
+    extensions = (".pt", ".pth")
+    magic = (b"PK\x03\x04",)
+    store_suffix = ".pt"
+    library = "torch"
+    install_hint = "pip install 'unistore[torch]' (or pip install torch)"
 
     def open(self, location: Location, **options: Any) -> OpenedStore:
         if options:

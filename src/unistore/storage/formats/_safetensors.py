@@ -168,6 +168,18 @@ def _tensor_infos(header: dict[str, Any], data_start: int, size: int, floc: Loca
 
 class SafetensorsFormat(Format):
     name = "safetensors"
+    extensions = (".safetensors",)
+    store_suffix = ".safetensors"
+    library = "safetensors"
+    install_hint = "pip install 'unistore[safetensors]'"
+
+    @classmethod
+    def sniff(cls, head: bytes) -> bool:
+        """An 8-byte little-endian header length, then the JSON header."""
+        if len(head) < 9:
+            return False
+        n = int.from_bytes(head[:8], "little")
+        return 2 <= n < 100_000_000 and head[8:9] == b"{"
 
     def open(self, location: Location, **options: Any) -> OpenedStore:
         if options:

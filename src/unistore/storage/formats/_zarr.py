@@ -364,6 +364,18 @@ _DECODE_ERRORS = _decode_errors()
 class ZarrFormat(Format):
     name = "zarr"
     compressions = ("zstd", "gzip", "blosc", "lz4")
+    extensions = (".zarr",)
+    markers = ("zarr.json", ".zgroup", ".zarray")
+    store_suffix = ".zarr"
+    library = "zarr"
+    install_hint = "pip install 'unistore[zarr]'"
+
+    @classmethod
+    def write_block(cls, array_path: str, start: int, block: np.ndarray) -> None:
+        """Whole chunks (or shards) of the array the writer created."""
+        import zarr
+
+        zarr.open_array(array_path, mode="r+")[start:start + len(block)] = block
 
     def open(self, location: Location, **options: Any) -> OpenedStore:
         import zarr

@@ -205,6 +205,31 @@ class Format(ABC):
     name: ClassVar[str]
     #: Compression codecs ``write_array`` accepts.
     compressions: ClassVar[tuple[str, ...]] = ()
+    #: file name suffixes of the format's files (detection by name: a file, or the files of a directory store)
+    extensions: ClassVar[tuple[str, ...]] = ()
+    #: bytes a file of the format starts with (detection by content)
+    magic: ClassVar[tuple[bytes, ...]] = ()
+    #: names whose presence in a directory makes it a store of this format (zarr's metadata documents)
+    markers: ClassVar[tuple[str, ...]] = ()
+    #: the suffix of a store path of this format as datasets name them (``""``: a directory of files)
+    store_suffix: ClassVar[str] = ""
+    #: the library the format reads with, imported only when a store of the format is read (None: numpy)
+    library: ClassVar[str | None] = None
+    #: how to install that library
+    install_hint: ClassVar[str] = ""
+
+    @classmethod
+    def sniff(cls, head: bytes) -> bool:
+        """Whether the first bytes of a file are this format's."""
+        return any(head.startswith(m) for m in cls.magic)
+
+    @classmethod
+    def write_block(cls, array_path: str, start: int, block: np.ndarray) -> None:
+        """Write rows ``start:start + len(block)`` into the array at ``array_path`` that the writer's
+        :meth:`FormatWriter.create_array` made (in another process: a Dask worker)."""
+        from unistore.errors import UnsupportedError
+
+        raise UnsupportedError(f"the {cls.name} format does not take arrays in blocks")
 
     @abstractmethod
     def open(self, location: Location, **options: Any) -> OpenedStore:
