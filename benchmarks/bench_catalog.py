@@ -23,8 +23,8 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from tests.catalog.legacy_builder import build_legacy_db  # noqa: E402
+from unistore.catalog import connect  # noqa: E402
 from unistore.migrations.legacy import import_legacy  # noqa: E402
-from unistore.schemas import connect  # noqa: E402
 from unistore.schemas.labels import dataset_id, read_labels, update_labels  # noqa: E402
 
 

@@ -192,7 +192,7 @@ def cmd_db(args: argparse.Namespace) -> int:
 def _db_labels(args: argparse.Namespace) -> int:
     import json
 
-    from unistore.schemas import connect
+    from unistore.catalog import connect
     from unistore.schemas.labels import drop_dataset, export_labels
 
     with connect(args.url) as catalog:

@@ -8,8 +8,9 @@ from typing import Any
 import numpy as np
 from sqlalchemy import select
 
+from unistore.catalog import connect
 from unistore.migrations.legacy import import_legacy
-from unistore.schemas import Label, Sample, connect
+from unistore.schemas import Label, Sample
 from unistore.schemas.labels import dataset_id, read_labels, update_labels
 
 from .legacy_builder import build_legacy_db

@@ -10,9 +10,10 @@ import pytest
 from sqlalchemy import func, select, text
 
 from unistore import errors
+from unistore.catalog import connect
 from unistore.cli import main
 from unistore.migrations.legacy import LegacyImportError, import_legacy
-from unistore.schemas import CatalogOutdatedError, Sample, connect, make_engine
+from unistore.schemas import CatalogOutdatedError, Sample, make_engine
 
 from .legacy_builder import build_legacy_db
 

@@ -12,9 +12,10 @@ import pytest
 from sqlalchemy import func, select
 
 from unistore import errors
+from unistore.catalog import connect
 from unistore.cli import main
 from unistore.migrations.legacy import LegacyImportError, import_legacy, load_numpy_pickle
-from unistore.schemas import Dataset, DatasetArray, Label, Sample, connect
+from unistore.schemas import Dataset, DatasetArray, Label, Sample
 from unistore.schemas.labels import dataset_id, read_labels
 
 from ..helpers import Sentinel as _Sentinel

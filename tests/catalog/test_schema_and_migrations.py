@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import create_engine, inspect, select, text
 
 from unistore import errors, migrations
+from unistore.catalog import connect
 from unistore.cli import main
 from unistore.schemas import (
     CatalogOutdatedError,
@@ -24,7 +25,6 @@ from unistore.schemas import (
     Sample,
     Split,
     TrainingHistoryRef,
-    connect,
     decode_array,
     encode_array,
     make_engine,

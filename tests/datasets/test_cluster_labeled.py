@@ -92,7 +92,8 @@ def test_get_sample_by_id(seed_dir: tuple[str, dict[str, Any]]) -> None:
 def test_import_reused_and_redone_when_db_changes(seed_dir: tuple[str, dict[str, Any]]) -> None:
     from sqlalchemy import select
 
-    from unistore.schemas import Dataset, connect
+    from unistore.catalog import connect
+    from unistore.schemas import Dataset
 
     path, src = seed_dir
     ClusterLabeledDataset(path)
@@ -356,7 +357,8 @@ def test_ranks_opening_a_new_seed_dir_at_once_import_it_once(seed_dir: tuple[str
 
     from sqlalchemy import func, select
 
-    from unistore.schemas import Dataset, Sample, connect
+    from unistore.catalog import connect
+    from unistore.schemas import Dataset, Sample
 
     from .dist_helpers import open_cluster_dataset
 

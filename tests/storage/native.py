@@ -13,20 +13,7 @@ import numpy as np
 
 from unistore.storage.formats.base import bfloat16
 
-# store names per format: directory formats get a directory, others a file
-STORE_NAME = {"npy": "store", "pt": "store", "safetensors": "store.safetensors", "hdf5": "store.h5",
-              "zarr": "store.zarr"}
-FORMATS = tuple(STORE_NAME)
-
 BASE_DTYPES = ["bool", "int8", "int16", "int32", "int64", "uint8", "float16", "float32", "float64"]
-EXTRA_DTYPES = {
-    "npy": ["uint16", "uint32", "uint64", "complex64", "complex128"],
-    "pt": ["complex64", "bfloat16"],
-    "safetensors": ["uint16", "uint32", "uint64", "complex64", "bfloat16"],
-    "hdf5": ["uint16", "uint32", "uint64", "complex64", "complex128"],
-    "zarr": ["uint16", "uint32", "uint64", "complex64", "complex128"],
-}
-NATIVE_RAGGED = {"pt", "hdf5"}
 
 
 def dtype_of(name: str) -> np.dtype[Any]:
@@ -53,15 +40,63 @@ def _torch(data: np.ndarray) -> Any:
     return to_tensor(np.array(data, copy=True))
 
 
-def native_write(fmt: str, path: str, arrays: dict[str, np.ndarray], ragged: dict[str, list[list[int]]]) -> None:
-    """Write ``arrays`` (and ``ragged`` where the format has a native type) at local ``path``."""
-    if fmt == "npy":
+class NativeHooks:
+    """How one format's *own* library writes and reads a store, for the shared suite (one subclass per format:
+    adding a format to the suite is one more subclass in :data:`HOOKS`)."""
+
+    fmt: str
+    #: the store's name: a directory for directory formats, a file name otherwise
+    store_name = "store"
+    #: dtypes beyond :data:`BASE_DTYPES` the format stores
+    extra_dtypes: tuple[str, ...] = ("uint16", "uint32", "uint64", "complex64", "complex128")
+    #: whether the format has a native ragged type (lists of lists)
+    native_ragged = False
+
+    def write(self, path: str, arrays: dict[str, np.ndarray], ragged: dict[str, list[list[int]]]) -> None:
+        raise NotImplementedError
+
+    def read(self, path: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def header_member(self, key: str) -> str | None:
+        """The file below the store holding ``key``'s metadata, when it is not the file holding its data."""
+        return None
+
+    def chunk_member(self, key: str) -> str:
+        """The file below the store holding ``key``'s first chunk (formats whose arrays are chunked)."""
+        raise NotImplementedError(self.fmt)
+
+
+def _walk(path: str, suffix: str, load: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for d, _, files in os.walk(path):
+        for name in files:
+            if name.endswith(suffix):
+                key = os.path.relpath(os.path.join(d, name), path)[:-len(suffix)].replace(os.sep, "/")
+                out[key] = load(os.path.join(d, name))
+    return out
+
+
+class NpyHooks(NativeHooks):
+    fmt = "npy"
+
+    def write(self, path: str, arrays: dict[str, np.ndarray], ragged: dict[str, list[list[int]]]) -> None:
         os.makedirs(path)
         for key, data in arrays.items():
             target = os.path.join(path, key + ".npy")
             os.makedirs(os.path.dirname(target), exist_ok=True)
             np.save(target, data)
-    elif fmt == "pt":
+
+    def read(self, path: str) -> dict[str, Any]:
+        return _walk(path, ".npy", lambda f: np.load(f, allow_pickle=False))
+
+
+class PtHooks(NativeHooks):
+    fmt = "pt"
+    extra_dtypes = ("complex64", "bfloat16")
+    native_ragged = True
+
+    def write(self, path: str, arrays: dict[str, np.ndarray], ragged: dict[str, list[list[int]]]) -> None:
         import torch
 
         os.makedirs(path)
@@ -71,11 +106,38 @@ def native_write(fmt: str, path: str, arrays: dict[str, np.ndarray], ragged: dic
             torch.save(_torch(data), target)
         for key, rows in ragged.items():
             torch.save(rows, os.path.join(path, key + ".pt"))
-    elif fmt == "safetensors":
+
+    def read(self, path: str) -> dict[str, Any]:
+        import torch
+
+        if os.path.isfile(path):
+            return dict(torch.load(path, weights_only=True))
+        return _walk(path, ".pt", lambda f: torch.load(f, weights_only=True))
+
+
+class SafetensorsHooks(NativeHooks):
+    fmt = "safetensors"
+    store_name = "store.safetensors"
+    extra_dtypes = ("uint16", "uint32", "uint64", "complex64", "bfloat16")
+
+    def write(self, path: str, arrays: dict[str, np.ndarray], ragged: dict[str, list[list[int]]]) -> None:
         from safetensors.torch import save_file
 
         save_file({k: _torch(v) for k, v in arrays.items()}, path, metadata={"origin": "native"})
-    elif fmt == "hdf5":
+
+    def read(self, path: str) -> dict[str, Any]:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
+
+
+class Hdf5Hooks(NativeHooks):
+    fmt = "hdf5"
+    store_name = "store.h5"
+    native_ragged = True
+
+    def write(self, path: str, arrays: dict[str, np.ndarray], ragged: dict[str, list[list[int]]]) -> None:
         import h5py
 
         with h5py.File(path, "w") as f:
@@ -86,7 +148,21 @@ def native_write(fmt: str, path: str, arrays: dict[str, np.ndarray], ragged: dic
                 ds = f.create_dataset(key, shape=(len(rows),), dtype=h5py.vlen_dtype(np.int64))
                 for i, r in enumerate(rows):
                     ds[i] = np.asarray(r, dtype=np.int64)
-    elif fmt == "zarr":
+
+    def read(self, path: str) -> dict[str, Any]:
+        import h5py
+
+        out: dict[str, Any] = {}
+        with h5py.File(path, "r") as f:
+            f.visititems(lambda name, obj: out.__setitem__(name, obj[...]) if isinstance(obj, h5py.Dataset) else None)
+        return out
+
+
+class ZarrHooks(NativeHooks):
+    fmt = "zarr"
+    store_name = "store.zarr"
+
+    def write(self, path: str, arrays: dict[str, np.ndarray], ragged: dict[str, list[list[int]]]) -> None:
         import zarr
 
         group = zarr.open_group(path, mode="w", zarr_format=3)
@@ -95,48 +171,38 @@ def native_write(fmt: str, path: str, arrays: dict[str, np.ndarray], ragged: dic
             arr = group.create_array(key, shape=data.shape, dtype=data.dtype,
                                      chunks=(max(1, min(7, data.shape[0])),) + data.shape[1:] if data.ndim else ())
             arr[...] = data
-    else:
-        raise ValueError(fmt)
+
+    def read(self, path: str) -> dict[str, Any]:
+        import zarr
+
+        group = zarr.open_group(path, mode="r")
+        return {key: arr[...] for key, arr in group.members(max_depth=None) if isinstance(arr, zarr.Array)}
+
+    def header_member(self, key: str) -> str | None:
+        return f"{key}/zarr.json"
+
+    def chunk_member(self, key: str) -> str:
+        return f"{key}/c/0/0"
+
+
+#: the hooks of every format the shared suite runs
+HOOKS: dict[str, NativeHooks] = {h.fmt: h for h in (NpyHooks(), PtHooks(), SafetensorsHooks(), Hdf5Hooks(),
+                                                     ZarrHooks())}
+FORMATS = tuple(HOOKS)
+#: store names per format: directory formats get a directory, others a file
+STORE_NAME = {fmt: h.store_name for fmt, h in HOOKS.items()}
+EXTRA_DTYPES = {fmt: list(h.extra_dtypes) for fmt, h in HOOKS.items()}
+NATIVE_RAGGED = {fmt for fmt, h in HOOKS.items() if h.native_ragged}
+
+
+def native_write(fmt: str, path: str, arrays: dict[str, np.ndarray], ragged: dict[str, list[list[int]]]) -> None:
+    """Write ``arrays`` (and ``ragged`` where the format has a native type) at local ``path``."""
+    HOOKS[fmt].write(path, arrays, ragged)
 
 
 def native_read(fmt: str, path: str) -> dict[str, Any]:
     """Every array at local ``path`` read by the format's own library."""
-    out: dict[str, Any] = {}
-    if fmt == "npy":
-        for d, _, files in os.walk(path):
-            for name in files:
-                if name.endswith(".npy"):
-                    key = os.path.relpath(os.path.join(d, name), path)[:-4].replace(os.sep, "/")
-                    out[key] = np.load(os.path.join(d, name), allow_pickle=False)
-    elif fmt == "pt":
-        import torch
-
-        if os.path.isfile(path):
-            return dict(torch.load(path, weights_only=True))
-        for d, _, files in os.walk(path):
-            for name in files:
-                if name.endswith(".pt"):
-                    key = os.path.relpath(os.path.join(d, name), path)[:-3].replace(os.sep, "/")
-                    out[key] = torch.load(os.path.join(d, name), weights_only=True)
-    elif fmt == "safetensors":
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as f:
-            for key in f.keys():
-                out[key] = f.get_tensor(key)
-    elif fmt == "hdf5":
-        import h5py
-
-        with h5py.File(path, "r") as f:
-            f.visititems(lambda name, obj: out.__setitem__(name, obj[...]) if isinstance(obj, h5py.Dataset) else None)
-    elif fmt == "zarr":
-        import zarr
-
-        group = zarr.open_group(path, mode="r")
-        for key, arr in group.members(max_depth=None):
-            if isinstance(arr, zarr.Array):
-                out[key] = arr[...]
-    return out
+    return HOOKS[fmt].read(path)
 
 
 def as_numpy(value: Any) -> np.ndarray:

@@ -18,7 +18,17 @@ import unistore as us
 from unistore import errors
 from unistore.storage.layout import ContiguousLayout
 
-from .native import BASE_DTYPES, EXTRA_DTYPES, NATIVE_RAGGED, STORE_NAME, as_numpy, native_read, native_write, sample
+from .native import (
+    BASE_DTYPES,
+    EXTRA_DTYPES,
+    HOOKS,
+    NATIVE_RAGGED,
+    STORE_NAME,
+    as_numpy,
+    native_read,
+    native_write,
+    sample,
+)
 
 
 @dataclass
@@ -312,7 +322,7 @@ class StoreSuite:
         layout = arr.layout
         if isinstance(layout, ContiguousLayout):
             return layout.location, layout.offset + arr.nbytes
-        loc = us.Location(self.where.url(f"{self.name}/{key}/c/0/0"), self.where.options)
+        loc = us.Location(self.where.url(f"{self.name}/{HOOKS[self.fmt].chunk_member(key)}"), self.where.options)
         return loc, int(loc.fs.size(loc.path))
 
     def test_truncated_file_raises_typed_error(self) -> None:
@@ -326,8 +336,9 @@ class StoreSuite:
     def test_corrupt_header_raises_typed_error(self) -> None:
         self.write({"emb": sample((8, 4), "float32")})
         loc, _ = self._data_member()
-        if self.fmt == "zarr":
-            loc = us.Location(self.where.url(f"{self.name}/emb/zarr.json"), self.where.options)
+        header = HOOKS[self.fmt].header_member("emb")
+        if header is not None:
+            loc = us.Location(self.where.url(f"{self.name}/{header}"), self.where.options)
         raw = bytearray(loc.fs.cat_file(loc.path))
         raw[:64] = b"\xff" * 64
         loc.fs.pipe_file(loc.path, bytes(raw))

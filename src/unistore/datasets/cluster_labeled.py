@@ -247,8 +247,9 @@ def import_seed_layout(dataset_dir: str, catalog_url: str | None = None, name: s
     """
     from sqlalchemy import select
 
+    from unistore.catalog import connect
     from unistore.migrations.legacy import import_legacy
-    from unistore.schemas import Dataset, connect
+    from unistore.schemas import Dataset
     from unistore.schemas.engine import default_catalog_url
 
     directory = os.path.abspath(dataset_dir)
@@ -564,7 +565,7 @@ class ClusterLabeledDataset(StoreDataset):
             self._pid = os.getpid()
         attr = "_writer" if write else "_catalog"
         if getattr(self, attr) is None:
-            from unistore.schemas import connect
+            from unistore.catalog import connect
 
             setattr(self, attr, connect(self.catalog_url, write_lock=write))
         return getattr(self, attr)
@@ -785,8 +786,9 @@ def register_cluster_labeled(catalog_url: str | None, name: str, store_url: str,
     """
     from sqlalchemy import insert, select
 
+    from unistore.catalog import connect
     from unistore.errors import StoreExistsError
-    from unistore.schemas import Dataset, DatasetArray, DatasetInfo, Label, Sample, connect
+    from unistore.schemas import Dataset, DatasetArray, DatasetInfo, Label, Sample
     from unistore.schemas.labels import SAMPLE_FIELDS
     from unistore.storage.location import Location as Loc
 

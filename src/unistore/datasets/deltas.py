@@ -98,7 +98,7 @@ class DeltaCache:
     @property
     def catalog(self) -> Any:
         if self._catalog is None:
-            from unistore.schemas import connect
+            from unistore.catalog import connect
 
             self._catalog = connect(self.catalog_url)
         return self._catalog

@@ -79,7 +79,8 @@ def track_dataset_usage(experiment_id: str | None, dataset_metadata: DatasetMeta
     """
     from sqlalchemy import select
 
-    from unistore.schemas import Dataset, DatasetUsage, Experiment, connect
+    from unistore.catalog import connect
+    from unistore.schemas import Dataset, DatasetUsage, Experiment
 
     details = {
         "version": dataset_metadata.version,
@@ -120,7 +121,8 @@ def dataset_usage_history(dataset_name: str | None = None, *, catalog_url: str |
     """Usage records, oldest first: dataset, experiment, version, purpose, details and ``used_at``."""
     from sqlalchemy import select
 
-    from unistore.schemas import Dataset, DatasetUsage, Experiment, connect
+    from unistore.catalog import connect
+    from unistore.schemas import Dataset, DatasetUsage, Experiment
 
     catalog = connect(_catalog_url(catalog_url), write_lock=False)
     try:

@@ -308,7 +308,7 @@ class ExperimentSearcher:
     @property
     def catalog(self) -> Any:
         if self._catalog is None:
-            from unistore.schemas import connect
+            from unistore.catalog import connect
 
             self._catalog = connect(self.catalog_url)
         return self._catalog

@@ -165,7 +165,7 @@ class TimeSeriesStorage:
     @property
     def catalog(self) -> Any:
         if self._catalog is None:
-            from unistore.schemas import connect
+            from unistore.catalog import connect
 
             self._catalog = connect(self.catalog_url)
         return self._catalog

@@ -290,7 +290,8 @@ def _import(legacy: sqlite3.Connection, path: str, url: str | os.PathLike[str] |
             skip_bad: bool, progress: bool, batch_size: int) -> ImportReport:
     from sqlalchemy import select
 
-    from unistore.schemas import DatasetArray, DatasetInfo, Sample, connect
+    from unistore.catalog import connect
+    from unistore.schemas import DatasetArray, DatasetInfo, Sample
     from unistore.schemas.models import Dataset
 
     info, n_clusters, dim, size = _info(legacy, path)

@@ -1,6 +1,6 @@
-"""The catalog: SQLAlchemy models, the NDArray column type and connections."""
+"""The catalog's schema: SQLAlchemy models, the NDArray column type, engines (connecting: unistore.catalog)."""
 
-from unistore.schemas.engine import Catalog, CatalogOutdatedError, connect, make_engine, resolve_url, safe_url
+from unistore.schemas.engine import Catalog, CatalogOutdatedError, make_engine, resolve_url, safe_url
 from unistore.schemas.models import (
     LABEL_KINDS,
     Base,
@@ -22,7 +22,6 @@ from unistore.schemas.types import NDArray, decode_array, encode_array
 __all__ = [
     "Catalog",
     "CatalogOutdatedError",
-    "connect",
     "make_engine",
     "resolve_url",
     "safe_url",

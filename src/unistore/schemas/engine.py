@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from unistore.errors import CatalogCorruptError, CatalogUnavailableError, UnistoreError
 
-__all__ = ["Catalog", "connect", "make_engine", "resolve_url", "safe_url", "CatalogOutdatedError",
+__all__ = ["Catalog", "make_engine", "resolve_url", "safe_url", "CatalogOutdatedError",
            "DEFAULT_CATALOG", "default_catalog_url", "default_catalog_dir"]
 
 #: File name of the default SQLite catalog, in :func:`default_catalog_url`'s directory.
@@ -132,7 +132,7 @@ def _configure_sqlite(engine: Engine, write_lock: bool) -> None:
 class Catalog:
     """An open catalog: an engine plus a session factory.
 
-    >>> catalog = unistore.schemas.connect("catalog.db")
+    >>> catalog = unistore.catalog.connect("catalog.db")
     >>> with catalog.session() as s:
     ...     s.add(Dataset(name="run1", store_url="s3://bucket/run1.zarr"))
     """
@@ -173,45 +173,6 @@ class Catalog:
         self.close()
 
 
-def connect(url: str | os.PathLike[str] | None = None, upgrade: bool | None = None, *, write_lock: bool = True,
-            **engine_kwargs: Any) -> Catalog:
-    """Open the catalog at ``url`` and check that its schema is current.
-
-    An empty database is migrated to the current schema (a new catalog);
-    ``upgrade=True`` also migrates an outdated one, ``upgrade=False`` never
-    migrates.
-
-    Raises:
-        CatalogOutdatedError: the schema is behind (or ahead of) this version,
-            naming the ``unistore db upgrade`` command that fixes it.
-    """
-    from unistore.migrations import current_revision, head_revision, known_revision
-    from unistore.migrations import upgrade as run_upgrade
-
-    engine = make_engine(url, write_lock=write_lock, **engine_kwargs)
-    with unavailable_as_typed(engine):
-        current = current_revision(engine)
-    head = head_revision()
-    if current is not None and current != head and not known_revision(current):
-        shown = safe_url(engine.url)
-        engine.dispose()
-        raise CatalogOutdatedError(
-            f"the catalog at {shown} is at schema revision {current}, newer than this unistore knows (its newest "
-            f"is {head}): it was migrated by a newer unistore - upgrade unistore (pip install -U unistore); "
-            "'unistore db upgrade' cannot help")
-    if current != head:
-        if upgrade or (upgrade is None and current is None and _is_empty(engine)):
-            run_upgrade(engine, "head")
-        else:
-            shown = safe_url(engine.url)
-            engine.dispose()
-            raise CatalogOutdatedError(
-                f"the catalog at {shown} is at schema revision {current or 'none'}, this unistore needs {head}; "
-                f"run: unistore db upgrade --url '{shown}'"
-            )
-    return Catalog(engine)
-
-
 @contextmanager
 def unavailable_as_typed(engine: Engine) -> Iterator[None]:
     """Turn a failure to reach the database into :class:`CatalogUnavailableError` (password hidden)."""
@@ -236,10 +197,3 @@ def _corrupt_catalog(engine: Engine, reason: str) -> CatalogCorruptError:
     return CatalogCorruptError(f"the catalog at {safe_url(engine.url)} is not a readable database ({reason}): the "
                                "file is corrupt, truncated or not a catalog - restore it from a backup, or point "
                                "UNISTORE_CATALOG_URL / --url at another catalog")
-
-
-def _is_empty(engine: Engine) -> bool:
-    from sqlalchemy import inspect
-
-    with engine.connect() as conn:
-        return not [t for t in inspect(conn).get_table_names() if t != "alembic_version"]
