@@ -49,7 +49,10 @@ def gather(layout: Layout, indices: np.ndarray, stats: IOStats) -> np.ndarray:
         with one_deadline(layout.location):
             return layout.source.gather(layout, indices, stats)  # type: ignore[no-any-return]
     if isinstance(layout, ChunkedLayout):
-        with one_deadline(_location_of(layout)):
+        loc = _location_of(layout)
+        if loc is None or loc.is_local:
+            return _gather_chunks(layout, indices, stats)
+        with one_deadline(loc):
             return _gather_chunks(layout, indices, stats)
     if isinstance(layout, InMemoryLayout):
         return layout.data[indices]
@@ -59,11 +62,17 @@ def gather(layout: Layout, indices: np.ndarray, stats: IOStats) -> np.ndarray:
 def read_rows(layout: Layout, start: int, stop: int, stats: IOStats) -> np.ndarray:
     """Rows ``[start, stop)`` as one read (a single range or a run of chunks)."""
     if isinstance(layout, ContiguousLayout):
+        if layout.location.is_local:
+            return layout.source.read_rows(layout, start, stop, stats)  # type: ignore[no-any-return]
         with one_deadline(layout.location):
             return layout.source.read_rows(layout, start, stop, stats)  # type: ignore[no-any-return]
     if isinstance(layout, ChunkedLayout):
-        with one_deadline(_location_of(layout)):
-            return _gather_chunks(layout, np.arange(start, stop, dtype=np.int64), stats)
+        loc = _location_of(layout)
+        rows = np.arange(start, stop, dtype=np.int64)
+        if loc is None or loc.is_local:
+            return _gather_chunks(layout, rows, stats)
+        with one_deadline(loc):
+            return _gather_chunks(layout, rows, stats)
     if isinstance(layout, InMemoryLayout):
         return layout.data[start:stop]
     raise TypeError(f"read_rows() needs a layout record, got {type(layout).__name__}")

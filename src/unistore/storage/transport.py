@@ -32,6 +32,7 @@ obstore, use obstore.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 from collections.abc import Mapping, Sequence
@@ -399,6 +400,9 @@ def obstore_config(protocol: str, options: Mapping[str, Any]) -> dict[str, Any] 
 # ----------------------------------------------------------- choosing
 #: the process in which obstore's runtime started (None: not yet); a forked child of it cannot use obstore
 _RUNTIME_PID: list[int | None] = [None]
+#: the last process that said it reads through fsspec for that reason (each says so once)
+_FELL_BACK: list[int] = []
+log = logging.getLogger("unistore")
 
 
 def _started_here() -> None:
@@ -439,6 +443,11 @@ def transport_for(choice: str, protocol: str, path: str, options: Mapping[str, A
     if not obstore_ready():
         if choice == "obstore" and _RUNTIME_PID[0] is None:
             raise MissingDependencyError("transport='obstore' needs obstore; pip install 'unistore[s3]'")
+        if _RUNTIME_PID[0] is not None and _FELL_BACK[-1:] != [os.getpid()]:
+            _FELL_BACK.append(os.getpid())
+            log.info("process %d was forked from one that read through obstore, whose runtime does not survive "
+                     "fork(): it reads through fsspec (start DataLoader workers with multiprocessing_context="
+                     "'forkserver' or 'spawn' to keep obstore)", os.getpid())
         return FsspecTransport(fs, protocol)  # not installed, or forked from a process that used it
     kind = OBSTORE_PROTOCOLS[protocol]
     if kind in ("http", "https"):
