@@ -47,12 +47,15 @@ def normalize_indices(indices: Any, n: int, key: str) -> np.ndarray:
         OutOfBoundsError: an index is outside ``[-n, n)``.
         ShapeMismatchError: the indices are not a 1-D sequence of integers.
     """
-    idx = np.asarray(indices)
-    if idx.dtype == bool or (idx.size and idx.dtype.kind not in "iu"):
-        raise ShapeMismatchError(f"take() on {key!r} needs integer row indices, got dtype {idx.dtype}")
-    if idx.ndim != 1:
-        raise ShapeMismatchError(f"take() on {key!r} needs a 1-D list of row indices, got shape {idx.shape}")
-    idx = idx.astype(np.int64, copy=False)
+    if type(indices) is np.ndarray and indices.dtype == np.int64 and indices.ndim == 1:
+        idx = indices  # what samplers and loaders hand in: nothing to convert
+    else:
+        idx = np.asarray(indices)
+        if idx.dtype == bool or (idx.size and idx.dtype.kind not in "iu"):
+            raise ShapeMismatchError(f"take() on {key!r} needs integer row indices, got dtype {idx.dtype}")
+        if idx.ndim != 1:
+            raise ShapeMismatchError(f"take() on {key!r} needs a 1-D list of row indices, got shape {idx.shape}")
+        idx = idx.astype(np.int64, copy=False)
     if idx.size:
         lo, hi = int(idx.min()), int(idx.max())
         if lo < -n or hi >= n:

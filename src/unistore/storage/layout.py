@@ -241,6 +241,12 @@ class IOStats:
             self.disk_misses += disk_misses
             self.bytes_local += bytes_local
 
+    def add_read(self, requests: int, nbytes: int) -> None:
+        """:meth:`add` of requests and bytes only (the local hot path)."""
+        with self._lock:
+            self.requests += requests
+            self.bytes += nbytes
+
     def as_dict(self) -> dict[str, int]:
         return {"requests": self.requests, "bytes": self.bytes, "cache_hits": self.cache_hits,
                 "chunks_decoded": self.chunks_decoded, "disk_hits": self.disk_hits,

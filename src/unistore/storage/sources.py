@@ -86,6 +86,8 @@ _MMAPS: OrderedDict[tuple[Any, ...], np.ndarray] = OrderedDict()
 #: one mapping per file, by (pid, path, stamp): every array of a file (a checkpoint's tensors) is a view of it
 _FILE_MAPS: OrderedDict[tuple[Any, ...], tuple[mmap.mmap | None, int]] = OrderedDict()
 _MMAP_LOCK = threading.Lock()
+#: every local-file source of this process (each may remember the view it gave last)
+_LOCAL_SOURCES: weakref.WeakSet[LocalFile] = weakref.WeakSet()
 
 
 class LocalFile(ByteSource):
@@ -101,12 +103,17 @@ class LocalFile(ByteSource):
 
     def __init__(self, location: Location, stamp: int):
         self.location, self.stamp = location, stamp
+        #: the last array viewed, as (pid, layout, view): batch after batch of one array costs no lookup; dropped
+        #: when the file's mapping is evicted, so it never keeps an evicted mapping (and its descriptor) alive
+        self._last: tuple[int, Any, np.ndarray] | None = None
+        with _MMAP_LOCK:
+            _LOCAL_SOURCES.add(self)
 
     def __getstate__(self) -> tuple[Location, int]:
         return (self.location, self.stamp)
 
     def __setstate__(self, state: tuple[Location, int]) -> None:
-        self.location, self.stamp = state
+        self.__init__(*state)  # type: ignore[misc]
 
     def _file_map(self) -> tuple[mmap.mmap | None, int]:
         """This process's mapping of the file and its size (lock held)."""
@@ -125,10 +132,21 @@ class LocalFile(ByteSource):
             evicted, _ = _FILE_MAPS.popitem(last=False)
             for k in [k for k in _MMAPS if k[:3] == evicted]:
                 del _MMAPS[k]
+            for source in list(_LOCAL_SOURCES):
+                if (source.location.path, source.stamp) == evicted[1:]:
+                    source._last = None
         return found
 
     def array(self, layout: ContiguousLayout) -> np.ndarray:
         """The array of ``layout`` as a read-only view of this process's mapping of the file."""
+        last = self._last
+        if last is not None and last[1] is layout and last[0] == os.getpid():
+            return last[2]
+        mm = self._view(layout)
+        self._last = (os.getpid(), layout, mm)
+        return mm
+
+    def _view(self, layout: ContiguousLayout) -> np.ndarray:
         key = (os.getpid(), self.location.path, self.stamp, layout.offset, layout.shape, layout.dtype.str)
         mm = _MMAPS.get(key)
         if mm is None:
@@ -155,7 +173,7 @@ class LocalFile(ByteSource):
 
     def gather(self, layout: ContiguousLayout, indices: np.ndarray, stats: IOStats) -> np.ndarray:
         out = self.array(layout)[indices]
-        stats.add(requests=1, nbytes=out.nbytes)
+        stats.add_read(1, out.nbytes)
         return out
 
     def read_rows(self, layout: ContiguousLayout, start: int, stop: int, stats: IOStats) -> np.ndarray:
