@@ -23,6 +23,10 @@ Eviction policy (one rule per cache):
   the whole budget is used once and not kept.
 - **Local file mappings**: at most :data:`MAX_MAPPED_FILES` files mapped per
   process, least recently used unmapped first.
+- **Sample cache** of :class:`~unistore.datasets.ClusterLabeledDataset`: the
+  ``cache_size`` samples its seed document specifies (an argument, not a knob
+  here), least recently used first; the rows it copies come through the
+  caches above.
 """
 
 from __future__ import annotations
