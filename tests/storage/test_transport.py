@@ -182,3 +182,70 @@ def test_workers_read_after_their_parent_used_obstore(method: str, s3: dict[str,
     assert child.exitcode == 0
     np.testing.assert_array_equal(rows, DATA[[7, 2999]])
     assert name == ("fsspec" if method == "fork" else "obstore")
+
+
+# ------------------------------------------------------------------ plain HTTP(S) servers
+@pytest.fixture
+def http_files(tmp_path: Any) -> Any:
+    """A local HTTP server answering GET and HEAD with byte ranges (as a web server or a CDN does) for the files of
+    a directory; yields its base URL."""
+    import http.server
+    import re
+    import threading
+
+    root = tmp_path / "www"
+    root.mkdir()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def _answer(self, body: bool) -> None:
+            path = root / self.path.lstrip("/").split("?")[0]
+            if not path.is_file():
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            data = path.read_bytes()
+            asked = re.fullmatch(r"bytes=(\d*)-(\d*)", self.headers.get("Range") or "")
+            if asked:
+                first = int(asked[1]) if asked[1] else max(0, len(data) - int(asked[2]))
+                last = min(int(asked[2]), len(data) - 1) if asked[1] and asked[2] else len(data) - 1
+                part = data[first:last + 1]
+                self.send_response(206)
+                self.send_header("Content-Range", f"bytes {first}-{last}/{len(data)}")
+            else:
+                part = data
+                self.send_response(200)
+            self.send_header("Content-Length", str(len(part)))
+            self.send_header("Accept-Ranges", "bytes")
+            self.send_header("ETag", f'"{len(data)}-{path.stat().st_mtime_ns}"')
+            self.end_headers()
+            if body:
+                self.wfile.write(part)
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            self._answer(True)
+
+        def do_HEAD(self) -> None:  # noqa: N802
+            self._answer(False)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.mark.parametrize("transport", ["fsspec", "obstore"])
+def test_an_http_store_reads_through_either_transport(transport: str, http_files: Any) -> None:
+    root, base = http_files
+    np.save(root / "emb.npy", DATA)
+    store = us.open_store(f"{base}/emb.npy", transport=transport, cache=False)
+    arr = store["emb"]
+    assert arr.layout.location.transport.name == transport
+    idx = np.random.default_rng(5).choice(len(DATA), 100)
+    np.testing.assert_array_equal(arr.take(idx), DATA[idx])
+    np.testing.assert_array_equal(arr[10:20], DATA[10:20])

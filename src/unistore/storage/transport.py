@@ -390,6 +390,8 @@ def obstore_config(protocol: str, options: Mapping[str, Any]) -> dict[str, Any] 
                 config[theirs] = value
         if opts.pop("anon", False):
             config["skip_signature"] = True
+    elif kind == "http" and protocol == "http":
+        client["allow_http"] = True
     if any(k not in _IGNORED for k in opts):
         return None
     if client:
