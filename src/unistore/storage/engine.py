@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from unistore.storage import budget
 from unistore.storage.cache.chunks import chunk_cache
 from unistore.storage.layout import (
     ChunkedLayout,
@@ -95,7 +96,8 @@ def read_contiguous(layouts: dict[str, ContiguousLayout], stats: IOStats) -> dic
         starts = np.array([lay.offset for _, lay in members], dtype=np.int64)
         ends = starts + sizes
         nonempty = sizes > 0
-        run_starts, run_ends, run_id = merge_ranges(starts[nonempty], ends[nonempty])
+        run_starts, run_ends, run_id = merge_ranges(starts[nonempty], ends[nonempty], budget.MERGE_GAP_BYTES,
+                                                    budget.MAX_REQUEST_BYTES)
         with one_deadline(source.location):
             blobs = source.read_ranges(run_starts, run_ends, stats)
         runs = iter(range(len(run_id)))

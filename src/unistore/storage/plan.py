@@ -1,8 +1,9 @@
 """The read planner: which rows become which byte ranges, blocks or chunk runs.
 
 Pure functions over index arrays - no I/O, no state, every tuning knob an
-argument (defaults from :mod:`unistore.storage.budget`) - so each
-plan is tested without a filesystem.  The engine plans, asks a byte source
+argument (the defaults are :mod:`unistore.storage.budget`'s values at import;
+the read path passes the current ones) - so each plan is tested without a
+filesystem.  The engine plans, asks a byte source
 for the ranges, and scatters the answer with :func:`scatter_rows`.
 """
 
