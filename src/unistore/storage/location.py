@@ -17,10 +17,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from unistore.errors import InvalidKeyError, RemoteError, UnistoreError
 from unistore.storage.secrets import is_secret_key
+
+if TYPE_CHECKING:
+    from unistore.storage.cache import DiskCache
 
 __all__ = ["Location", "validate_key", "retry_remote", "RetryPolicy", "one_retry_budget", "one_deadline",
            "precondition_failed"]
@@ -116,7 +119,7 @@ class Location:
         self._fs: Any = None
         self._pid = -1
         #: a :class:`~unistore.storage.cache.DiskCache` for remote reads (set by ``open_store``), or None
-        self.cache: Any = None
+        self.cache: DiskCache | None = None
         self._identity: tuple[str, int] | None = None
         self._token: tuple[Any, str] | None = None  # (secrets, hand-off token) once pickled
         self._missing_secrets = False
