@@ -34,7 +34,7 @@ import numpy as np
 from unistore.errors import TruncatedDataError
 from unistore.storage import budget
 from unistore.storage.location import Location, retry_remote
-from unistore.storage.plan import plan_rows, scatter_rows, touched_blocks
+from unistore.storage.plan import merge_ranges, plan_rows, scatter_rows, touched_blocks
 from unistore.storage.transport import Pin
 
 if TYPE_CHECKING:
@@ -60,7 +60,8 @@ class ByteSource:
         return self.gather(layout, np.arange(start, stop, dtype=np.int64), stats)
 
     def read_ranges(self, starts: np.ndarray, ends: np.ndarray, stats: IOStats) -> list[Any]:
-        """Bytes ``[starts[i], ends[i])``, one bytes-like object per range."""
+        """Bytes ``[starts[i], ends[i])``, one bytes-like object per range (remote sources: local files are read
+        through their mapping)."""
         raise NotImplementedError
 
     def prefetch(self, layout: ContiguousLayout, indices: np.ndarray, stats: IOStats) -> None:
@@ -181,7 +182,7 @@ class LocalFile(ByteSource):
             out = self._read_into(layout, start, stop)
         else:
             out = np.array(self.array(layout)[start:stop])
-        stats.add(requests=1, nbytes=out.nbytes)
+        stats.add_read(1, out.nbytes)
         return out
 
     def _read_into(self, layout: ContiguousLayout, start: int, stop: int) -> np.ndarray:
@@ -199,16 +200,6 @@ class LocalFile(ByteSource):
                         f"{self.location.url} is truncated: rows {start}:{stop} end past the end of the file; "
                         "re-create or re-download it")
                 done += got
-        return out
-
-    def read_ranges(self, starts: np.ndarray, ends: np.ndarray, stats: IOStats) -> list[Any]:
-        with _MMAP_LOCK:
-            mapping, size = self._file_map()
-        if len(ends) and int(np.max(ends)) > size:
-            raise TruncatedDataError(f"{self.location.url} is truncated: a read ends past its {size} bytes; "
-                                     "re-create or re-download it")
-        out = [bytes(mapping[int(s):int(e)]) if mapping is not None else b"" for s, e in zip(starts, ends)]
-        stats.add(requests=len(out), nbytes=sum(map(len, out)))
         return out
 
 
@@ -277,7 +268,6 @@ class CachedObject(ByteSource):
         self.cache = cache
         #: this process's mapping of the object's blocks (False: none can be made), made on first use
         self._mapped: MappedObject | bool | None = None
-        self._pid = os.getpid()
 
     def __getstate__(self) -> tuple[Location, DiskCache]:
         return (self.location, self.cache)
@@ -363,8 +353,6 @@ class CachedObject(ByteSource):
     def prefetch(self, layout: ContiguousLayout, indices: np.ndarray, stats: IOStats) -> None:
         """Fetch only the blocks of rows ``indices`` the cache lacks, and map them here, off the reader's path
         (nothing is assembled, so the later read costs a page lookup)."""
-        from unistore.storage.plan import merge_ranges
-
         row = layout.row_nbytes
         if not len(indices) or row == 0:
             return
@@ -428,7 +416,7 @@ def byte_source(location: Location, stamp: int = 0) -> ByteSource:
     key = (id(location), stamp)
     with _SOURCES_LOCK:
         found = _SOURCES.get(key)
-        if found is None or found.location is not location:
+        if found is None:
             if location.is_local:
                 found = LocalFile(location, stamp)
             elif location.cache is not None:

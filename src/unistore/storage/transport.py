@@ -208,11 +208,8 @@ class ObstoreTransport(Transport):
         touching = any(starts[b] <= ends[a] for a, b in zip(order, order[1:]))
         try:
             if not touching:
-                import obstore
-
-                return _checked(list(obstore.get_ranges(store, key, starts=starts, ends=ends, coalesce=0)), starts,
-                                ends)
-            halves = (order[0::2], order[1::2])
+                return _checked(_get_ranges(store, key, starts, ends), starts, ends)
+            halves = (order[0::2], order[1::2])  # both non-empty: touching needs two ranges
             pool = _pool()
             futures = [pool.submit(_get_ranges, store, key, [starts[i] for i in h], [ends[i] for i in h])
                        for h in halves]
@@ -263,7 +260,7 @@ def _checked(blobs: list[Any], starts: Sequence[int], ends: Sequence[int]) -> li
 def _get_ranges(store: Any, key: str, starts: list[int], ends: list[int]) -> list[Any]:
     import obstore
 
-    return list(obstore.get_ranges(store, key, starts=starts, ends=ends, coalesce=0)) if starts else []
+    return list(obstore.get_ranges(store, key, starts=starts, ends=ends, coalesce=0))
 
 
 _POOL: list[Any] = [None, -1]

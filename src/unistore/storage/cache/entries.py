@@ -24,7 +24,7 @@ in bytes with LRU eviction across processes nor checksum entries.  Here:
   bytes in a usage count shared through a file (under a file lock) before
   writing it, and the writer that would push the total over budget first
   evicts the least recently used entries (a process's first use of an entry
-  refreshes its atime) down to :data:`budget.EVICT_TO` of the budget, so the next
+  refreshes its atime) down to :data:`~unistore.storage.budget.EVICT_TO` of the budget, so the next
   evictions are a tenth of the budget apart.  An entry deleted while a process maps it keeps its disk space
   until it is unmapped, so a process keeps at most 1/8 of the budget mapped
   entry by entry, maps an object's blocks side by side
@@ -203,49 +203,22 @@ class DiskCache(Claims):
     def _put(self, path: str, payload: Any) -> bool:
         """Write an entry (temporary name, then rename) within the budget; False when the disk refused it, or
         the entry alone is larger than the whole budget."""
-        return self._put_many([(path, payload)]) == 1
-
-    def _put_many(self, entries: list[tuple[str, Any]]) -> int:
-        """Write entries (each to a temporary name, then renamed) within the budget, the bytes of several
-        reserved at once - one lock and one update of the usage count for a fetched run, in groups of at most
-        the share of the budget an eviction frees (``1 - EVICT_TO``), so a group never passes the budget -;
-        returns how many were kept (those before the first the disk refused, or all)."""
-        entries = [(path, payload) for path, payload in entries if len(payload) + _TRAILER.size <= self.max_bytes]
-        room = self.max_bytes * (1 - budget.EVICT_TO)
-        kept, group_bytes = 0, 0
-        group: list[tuple[str, Any]] = []
-        for entry in entries:
-            nbytes = len(entry[1]) + _TRAILER.size
-            if group and group_bytes + nbytes > room:
-                done = self._put_group(group)
-                kept += done
-                if done < len(group):
-                    return kept
-                group, group_bytes = [], 0
-            group.append(entry)
-            group_bytes += nbytes
-        return kept + (self._put_group(group) if group else 0)
-
-    def _put_group(self, entries: list[tuple[str, Any]]) -> int:
-        """:meth:`_put_many` of entries reserved together."""
-        sizes = [len(payload) + _TRAILER.size for _, payload in entries]
-        tmps = [f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}" for path, _ in entries]
-        if not self._reserve(sum(sizes), tmps):
-            return 0
-        for i, ((path, payload), tmp) in enumerate(zip(entries, tmps)):
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(payload)
-                    f.write(_TRAILER.pack(len(payload), self._crc(path, payload)))
-                _mark_verified(tmp)
-                os.replace(tmp, path)
-            except OSError:
-                for left in tmps[i:]:
-                    with contextlib.suppress(OSError):
-                        os.remove(left)
-                self._reserve(-sum(sizes[i:]))
-                return i  # a full or read-only disk: the read still succeeds, uncached
-        return len(entries)
+        nbytes = len(payload) + _TRAILER.size
+        tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        if nbytes > self.max_bytes or not self._reserve(nbytes, tmp):
+            return False
+        try:
+            with open(tmp, "wb") as f:
+                f.write(payload)
+                f.write(_TRAILER.pack(len(payload), self._crc(path, payload)))
+            _mark_verified(tmp)
+            os.replace(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            self._reserve(-nbytes)
+            return False  # a full or read-only disk: the read still succeeds, uncached
+        return True
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -273,18 +246,18 @@ class DiskCache(Claims):
         except (FileNotFoundError, ValueError):
             return None
 
-    def _reserve(self, nbytes: int, tmps: list[str] | None = None) -> bool:
+    def _reserve(self, nbytes: int, tmp: str | None = None) -> bool:
         """Count ``nbytes`` more (fewer, when negative) in the cache; when that would pass the budget, evict the
-        least recently used entries first, down to ``budget.EVICT_TO`` of it.  ``tmps``, the temporary files the
-        entries will be written to, are created under the same lock, so an eviction meanwhile sees the entries
-        are on their way.  False when the lock, the count or a file cannot be written (a read-only cache
-        directory)."""
+        least recently used entries first, down to :data:`~unistore.storage.budget.EVICT_TO` of it.  ``tmp``, the
+        temporary file the entry will be written to, is created under the same lock, so an eviction meanwhile
+        sees the entry is on its way.  False when the lock, the count or the file cannot be written (a read-only
+        cache directory)."""
         try:
             with self._locked():
                 used = self._usage()
                 if nbytes > 0 and (used is None or used + nbytes > self.max_bytes):
                     used = self._evict_locked(int(self.max_bytes * budget.EVICT_TO) - nbytes, used)[0]
-                for tmp in tmps or ():
+                if tmp is not None:
                     os.makedirs(os.path.dirname(tmp), exist_ok=True)
                     open(tmp, "wb").close()
                 self._usage((used or 0) + nbytes)
@@ -407,8 +380,11 @@ class DiskCache(Claims):
         bs = self.block_bytes
         folder = self._dir(identity)
         view = memoryview(blob)
-        kept = {(block_start + off) // bs: view[off:off + bs] for off in range(0, len(blob), bs)}
-        self._put_many([(os.path.join(folder, str(b)), payload) for b, payload in kept.items()])
+        kept = {}
+        for off in range(0, len(blob), bs):
+            b = (block_start + off) // bs
+            kept[b] = view[off:off + bs]
+            self._put(os.path.join(folder, str(b)), kept[b])
         return kept
 
     # ------------------------------------------------------------- upkeep

@@ -165,9 +165,17 @@ def _sniff_head(head: bytes) -> str | None:
     return None
 
 
-def _by_extension(name: str) -> str | None:
-    ext = posixpath.splitext(name)[1].lower()
-    return next((fmt for fmt, cls in _classes() if ext in cls.extensions), None) if ext else None
+def _extensions() -> dict[str, str]:
+    """``{file extension: format}`` of every format, the first format to claim an extension winning."""
+    table: dict[str, str] = {}
+    for fmt, cls in _classes():
+        for ext in cls.extensions:
+            table.setdefault(ext, fmt)
+    return table
+
+
+def _by_extension(name: str, table: dict[str, str]) -> str | None:
+    return table.get(posixpath.splitext(name)[1].lower())
 
 
 def detect_format(location: Location) -> str:
@@ -193,8 +201,9 @@ def detect_format(location: Location) -> str:
             if meta.get("format"):
                 return str(meta["format"])
         counts: dict[str, int] = {}
+        extensions = _extensions()
         for n in names:
-            named = _by_extension(n)
+            named = _by_extension(n, extensions)
             if named is not None:
                 counts[named] = counts.get(named, 0) + 1
         if counts:
@@ -207,7 +216,7 @@ def detect_format(location: Location) -> str:
     found = _sniff_head(head)
     if found:
         return found
-    by_name = _by_extension(location.path)
+    by_name = _by_extension(location.path, _extensions())
     if by_name is not None:
         return by_name
     raise UnknownFormatError(f"cannot tell the format of {location.url} from its first bytes or its name; "
