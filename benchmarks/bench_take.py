@@ -23,7 +23,7 @@ import unistore as us
 from unistore.demo import rows_per_second
 
 
-def paired(take: Any, baseline: Any, batches: list[np.ndarray], rounds: int = 5) -> tuple[float, float]:
+def paired(take: Any, baseline: Any, batches: list[np.ndarray], rounds: int = 15) -> tuple[float, float]:
     """Best rows/s of ``take`` and ``baseline``, alternating round by round."""
     best_take = best_base = 0.0
     for _ in range(rounds):

@@ -446,6 +446,21 @@ def test_an_entry_written_again_replaces_the_one_there(tmp_path: Any) -> None:
     assert sorted(os.listdir(os.path.dirname(path))) == ["0"]  # no temporary file left behind
 
 
+def test_the_usage_count_is_rewritten_in_place(tmp_path: Any) -> None:
+    cache = DiskCache(tmp_path / "cache")
+    os.makedirs(cache.root)
+    usage = os.path.join(cache.root, ".usage")
+    with open(usage, "w") as f:
+        f.write("123")  # a count written unpadded reads as it is
+    assert cache._usage() == 123
+    for value in (10**12, 7, 0):  # a shorter number replaces a longer one whole
+        cache._usage(value)
+        assert cache._usage() == value
+    inode = os.stat(usage).st_ino
+    assert cache._put(os.path.join(cache._dir("obj"), "0"), b"x" * 100)
+    assert cache._usage() == 100 + 12  # the payload and its trailer (length and CRC)
+    assert os.stat(usage).st_ino == inode
+
 def _entry_paths(cache: DiskCache) -> list[str]:
     return sorted((e.path for e in cache._entries()), key=lambda p: (os.path.dirname(p), int(os.path.basename(p))))
 

@@ -57,6 +57,8 @@ def normalize_indices(indices: Any, n: int, key: str) -> np.ndarray:
             raise ShapeMismatchError(f"take() on {key!r} needs a 1-D list of row indices, got shape {idx.shape}")
         idx = idx.astype(np.int64, copy=False)
     if idx.size:
+        if int(idx.view(np.uint64).max()) < n:
+            return idx  # one pass: negative indices read as unsigned are past any length
         lo, hi = int(idx.min()), int(idx.max())
         if lo < -n or hi >= n:
             bad = lo if lo < -n else hi
@@ -184,10 +186,11 @@ class Array:
             OutOfBoundsError: an index is outside the array.
             ShapeMismatchError: ``indices`` is not a 1-D integer sequence.
         """
-        if not self.shape:
-            raise ShapeMismatchError(f"{self.key!r} is 0-d; read it with a[...]")
-        idx = normalize_indices(indices, self.shape[0], self.key)
-        out = gather(self._info.layout, idx, self._stats)
+        info = self._info
+        if not info.shape:
+            raise ShapeMismatchError(f"{info.key!r} is 0-d; read it with a[...]")
+        idx = normalize_indices(indices, info.shape[0], info.key)
+        out = gather(info.layout, idx, self._stats)
         return to_tensor(out) if as_tensor else out
 
     def prefetch(self, indices: Any) -> None:

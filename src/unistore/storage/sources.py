@@ -91,6 +91,18 @@ _MMAP_LOCK = threading.Lock()
 _LOCAL_SOURCES: weakref.WeakSet[LocalFile] = weakref.WeakSet()
 
 
+def _forget_views_after_fork() -> None:
+    """In a forked child: the views the parent's sources remember belong to the parent's mappings (keyed by its
+    pid), and a lock a parent's thread held at the fork would never be released."""
+    global _MMAP_LOCK
+    _MMAP_LOCK = threading.Lock()
+    for source in list(_LOCAL_SOURCES):
+        source._last = None
+
+
+os.register_at_fork(after_in_child=_forget_views_after_fork)
+
+
 class LocalFile(ByteSource):
     """A file on this machine, the very one described when its store was opened (``stamp``; see
     :func:`~unistore.storage.layout.open_described`).
@@ -104,9 +116,10 @@ class LocalFile(ByteSource):
 
     def __init__(self, location: Location, stamp: int):
         self.location, self.stamp = location, stamp
-        #: the last array viewed, as (pid, layout, view): batch after batch of one array costs no lookup; dropped
-        #: when the file's mapping is evicted, so it never keeps an evicted mapping (and its descriptor) alive
-        self._last: tuple[int, Any, np.ndarray] | None = None
+        #: the last array viewed, as (layout, view): batch after batch of one array costs no lookup; dropped when
+        #: the file's mapping is evicted, so it never keeps an evicted mapping (and its descriptor) alive, and in
+        #: a forked child, which maps the file afresh
+        self._last: tuple[Any, np.ndarray] | None = None
         with _MMAP_LOCK:
             _LOCAL_SOURCES.add(self)
 
@@ -141,10 +154,10 @@ class LocalFile(ByteSource):
     def array(self, layout: ContiguousLayout) -> np.ndarray:
         """The array of ``layout`` as a read-only view of this process's mapping of the file."""
         last = self._last
-        if last is not None and last[1] is layout and last[0] == os.getpid():
-            return last[2]
+        if last is not None and last[0] is layout:
+            return last[1]
         mm = self._view(layout)
-        self._last = (os.getpid(), layout, mm)
+        self._last = (layout, mm)
         return mm
 
     def _view(self, layout: ContiguousLayout) -> np.ndarray:

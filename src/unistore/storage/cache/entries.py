@@ -208,7 +208,9 @@ class DiskCache(Claims):
         if nbytes > self.max_bytes or not self._reserve(nbytes, tmp):
             return False
         try:
-            with open(tmp, "wb") as f:
+            # opened without O_TRUNC (``_reserve`` created it empty): ext4 writes a truncated file back as it is
+            # closed (its ``auto_da_alloc``), a synchronous cost on every entry
+            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o644), "wb") as f:
                 f.write(payload)
                 f.write(_TRAILER.pack(len(payload), self._crc(path, payload)))
             _mark_verified(tmp)
@@ -237,12 +239,17 @@ class DiskCache(Claims):
         """Read (or, given ``value``, write) the shared usage count; None when there is none yet."""
         path = os.path.join(self.root, _USAGE_NAME)
         if value is not None:
-            with open(path, "w") as f:
-                f.write(str(max(int(value), 0)))
+            # rewritten in place at a fixed width: truncating would free and reallocate the file's block on every
+            # entry written (dear on a filesystem mounted with ``discard``)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                os.pwrite(fd, f"{max(int(value), 0):>20}\n".encode(), 0)
+            finally:
+                os.close(fd)
             return value
         try:
             with open(path) as f:
-                return int(f.read() or 0)
+                return int(f.read().strip() or 0)
         except (FileNotFoundError, ValueError):
             return None
 
