@@ -217,3 +217,112 @@ def test_chunk_aware_order_over_samples_that_read_other_rows() -> None:
     assert sum(len(c) for c in per_rank) <= n_chunks + 2 * 4
     with pytest.raises(ShapeMismatchError, match="one per sample"):
         StoreSampler(10, chunk_rows=5, rows=np.arange(9))
+
+
+# ------------------------------------------------------------------ elastic resume
+def _run(n: int, world: int, epoch: int, **kw: Any) -> list[StoreSampler]:
+    samplers = [StoreSampler(n, seed=4, rank=r, world_size=world, **kw) for r in range(world)]
+    for s in samplers:
+        s.set_epoch(epoch)
+    return samplers
+
+
+def _draw(sampler: StoreSampler, count: int) -> list[int]:
+    it = iter(sampler)
+    return [next(it) for _ in range(count)]
+
+
+ELASTIC = [(8, 6), (8, 12), (4, 1), (1, 4)]
+ORDERS = {"plain": {}, "chunk-aware": {"chunk_rows": 16, "window_chunks": 4}}
+
+
+@pytest.mark.parametrize("before, after", ELASTIC)
+@pytest.mark.parametrize("order", list(ORDERS))
+@pytest.mark.parametrize("stop", [0.0, 0.3, 0.77, 1.0])
+def test_a_run_resumed_at_another_world_size_draws_each_sample_of_the_epoch_once(
+        before: int, after: int, order: str, stop: float) -> None:
+    n, epoch = 1003, 2
+    first = _run(n, before, epoch, **ORDERS[order])
+    share = len(first[0])
+    taken = int(stop * share)
+    drawn = [i for s in first for i in _draw(s, taken)]
+    state = first[0].state_dict()  # rank 0's state describes the run: every rank drew as many
+    assert state["world_size"] == before and state["partitions"] == before and state["consumed"] == taken
+    second = _run(n, after, 0, **ORDERS[order])
+    for s in second:
+        s.load_state_dict(state)
+    assert {s.epoch for s in second} == {epoch}
+    rest = [list(s) for s in second]
+    assert len({len(r) for r in rest}) == 1  # equal shares: a collective over batches does not hang
+    everything = drawn + [i for r in rest for i in r]
+    assert set(everything) == set(range(n))
+    padded_before = max(0, taken * before - n)  # the first run's padding, drawn only if it got to the end
+    assert len(everything) - n <= padded_before + after - 1  # padding only at the very end
+    real = [i for r in rest for i in r][:n - len(set(drawn))]  # what the resumed ranks draw before any padding
+    assert not set(real) & set(drawn) and len(set(real)) == len(real)
+    # the next epochs follow the order of a run that never stopped (at its own world size)
+    for s in second:
+        s.set_epoch(epoch + 1)
+    for reference in _run(n, before, epoch + 1, **ORDERS[order]):
+        np.testing.assert_array_equal(reference.global_order(), second[0].global_order())
+    dealt = np.concatenate([s.order() for s in second])[:n]
+    np.testing.assert_array_equal(dealt, second[0].global_order())
+
+
+@pytest.mark.parametrize("before, after", ELASTIC)
+def test_chunk_aware_order_keeps_its_chunks_with_one_rank_across_a_resize(before: int, after: int) -> None:
+    n, chunk = 4000, 10
+    first = _run(n, before, 0, chunk_rows=chunk)
+    for s in first:
+        _draw(s, len(s) // 2)
+    state = first[0].state_dict()
+    second = _run(n, after, 0, chunk_rows=chunk)
+    for s in second:
+        s.load_state_dict(state)
+    readers: dict[int, int] = {}
+    for s in second:
+        for c in _chunks_of(s.order(), chunk):
+            readers[c] = readers.get(c, 0) + 1
+    # ranks after the resize share only the chunks of the windows where their stretches meet
+    assert sum(v - 1 for v in readers.values()) <= (after - 1) * 4
+    # ... and the windows each rank of the first run stopped in (and those of the few samples padding the end)
+    firsts = [_chunks_of(s.order()[:len(s) // 2], chunk) for s in first]
+    again = set().union(*firsts) & set(readers)
+    assert len(again) <= before * 4 + after - 1
+
+
+def test_a_resumed_epoch_ends_and_the_next_pass_is_whole() -> None:
+    first = _run(100, 4, 1)
+    for s in first:
+        _draw(s, 5)
+    resumed = StoreSampler(100, seed=4, rank=0, world_size=2)
+    resumed.load_state_dict(first[0].state_dict())
+    assert len(resumed) == 40  # (100 - 4 * 5) / 2
+    rest = list(resumed)
+    assert len(rest) == 40 and len(resumed) == 50  # the length of the next pass: a whole epoch
+    state = resumed.state_dict()  # at the end of the resumed pass: it still says what was dealt out
+    assert state["consumed"] == 40 and state["segments"] is not None
+    again = StoreSampler(100, seed=4, rank=1, world_size=2)
+    again.load_state_dict(state)
+    assert list(again) == []  # nothing of that epoch is left
+    assert len(list(resumed)) == 50  # the next pass over the same epoch is the whole epoch
+
+
+def test_the_partition_count_is_kept_and_a_changed_run_is_refused() -> None:
+    state = _run(1000, 8, 0)[0].state_dict()
+    explicit = StoreSampler(1000, seed=4, rank=0, world_size=2, partitions=16)
+    with pytest.raises(ShapeMismatchError, match="partitions=8.*partitions=16"):
+        explicit.load_state_dict(state)
+    for change, sampler in (("n", StoreSampler(999, seed=4, rank=0, world_size=2)),
+                            ("seed", StoreSampler(1000, seed=5, rank=0, world_size=2)),
+                            ("chunk_rows", StoreSampler(1000, seed=4, rank=0, world_size=2, chunk_rows=10))):
+        with pytest.raises(ShapeMismatchError, match=change):
+            sampler.load_state_dict(state)
+    adopting = StoreSampler(1000, seed=4, rank=0, world_size=2)
+    adopting.load_state_dict(state)
+    assert adopting.partitions == 8 and adopting.state_dict()["partitions"] == 8
+    with pytest.raises(ValueError, match="partitions"):
+        StoreSampler(10, partitions=0)
+    # a run that starts at 2 ranks with 8 partitions reads what an 8-rank run reads, two parts per rank
+    np.testing.assert_array_equal(np.concatenate([s.order() for s in _run(1000, 2, 3, partitions=8)]),
+                                  np.concatenate([s.order() for s in _run(1000, 8, 3)]))

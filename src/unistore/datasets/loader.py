@@ -188,11 +188,15 @@ def _require_process_group() -> None:
 def make_loader(dataset: Any, batch_size: int, *, shuffle: bool = True, seed: int = 0, distributed: bool = False,
                 rank: int | None = None, world_size: int | None = None, drop_last: bool = False,
                 num_workers: int = 0, chunk_rows: int | str | None = "auto", read_ahead: int | str = "auto",
-                read_ahead_bytes: int = 256 << 20, **loader_kwargs: Any) -> Any:
+                read_ahead_bytes: int = 256 << 20, partitions: int | None = None, **loader_kwargs: Any) -> Any:
     """A DataLoader over any unistore dataset with a :class:`StoreSampler` and batch collation.
 
     ``distributed=True`` takes rank and world size from ``torch.distributed``
-    (initialise the process group first) unless they are given.
+    (initialise the process group first) unless they are given; given
+    without it, they are used as they are (a launcher of its own).
+    ``partitions`` fixes the parts the epoch's order is built from (default:
+    this run's world size, then the one in a state loaded), so that a run
+    resumed at another world size keeps its order (see :class:`StoreSampler`).
     ``chunk_rows`` selects the sampler's chunk-aware order: ``"auto"`` (the
     default) uses it when the samples read rows of chunked arrays in a remote
     store, or of uncompressed ones through a disk cache (see
@@ -222,9 +226,9 @@ def make_loader(dataset: Any, batch_size: int, *, shuffle: bool = True, seed: in
     elif isinstance(chunk_rows, str):
         raise ValueError(f"chunk_rows must be 'auto', an int or None, got {chunk_rows!r}")
     said = _sample_rows(dataset) if chunk_rows is not None else None
-    sampler = StoreSampler(dataset, shuffle=shuffle, seed=seed, rank=rank if distributed else 0,
-                           world_size=world_size if distributed else 1, drop_last=drop_last, chunk_rows=chunk_rows,
-                           rows=None if said is None else said[0])
+    sampler = StoreSampler(dataset, shuffle=shuffle, seed=seed, rank=0 if rank is None else rank,
+                           world_size=1 if world_size is None else world_size, drop_last=drop_last,
+                           chunk_rows=chunk_rows, rows=None if said is None else said[0], partitions=partitions)
     loader_kwargs.setdefault("collate_fn", collate)
     loader = _Loader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                      drop_last=drop_last, **loader_kwargs)
