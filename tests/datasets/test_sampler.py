@@ -326,3 +326,126 @@ def test_the_partition_count_is_kept_and_a_changed_run_is_refused() -> None:
     # a run that starts at 2 ranks with 8 partitions reads what an 8-rank run reads, two parts per rank
     np.testing.assert_array_equal(np.concatenate([s.order() for s in _run(1000, 2, 3, partitions=8)]),
                                   np.concatenate([s.order() for s in _run(1000, 8, 3)]))
+
+
+def _store_dataset(tmp_path: Any, n: int = 3000) -> Any:
+    import unistore as us
+    from unistore.datasets import StoreDataset
+
+    url = str(tmp_path / "d.zarr")
+    with us.create_store(url, format="zarr") as store:
+        store.write_array("x", np.arange(n * 4, dtype=np.float32).reshape(n, 4), chunks=(100, 4))
+        store.write_array("y", np.arange(n))
+    return StoreDataset(url)
+
+
+def _take_batches(loader: Any, count: int | None) -> list[int]:
+    seen: list[int] = []
+    for k, batch in enumerate(loader):
+        np.testing.assert_array_equal(batch["x"].numpy()[:, 0], batch["y"].numpy() * 4)
+        seen += batch["y"].tolist()
+        if count is not None and k + 1 == count:
+            break
+    return seen
+
+
+@pytest.mark.parametrize("before, after", [(4, 3), (2, 5)])
+def test_make_loader_with_workers_and_read_ahead_resumes_at_another_world_size(tmp_path: Any, before: int,
+                                                                               after: int) -> None:
+    from unistore.datasets import make_loader, set_epoch
+
+    ds = _store_dataset(tmp_path)
+
+    def loader(rank: int, world: int) -> Any:
+        return make_loader(ds, 50, seed=3, num_workers=2, chunk_rows=100, read_ahead=2, rank=rank, world_size=world)
+
+    first = [loader(r, before) for r in range(before)]
+    for ld in first:
+        set_epoch(ld, 1)
+    drawn = [i for ld in first for i in _take_batches(ld, 5)]
+    state = first[0].state_dict()
+    assert state["consumed"] == 250 and state["world_size"] == before
+    second = [loader(r, after) for r in range(after)]
+    for ld in second:
+        ld.load_state_dict(state)
+    rest = [_take_batches(ld, None) for ld in second]
+    assert len({len(r) for r in rest}) == 1
+    everything = drawn + [i for r in rest for i in r]
+    assert set(everything) == set(range(len(ds))) and len(everything) - len(ds) <= after - 1
+    for ld in second:
+        set_epoch(ld, 2)
+    following = np.concatenate([ld.sampler.order() for ld in second])[:len(ds)]
+    np.testing.assert_array_equal(following, first[0].sampler.global_order(2))
+    np.testing.assert_array_equal(np.array(_take_batches(second[0], None)), second[0].sampler.order())
+
+
+def test_stateful_dataloader_resumes_at_another_world_size(tmp_path: Any) -> None:
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    from unistore.datasets import collate
+
+    ds = _store_dataset(tmp_path, n=1000)
+
+    def loader(rank: int, world: int) -> Any:
+        return StatefulDataLoader(ds, batch_size=20, num_workers=2, collate_fn=collate,
+                                  sampler=StoreSampler(ds, seed=5, rank=rank, world_size=world, chunk_rows=100))
+
+    first = [loader(r, 4) for r in range(4)]
+    drawn = [i for ld in first for i in _take_batches(ld, 3)]
+    state = first[0].state_dict()
+    second = [loader(r, 3) for r in range(3)]
+    for ld in second:
+        ld.load_state_dict(state)
+    everything = drawn + [i for ld in second for i in _take_batches(ld, None)]
+    assert set(everything) == set(range(1000)) and len(everything) - 1000 <= 2
+
+
+@pytest.mark.slow
+def test_a_gloo_run_on_s3_killed_at_4_ranks_resumes_at_3(tmp_path: Any, s3: dict[str, Any]) -> None:
+    import multiprocessing
+
+    import unistore as us
+
+    from ..conftest import s3_options
+    from ..storage.faulty_proxy import FaultyProxy
+    from .dist_helpers import run_elastic_rank
+
+    # chunks of 100 KB: what each process lists of the store when it opens it stays a few per cent of the data
+    n, dim = 100_000, 256
+    url = f"s3://{s3['bucket']}/elastic.zarr"
+    with us.create_store(url, format="zarr", storage_options=s3["options"]) as store:
+        store.write_array("x", np.repeat(np.arange(n, dtype=np.float32)[:, None], dim, axis=1), chunks=(100, dim))
+    stored = s3["fs"].du(url)
+    proxy = FaultyProxy(s3["endpoint"])
+    options = s3_options(proxy.endpoint)
+    ctx = multiprocessing.get_context("spawn")
+
+    def launch(world: int, phase: str, stop_after: int | None) -> list[int | None]:
+        procs = [ctx.Process(target=run_elastic_rank, args=(r, world, url, options, str(tmp_path / f"rdv-{phase}"),
+                                                            str(tmp_path), phase, stop_after)) for r in range(world)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(300)
+        return [p.exitcode for p in procs]
+
+    def seen(phase: str, world: int) -> list[list[int]]:
+        out = []
+        for r in range(world):
+            with open(tmp_path / f"{phase}-rank{r}.txt") as f:
+                out.append([int(v) for line in f for v in line.split()])
+        return out
+
+    try:
+        assert launch(4, "first", stop_after=60) == [-9] * 4  # killed
+        assert launch(3, "resumed", stop_after=None) == [0] * 3
+    finally:
+        proxy.close()
+    before, after = seen("first", 4), seen("resumed", 3)
+    assert [len(s) for s in before] == [60 * 128] * 4
+    assert len({len(s) for s in after}) == 1
+    everything = [i for s in before + after for i in s]
+    assert set(everything) == set(range(n)) and len(everything) - n <= 2  # each sample once; padding at the end
+    # all ranks together, killed run and resumed one, fetched about the stored bytes once
+    print(f"elastic 4 -> 3 ranks: bytes at the proxy / stored = {proxy.bytes_out / stored:.3f}")
+    assert proxy.bytes_out <= 1.15 * stored, (proxy.bytes_out, stored)
