@@ -65,18 +65,39 @@ def orders(n: int, chunk: int, ranks: int, chunk_aware: bool, epoch: int = 0) ->
     return out
 
 
+def _quality(parts: list[np.ndarray], chunk: int) -> list[str]:
+    """Per rank, averaged: distinct chunks per batch, median distance between consecutive rows, and the rank
+    correlation of a sample's position in the rank's order with its row."""
+    per_batch, dist, corr = [], [], []
+    for order in parts:
+        per_batch += [len(np.unique(order[i:i + BATCH] // chunk)) for i in range(0, len(order), BATCH)]
+        dist.append(np.median(np.abs(np.diff(order))))
+        ranks = np.argsort(np.argsort(order))
+        corr.append(abs(np.corrcoef(np.arange(len(order)), ranks)[0, 1]))
+    return [f"{np.mean(per_batch):.1f}", f"{np.mean(dist):,.0f}", f"{np.mean(corr):.3f}"]
+
+
 def shuffle_quality(n: int, chunk: int) -> None:
-    """What the chunk-aware order gives up: how many source chunks a batch mixes, and how far apart
-    consecutive samples are in the source."""
-    rows = [["order", "distinct chunks per batch (mean)", "median distance between consecutive rows",
+    """What the chunk-aware order gives up, at 1, 8 and 64 ranks and after a run stopped at 8 ranks resumes at
+    6: how many source chunks a batch mixes, how far apart consecutive samples are in the source, and how
+    much a rank's order follows the source's."""
+    rows = [["order", "ranks", "distinct chunks per batch (mean)", "median distance between consecutive rows",
              "rank correlation of position and row"]]
     for name, aware in (("plain shuffle", False), ("chunk-aware (window 4)", True)):
-        order = orders(n, chunk, 1, aware)[0]
-        per_batch = [len(np.unique(order[i:i + BATCH] // chunk)) for i in range(0, n, BATCH)]
-        dist = np.abs(np.diff(order))
-        ranks = np.argsort(np.argsort(order))
-        corr = abs(np.corrcoef(np.arange(n), ranks)[0, 1])
-        rows.append([name, f"{np.mean(per_batch):.1f}", f"{np.median(dist):,.0f}", f"{corr:.3f}"])
+        for ranks in (1, 8, 64):
+            rows.append([name, str(ranks)] + _quality(orders(n, chunk, ranks, aware), chunk))
+        first = [StoreSampler(n, seed=0, rank=r, world_size=8, chunk_rows=chunk if aware else None)
+                 for r in range(8)]
+        for s in first:
+            it = iter(s)
+            for _ in range(len(s) // 2):
+                next(it)
+        resumed = []
+        for r in range(6):
+            s = StoreSampler(n, seed=0, rank=r, world_size=6, chunk_rows=chunk if aware else None)
+            s.load_state_dict(first[0].state_dict())
+            resumed.append(s.order())
+        rows.append([name, "8, resumed at 6 mid-epoch (its rest)"] + _quality(resumed, chunk))
     print(f"\n## Shuffle quality, {n} rows in {n // chunk} chunks of {chunk}, batches of {BATCH}\n")
     print(table(rows))
 
