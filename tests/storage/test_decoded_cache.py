@@ -211,3 +211,40 @@ def test_decoded_chunks_stay_within_the_budget_under_workers(s3: dict[str, Any],
         assert seen == len(data) and cache.info()["bytes"] <= budget
     rows = np.random.default_rng(4).choice(len(data), 300, replace=False)
     np.testing.assert_array_equal(dataset.arrays["emb"].take(rows), data[rows])
+
+
+@pytest.mark.s3
+def test_threads_asking_a_zarr_arrays_identity_at_once_list_it_once(s3: dict[str, Any], tmp_path: Any,
+                                                                     data: np.ndarray) -> None:
+    """Read-ahead threads that start together on a fresh open share one listing of the array's objects."""
+    import threading
+
+    local = str(tmp_path / "src.zarr")
+    _write(local, "zarr", data)
+    s3["fs"].put(local + "/", f"{s3['bucket']}/race.zarr", recursive=True)
+    proxy = FaultyProxy(s3["endpoint"])
+    try:
+        store = us.open_store(f"s3://{s3['bucket']}/race.zarr", storage_options=s3_options(proxy.endpoint),
+                              cache=DiskCache(tmp_path / "cache"))
+        reader = store["emb"].layout.reader
+        proxy.latency = 0.05  # widen the window in which the threads overlap
+        proxy.reset_counts()
+        go = threading.Barrier(8)
+        seen: list[str | None] = []
+
+        def ask() -> None:
+            go.wait()
+            seen.append(reader.identity())
+
+        threads = [threading.Thread(target=ask) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        lists = sum(n for (method, path), n in proxy.paths.items() if method == "GET" and path.rstrip("/")
+                    == f"/{s3['bucket']}")
+        assert lists == 1, proxy.paths
+        assert len(set(seen)) == 1 and seen[0] is not None and seen[0].startswith("zarr|s3://")
+        np.testing.assert_array_equal(store["emb"].take([3, 1999]), data[[3, 1999]])
+    finally:
+        proxy.close()

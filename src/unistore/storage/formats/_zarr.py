@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
 import uuid
 from typing import Any
 
@@ -285,6 +286,19 @@ class _StoredBytes:
             return None
 
 
+# One listing per reader even when several read-ahead threads ask for its identity at once.  Held only while
+# listing; a fresh lock in a forked child, in case the fork came while another thread held it.
+_IDENTITY_LOCK = threading.Lock()
+
+
+def _fresh_identity_lock() -> None:
+    global _IDENTITY_LOCK
+    _IDENTITY_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_fresh_identity_lock)
+
+
 class ZarrBlockReader(LazyBlockReader):
     """Reads rows ``[start, stop)`` of one zarr array; the handle is (counting store, array).
 
@@ -325,7 +339,10 @@ class ZarrBlockReader(LazyBlockReader):
         if self.location.cache is None:
             return None
         if self._identity is None:
-            self._identity = f"zarr|{self.location.url}|{self.name}|{_listing_digest(self.location, self.name)}"
+            with _IDENTITY_LOCK:
+                if self._identity is None:
+                    digest = _listing_digest(self.location, self.name)
+                    self._identity = f"zarr|{self.location.url}|{self.name}|{digest}"
         return self._identity
 
     def __getstate__(self) -> tuple[Any, ...]:  # type: ignore[override]
