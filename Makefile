@@ -2,12 +2,13 @@
 #   make demo   - the main job: one embedding dataset in every format, read speed table, then the same
 #                 training loops (ClusterLabeled and JASPER) from every backend
 #   make test   - the test suite (needs PostgreSQL only for catalog tests; S3 runs on moto)
+#   make docs   - the documentation site (mkdocs-material + mkdocstrings) into site/
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench lint docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,9 +34,13 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_experiments.py
 	$(PY) benchmarks/bench_lora.py
 
+# the documentation site into site/; --strict: a broken link or a reference to a name that no longer exists fails
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/mypy src
 
 clean:
-	rm -rf $(VENV) demo-data
+	rm -rf $(VENV) demo-data site

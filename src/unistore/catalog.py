@@ -14,6 +14,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from unistore._optional import require
+
+require("sqlalchemy")
+
 from sqlalchemy.engine import Engine
 
 from unistore.schemas.engine import Catalog, CatalogOutdatedError, make_engine, safe_url, unavailable_as_typed

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -32,7 +33,16 @@ def _options(pairs: Sequence[str] | None) -> dict[str, Any]:
     return out
 
 
-def _human(n: int | None) -> str:
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("unistore")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def human_size(n: int | None) -> str:
     if n is None:
         return "?"
     size = float(n)
@@ -62,7 +72,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         a = store[key]
         shape = f"ragged[{len(a)}]" if isinstance(a, RaggedArray) else str(a.shape)
         rows.append([key, shape, dtype_name(a.dtype), str(a.chunks or "-"), a.compression or "-",
-                     _human(a.stored_nbytes), _human(a.nbytes), a.format])
+                     human_size(a.stored_nbytes), human_size(a.nbytes), a.format])
     print(_table(rows))
     return 0
 
@@ -84,12 +94,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
                      src_storage_options=_options(args.src_option) or opts,
                      dst_storage_options=_options(args.dst_option) or opts,
                      overwrite=args.overwrite, progress=not args.quiet, scheduler=args.dask)
-    print(f"converted {report.arrays} arrays ({_human(report.logical_bytes)} of data): "
-          f"{_human(report.src_bytes)} -> {_human(report.dst_bytes)} on storage "
+    print(f"converted {report.arrays} arrays ({human_size(report.logical_bytes)} of data): "
+          f"{human_size(report.src_bytes)} -> {human_size(report.dst_bytes)} on storage "
           f"({report.ratio:.2f}x) at {args.dst}")
     if args.dask:
         print(f"on Dask: {report.blocks_copied} blocks copied, {report.blocks_skipped} already staged and verified, "
-              f"{_human(report.source_bytes_read)} read from the source")
+              f"{human_size(report.source_bytes_read)} read from the source")
     return 0
 
 
@@ -122,6 +132,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                 s3_endpoint=args.s3_endpoint)
     results += run_lora_demo(args.dir, s3_endpoint=args.s3_endpoint)
     run_experiments_demo(args.dir)
+    from unistore.demo import closing_words
+
+    print(closing_words(args.dir))
     return 0 if all(r["last"] < r["first"] for r in results) else 1
 
 
@@ -133,12 +146,12 @@ def cmd_cache(args: argparse.Namespace) -> int:
         print("error: no cache directory: pass --dir or set UNISTORE_CACHE_DIR", file=sys.stderr)
         return 2
     if args.cache_command == "clear":
-        print(f"removed {_human(cache.clear())} from {cache.root}")
+        print(f"removed {human_size(cache.clear())} from {cache.root}")
         return 0
     info = cache.info()
     print(_table([["root", info["root"]], ["entries", f"{info['entries']} blocks of {info['objects']} objects"],
-                  ["size", f"{_human(info['bytes'])} of {_human(info['max_bytes'])}"],
-                  ["block size", _human(info["block_bytes"])]]))
+                  ["size", f"{human_size(info['bytes'])} of {human_size(info['max_bytes'])}"],
+                  ["block size", human_size(info["block_bytes"])]]))
     return 0
 
 
@@ -180,6 +193,10 @@ def cmd_db(args: argparse.Namespace) -> int:
         return 0
     if args.db_command in ("export-labels", "drop-dataset"):
         return _db_labels(args)
+    if args.db_command == "revision":
+        path = migrations.revision(args.message, args.url, autogenerate=not args.empty)
+        print(f"wrote {path}; review it, then: unistore db upgrade")
+        return 0
     engine = make_engine(args.url)
     shown = safe_url(engine.url)
     try:
@@ -320,7 +337,11 @@ def _print_results(results: list[dict[str, Any]]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="unistore", description="One storage layer for ML training data.")
+    parser = argparse.ArgumentParser(
+        prog="unistore", description="One storage layer for ML training data.",
+        epilog="Storage options: -o key=value (repeatable; values parsed as JSON when they can be), e.g. "
+               "-o endpoint_url=http://127.0.0.1:9000 -o anon=true. Exit status: 0 ok, 1 a check failed, 2 error.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def store_cmd(name: str, help: str) -> argparse.ArgumentParser:
@@ -337,9 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="one task per array on Dask: a local cluster, or the scheduler at ADDRESS (tcp://host:port)")
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("convert", help="copy a store into another format or filesystem")
-    p.add_argument("src")
-    p.add_argument("dst")
+    p = sub.add_parser("convert", help="copy a store into another format or filesystem",
+                       description="Copy every array, its attributes and checksums into a new store, published "
+                                   "atomically when it is complete.")
+    p.add_argument("src", help="the store to read (path or URL; its format is detected)")
+    p.add_argument("dst", help="the store to write (path or URL); must not exist unless --overwrite")
     p.add_argument("--to", required=True, help="destination format: npy, pt, safetensors, hdf5, zarr")
     p.add_argument("--compression", help="zarr: zstd, gzip, blosc, lz4 (e.g. zstd:5); hdf5: gzip, lzf")
     p.add_argument("--chunks", help="chunk shape for every array, e.g. 1024,384")
@@ -348,8 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="copy row blocks in parallel on Dask: a local cluster, or the scheduler at ADDRESS")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("-o", "--option", action="append", metavar="KEY=VALUE", help="storage option for both ends")
-    p.add_argument("--src-option", action="append", metavar="KEY=VALUE")
-    p.add_argument("--dst-option", action="append", metavar="KEY=VALUE")
+    p.add_argument("--src-option", action="append", metavar="KEY=VALUE", help="storage option for the source only")
+    p.add_argument("--dst-option", action="append", metavar="KEY=VALUE",
+                   help="storage option for the destination only")
     p.set_defaults(func=cmd_convert)
 
     db = sub.add_parser("db", help="catalog migrations and the legacy importer")
@@ -368,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
     db_cmd("current", "show the catalog's revision")
     db_cmd("history", "list the migrations")
     db_cmd("check", "exit non-zero when the models and the migrations differ")
+    p = db_cmd("revision", "write a new migration into the package (autogenerated from the models' differences)")
+    p.add_argument("-m", "--message", required=True, help="what the migration does (also its file name)")
+    p.add_argument("--empty", action="store_true", help="empty upgrade/downgrade functions, nothing compared")
     p = db_cmd("import-legacy", "import a legacy dataset.db (pickled labels) into the catalog")
     p.add_argument("path", help="the legacy dataset.db")
     p.add_argument("--name", help="dataset name (default: the directory holding dataset.db)")
@@ -433,9 +460,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="write an embedding dataset in every format, compare read speed, and train "
                                     "the same models from every backend")
-    p.add_argument("--rows", type=int, default=200_000)
-    p.add_argument("--dim", type=int, default=384)
-    p.add_argument("--batches", type=int, default=200)
+    p.add_argument("--rows", type=int, default=200_000, help="rows of the embedding dataset (default 200000)")
+    p.add_argument("--dim", type=int, default=384, help="embedding width (default 384)")
+    p.add_argument("--batches", type=int, default=200, help="random batches of 256 rows per read-speed round "
+                                                             "(default 200)")
     p.add_argument("--dir", default="demo-data", help="working directory (default: ./demo-data)")
     p.add_argument("--train-rows", type=int, default=20_000, help="samples/pairs of the training datasets")
     p.add_argument("--steps", type=int, default=300, help="training steps per backend")
@@ -446,13 +474,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: how the library's messages spell a fix, and how this command spells it
+_CLI_SPELLING = (
+    (re.compile(r"pass overwrite=True"), "pass --overwrite"),
+    (re.compile(r"storage_options=\{'key': \.\.\., 'secret': \.\.\.\}"), "-o key=... -o secret=..."),
+    (re.compile(r"storage_options=\{'anon': True\}"), "-o anon=true"),
+    (re.compile(r"storage_options=\{'token': ([^}]+)\}"), r"-o token=\1"),
+    (re.compile(r"storage_options=\{'account_name': \.\.\., 'account_key': \.\.\.\}"),
+     "-o account_name=... -o account_key=..."),
+    (re.compile(r"storage_options endpoint_url"), "-o endpoint_url=..."),
+)
+
+
+def for_the_command_line(message: str) -> str:
+    """A library message with its fixes spelled as this command's flags (``--overwrite``, ``-o key=...``)."""
+    for pattern, flag in _CLI_SPELLING:
+        message = pattern.sub(flag, message)
+    return message
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``unistore`` command."""
+    """Entry point of the ``unistore`` command.
+
+    Exit status: 0 on success, 1 when a check fails (``db check``, a demo whose loss did not fall), 2 on an
+    error (printed as one line naming the fix), 130 on Ctrl-C.  Output cut short by a closed pipe
+    (``unistore info ... | head``) ends quietly.
+    """
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()
+        return code
     except UnistoreError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {for_the_command_line(str(e))}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        # the reader of our output went away (head, less): nothing to report; stdout is pointed at /dev/null so
+        # the interpreter's own flush at exit does not raise again
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except ImportError as e:  # an optional library missing where no MissingDependencyError was raised
+        print(f"error: {e}; install what this command needs: pip install 'unistore[all]'", file=sys.stderr)
+        return 2
+    except (OSError, ValueError, TypeError, RuntimeError) as e:
+        if os.environ.get("UNISTORE_DEBUG"):
+            raise
+        print(f"error: {type(e).__name__}: {e} (set UNISTORE_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
 
 

@@ -73,7 +73,7 @@ def _factory_demo(workdir: str, steps: int) -> dict[str, Any]:
         opt.step()
         return float(loss.detach())
 
-    rate, first, last = train(data["train_loader"], step, steps)
+    rate, first, last = train(data["train_loader"], step, steps, desc="factory synthetic")
     with torch.no_grad():
         correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in data["test_loader"])
     accuracy = correct / len(data["test_loader"].dataset)
@@ -113,7 +113,7 @@ def _lora_run(label: str, folder: str, cache: Any, steps: int, storage_options: 
             for b in loader:
                 yield b["tokens"], b
 
-    rate, first, last = train(_Batches(), lambda b: step(b[1]), steps)  # type: ignore[arg-type]
+    rate, first, last = train(_Batches(), lambda b: step(b[1]), steps, desc="LoRA deltas")  # type: ignore[arg-type]
     print(f"  {label:<28} {len(loader.dataset):>3} checkpoints  {rate:>8,.0f} samples/s  "
           f"loss {first:.3f} -> {last:.3f}")
     return {"name": f"lora {label}", "first": first, "last": last}

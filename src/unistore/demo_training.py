@@ -100,11 +100,15 @@ def write_jasper_pt_layout(path: str, n_pairs: int, dim: int, n_neg: int = 4, n_
                    os.path.join(path, f"{name}.pt"))
 
 
-def train(loader: Any, step: Callable[[Any], float], steps: int) -> tuple[float, float, float]:
-    """Run ``steps`` optimisation steps over ``loader`` (cycling epochs).
+def train(loader: Any, step: Callable[[Any], float], steps: int, desc: str | None = None) -> tuple[float, float, float]:
+    """Run ``steps`` optimisation steps over ``loader`` (cycling epochs), with a progress bar named ``desc``
+    (none when ``desc`` is None or stderr is not a terminal).
 
     Returns samples/s, the mean loss of the first 3 steps and of the last tenth.
     """
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps, desc=desc, unit="step", leave=False, disable=desc is None or None)
     losses: list[float] = []
     seen = 0
     start = time.perf_counter()
@@ -114,11 +118,15 @@ def train(loader: Any, step: Callable[[Any], float], steps: int) -> tuple[float,
             loader.sampler.set_epoch(epoch)
         for batch in loader:
             losses.append(step(batch))
+            bar.update(1)
+            if len(losses) % 20 == 0:
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)
             seen += len(batch[0]) if isinstance(batch, (tuple, list)) else len(batch["question_emb"])
             if len(losses) == steps:
                 break
         epoch += 1
     elapsed = time.perf_counter() - start
+    bar.close()
     window = max(1, steps // 10)
     return seen / elapsed, float(np.mean(losses[:3])), float(np.mean(losses[-window:]))
 
@@ -237,19 +245,22 @@ def run_training_demo(workdir: str, rows: int = 20_000, pairs: int = 20_000, dim
 
     results: list[dict[str, Any]] = []
     print(f"\n{'dataset':<14s} {'backend':<30s} {'samples/s':>10s} {'loss start':>11s} {'loss end':>9s}")
+
+    def row(r: dict[str, Any]) -> None:  # each run's line as it ends, so a long demo shows its progress
+        results.append(r)
+        print(f"{r['dataset']:<14s} {r['backend']:<30s} {r['samples_s']:>10,.0f} {r['first']:>11.3f} "
+              f"{r['last']:>9.3f}", flush=True)
+
     for label, ds in cluster_sets:
         loader = DataLoader(ds, batch_size=batch_size, shuffle=True)  # the seed's own loop, unchanged
-        speed, first, last = train(loader, domain_classifier_step(dim, ds.n_clusters), steps)
-        results.append({"dataset": "ClusterLabeled", "backend": label, "samples_s": speed, "first": first,
-                        "last": last})
+        speed, first, last = train(loader, domain_classifier_step(dim, ds.n_clusters), steps,
+                                   desc=f"ClusterLabeled {label}")
+        row({"dataset": "ClusterLabeled", "backend": label, "samples_s": speed, "first": first, "last": last})
     for label, url, fmt, options in jasper_sets:
         loader = create_loader(url, "train", batch_size=batch_size, storage_format=fmt, use_mmap=True,
                                storage_options=options)
-        speed, first, last = train(loader, jasper_step(dim), steps)
-        results.append({"dataset": "JASPER", "backend": label, "samples_s": speed, "first": first, "last": last})
-    for r in results:
-        print(f"{r['dataset']:<14s} {r['backend']:<30s} {r['samples_s']:>10,.0f} {r['first']:>11.3f} "
-              f"{r['last']:>9.3f}")
+        speed, first, last = train(loader, jasper_step(dim), steps, desc=f"JASPER {label}")
+        row({"dataset": "JASPER", "backend": label, "samples_s": speed, "first": first, "last": last})
     falling = all(r["last"] < r["first"] for r in results)
     print("\nthe loss fell on every backend" if falling else "\nWARNING: the loss did not fall everywhere")
     return results

@@ -13,9 +13,11 @@ __all__ = [
     "StoreNotFoundError",
     "ArrayNotFoundError",
     "InvalidKeyError",
+    "ArgumentTypeError",
     "FormatError",
     "UnknownFormatError",
     "MissingDependencyError",
+    "CredentialsError",
     "CorruptDataError",
     "TruncatedDataError",
     "UnsafePickleError",
@@ -56,6 +58,10 @@ class ArrayNotFoundError(UnistoreError, KeyError):
 
 class InvalidKeyError(UnistoreError, ValueError):
     """A key or path is unsafe (``..``, absolute, NUL, backslash) or malformed."""
+
+
+class ArgumentTypeError(UnistoreError, TypeError):
+    """An argument has the wrong type (a number where a path or URL belongs, say)."""
 
 
 class FormatError(UnistoreError, ValueError):
@@ -100,6 +106,11 @@ class IncompleteStoreError(UnistoreError, FileNotFoundError):
 
 class RemoteError(UnistoreError, OSError):
     """A remote filesystem kept failing after the retry budget was spent."""
+
+
+class CredentialsError(RemoteError, PermissionError):
+    """A remote store needs credentials that were not found, or the server refused the ones given; the message
+    names the ``storage_options`` keys and environment variables that supply them."""
 
 
 class StoreChangedError(UnistoreError, OSError):

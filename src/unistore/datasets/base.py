@@ -154,6 +154,9 @@ class StoreDataset(_TorchDataset):  # type: ignore[misc,valid-type]
 
     def __init__(self, store: TensorStore | str | os.PathLike[str], keys: Sequence[str] | None = None, *,
                  storage_options: Mapping[str, Any] | None = None, format: str = "auto", as_numpy: bool = False):
+        from unistore._optional import require
+
+        require("torch", "the dataset classes")
         self._open_arrays(store, keys, storage_options=storage_options, format=format)
         self.as_numpy = as_numpy
         lengths = {k: len(a) for k, a in self.arrays.items()}

@@ -442,6 +442,9 @@ class ClusterLabeledDataset(StoreDataset):
                  return_metadata: bool = False, mmap_mode: str = "r", cache_size: int = 1000, *,
                  catalog_url: str | None = None, dataset_name: str | None = None,
                  storage_options: Mapping[str, Any] | None = None):
+        from unistore._optional import require
+
+        require("sqlalchemy", "ClusterLabeledDataset (its labels live in the catalog)")
         if label_type not in LABEL_TYPES:
             raise ValueError(f"label_type must be one of {LABEL_TYPES}, got {label_type!r}")
         if mmap_mode not in _MMAP_MODES:

@@ -216,6 +216,9 @@ def make_loader(dataset: Any, batch_size: int, *, shuffle: bool = True, seed: in
     (``open_store(..., cache=...)``), where one process fetches each block or
     chunk and the others wait for it.
     """
+    from unistore._optional import require
+
+    require("torch", "make_loader and create_loader")
     if distributed and (rank is None or world_size is None):
         _require_process_group()
         d_rank, d_world = dist_rank_and_world()

@@ -344,6 +344,9 @@ class Text2Qwen25LoRA_DeltaDataset(_TorchDataset):  # type: ignore[misc,valid-ty
                  delta_cache: DeltaCache, max_text_length: int = 512, condition_type: str = "prompt", *,
                  storage_options: Mapping[str, Any] | None = None, require_delta: bool = True,
                  fallback_delta_norm: float = 0.0, skip_bad: bool = False, verbose: bool = True):
+        from unistore._optional import require
+
+        require("torch", "the LoRA datasets")
         if condition_type not in ("prompt", "prompt_answer"):
             raise ValueError(f"condition_type must be 'prompt' or 'prompt_answer', got {condition_type!r}")
         # the folder's Location carries the storage options: pickled into DataLoader workers, its secrets are
@@ -482,6 +485,9 @@ class DeltaAugmentedDataset(_TorchDataset):  # type: ignore[misc,valid-type]
 
     def __init__(self, base_dataset: Any, delta_cache: DeltaCache, require_delta: bool = True,
                  fallback_delta_norm: float = 0.0, verbose: bool = True):
+        from unistore._optional import require
+
+        require("torch", "the LoRA datasets")
         self.base_dataset = base_dataset
         self.delta_cache = delta_cache
         self.require_delta = require_delta
@@ -544,6 +550,9 @@ class DnDDatasetWithDelta(_TorchDataset):  # type: ignore[misc,valid-type]
     def __init__(self, base_dataset: Any, delta_cache_dir: str | os.PathLike[str] | DeltaCache = "deltas",
                  fallback_delta_norm: float = 0.0, *, catalog_url: str | None = None,
                  storage_options: Mapping[str, Any] | None = None):
+        from unistore._optional import require
+
+        require("torch", "the LoRA datasets")
         self.base_dataset = base_dataset
         self.delta_cache = (delta_cache_dir if isinstance(delta_cache_dir, DeltaCache)
                             else DeltaCache(delta_cache_dir, catalog_url=catalog_url,

@@ -58,7 +58,10 @@ class ChromaConfig:
     Args:
         persist_directory: directory of the embedded index (``PersistentClient``).
         collection_name: the Chroma collection.
-        host / port / ssl / headers: a Chroma server (``HttpClient``) instead of the embedded index.
+        host: a Chroma server (``HttpClient``) instead of the embedded index.
+        port: the server's port.
+        ssl: whether the server speaks HTTPS.
+        headers: HTTP headers sent to the server (authentication).
         catalog_url: the catalog holding the experiments (default:
             :func:`unistore.schemas.engine.default_catalog_url`).
         embedding_function: a Chroma embedding function over the experiments' JSON documents
@@ -205,7 +208,9 @@ def get_chroma_client(config: ChromaConfig | None = None) -> Any:
     with _CLIENTS_LOCK:
         client = _CLIENTS.get(key)
         if client is None:
-            import chromadb
+            from unistore._optional import require
+
+            chromadb = require("chromadb")
             from chromadb.config import Settings
 
             settings = Settings(anonymized_telemetry=False, allow_reset=True)

@@ -13,10 +13,15 @@ import os
 from pathlib import Path
 from typing import Any
 
+from unistore._optional import require
+
+require("sqlalchemy", "catalog migrations")
+require("alembic", "catalog migrations")
+
 from sqlalchemy import Engine
 
 __all__ = ["alembic_config", "upgrade", "downgrade", "current_revision", "head_revision", "history", "check",
-           "import_legacy"]
+           "revision", "import_legacy"]
 
 HERE = Path(__file__).resolve().parent
 
@@ -138,6 +143,39 @@ def check(target: Engine | str | os.PathLike[str] | None = None) -> list[Any]:
     finally:
         if owned:
             engine.dispose()
+
+
+def revision(message: str, target: Engine | str | os.PathLike[str] | None = None, autogenerate: bool = True,
+             rev_id: str | None = None) -> Path:
+    """Write a new migration into this package's ``versions/`` directory and return its path.
+
+    With ``autogenerate`` the catalog at ``target`` (migrated to head first) is compared with the models and
+    the differences are written as operations; without it the file holds empty ``upgrade``/``downgrade``
+    functions to fill in.  The revision id is the next number after the head (``0005``), unless given.
+
+    Raises:
+        CatalogOutdatedError: the catalog is at a revision this unistore does not know.
+        CatalogUnavailableError: the catalog cannot be reached.
+    """
+    from alembic import command
+
+    from unistore.schemas.engine import unavailable_as_typed
+
+    head = head_revision()
+    rev_id = rev_id or (f"{int(head) + 1:04d}" if head.isdigit() else None)
+    if not autogenerate:
+        script = command.revision(alembic_config(), message=message, rev_id=rev_id)
+    else:
+        upgrade(target)
+        engine, owned = _engine(target)
+        try:
+            with unavailable_as_typed(engine), engine.begin() as conn:
+                script = command.revision(alembic_config(conn), message=message, autogenerate=True, rev_id=rev_id)
+        finally:
+            if owned:
+                engine.dispose()
+    _script.cache_clear()
+    return Path(script.path)  # type: ignore[union-attr]
 
 
 def __getattr__(name: str) -> Any:

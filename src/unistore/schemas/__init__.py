@@ -1,5 +1,9 @@
 """The catalog's schema: SQLAlchemy models, the NDArray column type, engines (connecting: unistore.catalog)."""
 
+from unistore._optional import require
+
+require("sqlalchemy")
+
 from unistore.schemas.engine import Catalog, CatalogOutdatedError, make_engine, resolve_url, safe_url
 from unistore.schemas.models import (
     LABEL_KINDS,

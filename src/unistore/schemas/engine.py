@@ -182,8 +182,12 @@ def unavailable_as_typed(engine: Engine) -> Iterator[None]:
         reason = str(e.orig or e).splitlines()[0]
         if _not_a_database(reason):
             raise _corrupt_catalog(engine, reason) from e
-        raise CatalogUnavailableError(f"cannot open the catalog at {safe_url(engine.url)}: {reason}; check that the "
-                                      "server is running and the URL is right") from e
+        if engine.url.get_backend_name() == "sqlite":
+            fix = ("check that the path names a file (not a directory) in a directory you can write, or pass another "
+                   "catalog_url / UNISTORE_CATALOG_URL")
+        else:
+            fix = "check that the server is running and the URL (host, port, user, database) is right"
+        raise CatalogUnavailableError(f"cannot open the catalog at {safe_url(engine.url)}: {reason}; {fix}") from e
     except DatabaseError as e:
         raise _corrupt_catalog(engine, str(e.orig or e).splitlines()[0]) from e
 

@@ -100,7 +100,14 @@ class Location:
                  transport: str | None = None):
         import fsspec.core
 
+        if not isinstance(url, (str, os.PathLike)):
+            from unistore.errors import ArgumentTypeError
+
+            raise ArgumentTypeError(f"a store is named by a path or URL string (or os.PathLike), got "
+                                    f"{type(url).__name__} {url!r:.80}")
         url = os.fspath(url)
+        if isinstance(url, bytes):
+            url = os.fsdecode(url)
         if "\x00" in url:
             raise InvalidKeyError("store URL contains a NUL byte")
         protocol, path = fsspec.core.split_protocol(url)
@@ -234,7 +241,7 @@ class Location:
                 install_log_redaction()
 
             try:
-                self._fs = one_retry_budget(fsspec.filesystem(self.protocol, **self._options))
+                self._fs = one_retry_budget(fsspec.filesystem(self.protocol, **_one_try(self.protocol, self._options)))
             except ImportError as e:
                 from unistore.errors import MissingDependencyError
 
@@ -275,6 +282,16 @@ def identity_from(protocol: str, path: str, info: Mapping[str, Any]) -> tuple[st
                                         "last_modified") if info.get(k)), "")
     size = int(info.get("size") or 0)
     return (f"{protocol}://{path}|{tag}|{size}", size)
+
+
+def _one_try(protocol: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """s3fs options with botocore's own retries off (unless the user set them): botocore retries a refused
+    connection four times with backoff inside every attempt (13 s each), where :func:`retry_remote` should judge."""
+    if protocol not in ("s3", "s3a"):
+        return dict(options)
+    config = dict(options.get("config_kwargs") or {})
+    config.setdefault("retries", {"max_attempts": 1, "mode": "standard"})
+    return {**options, "config_kwargs": config}
 
 
 def one_retry_budget(fs: Any) -> Any:
@@ -398,6 +415,7 @@ def retry_remote(fn: Callable[[], T], where: Location, policy: RetryPolicy | Non
     end = min(start + policy.deadline, batch[0] if batch else float("inf"))
     delay = policy.base_delay
     last = ""
+    refused_since: float | None = None
     for attempt in range(1, policy.attempts + 1):
         try:
             result = _watched(fn, end - time.monotonic())
@@ -413,10 +431,22 @@ def retry_remote(fn: Callable[[], T], where: Location, policy: RetryPolicy | Non
                 "open_store(..., deadline=seconds)"
             ) from None
         except Exception as e:
+            typed = _final_remote_error(e, where)
+            if typed is not None:
+                raise typed from e
             if not _is_transient(e):
                 raise
             last = f"{type(e).__name__}: {_scrub(str(e), where)[:200]}"
             elapsed = time.monotonic() - start
+            if _refused(e):
+                refused_since = refused_since if refused_since is not None else time.monotonic()
+                if time.monotonic() - refused_since + delay > REFUSED_WINDOW or attempt == policy.attempts:
+                    raise RemoteError(
+                        f"cannot read {where.url}: the connection to {_endpoint_of(where)} was refused {attempt} "
+                        f"times in {elapsed:.1f}s (nothing listens there); check the endpoint (storage_options "
+                        "endpoint_url, or AWS_ENDPOINT_URL) and that the server is running") from e
+            else:
+                refused_since = None
             if attempt == policy.attempts or time.monotonic() + delay > end:
                 raise RemoteError(
                     f"reading {where.url} failed {attempt} times in {elapsed:.1f}s "
@@ -427,6 +457,75 @@ def retry_remote(fn: Callable[[], T], where: Location, policy: RetryPolicy | Non
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
     raise AssertionError("unreachable")
+
+
+#: seconds over which a refused connection is retried: long enough for a server that is restarting, short enough
+#: that a wrong endpoint is reported at once instead of after the whole retry budget
+REFUSED_WINDOW = 3.0
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return
+        yield seen
+        seen = seen.__cause__ or seen.__context__
+
+
+def _refused(exc: BaseException) -> bool:
+    """Whether the connection was refused (no server at the endpoint), by errno or by the text obstore and
+    botocore give it."""
+    for e in _chain(exc):
+        if isinstance(e, ConnectionRefusedError) or getattr(e, "errno", None) == errno.ECONNREFUSED:
+            return True
+        text = str(e)
+        if "Connection refused" in text or "ConnectionRefused" in text:
+            return True
+    return False
+
+
+def _endpoint_of(where: Location) -> str:
+    options = where.storage_options
+    endpoint = (options.get("endpoint_url") or (options.get("client_kwargs") or {}).get("endpoint_url")
+                or options.get("endpoint") or os.environ.get("AWS_ENDPOINT_URL_S3")
+                or os.environ.get("AWS_ENDPOINT_URL"))
+    return str(endpoint) if endpoint else f"the default {where.protocol}:// endpoint"
+
+
+#: how to supply credentials, by protocol
+_CREDENTIALS_HINT = {
+    "s3": "storage_options={'key': ..., 'secret': ...} (with 'token' for temporary credentials), or "
+          "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) in the environment; for a public bucket "
+          "pass storage_options={'anon': True}",
+    "gs": "storage_options={'token': 'path/to/service-account.json'}, or GOOGLE_APPLICATION_CREDENTIALS in the "
+          "environment; for a public bucket storage_options={'token': 'anon'}",
+    "az": "storage_options={'account_name': ..., 'account_key': ...} (or 'sas_token'), or AZURE_STORAGE_ACCOUNT_NAME "
+          "and AZURE_STORAGE_ACCOUNT_KEY in the environment",
+}
+_CREDENTIALS_HINT.update({"s3a": _CREDENTIALS_HINT["s3"], "gcs": _CREDENTIALS_HINT["gs"],
+                          "abfs": _CREDENTIALS_HINT["az"], "abfss": _CREDENTIALS_HINT["az"]})
+
+
+def _final_remote_error(exc: BaseException, where: Location) -> BaseException | None:
+    """The typed error for a remote failure no retry can mend (no credentials, credentials refused), else None."""
+    from unistore.errors import CredentialsError
+
+    if isinstance(exc, UnistoreError):
+        return None
+    names = " ".join(f"{type(e).__name__} {e}" for e in _chain(exc))
+    hint = _CREDENTIALS_HINT.get(where.protocol, "the credentials its fsspec backend takes in storage_options")
+    if "NoCredentialsError" in names or "Unable to locate credentials" in names \
+            or "DefaultCredentialsError" in names:
+        return CredentialsError(f"no credentials for {where.url}: none were passed and none were found in the "
+                                f"environment; supply them as {hint}")
+    if any(code in names for code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+                                      "InvalidToken")):
+        code = next(c for c in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken")
+                    if c in names)
+        return CredentialsError(f"{where.url}: the server refused the credentials ({code}); check the key and "
+                                f"secret, or supply others as {hint}")
+    return None
 
 
 class _Unanswered(Exception):

@@ -460,8 +460,10 @@ def _open_consistent(format: str, location: Location, options: Mapping[str, Any]
     detected and listed again, so its format, files and metadata all come from one version."""
 
     def attempt() -> tuple[Any, OpenedStore]:
-        fmt = get_format(detect_format(location) if format == "auto" else format)
-        return fmt, fmt.open(location, **options)
+        if format == "auto":
+            fmt = get_format(detect_format(location))
+            return fmt, fmt.open(location, **options)
+        return get_format(format), _open_as(format, location, options)
 
     if not location.is_local:
         return attempt()
@@ -479,6 +481,47 @@ def _open_consistent(format: str, location: Location, options: Mapping[str, Any]
 
     raise StoreChangedError(f"{location.url} was rewritten 5 times while it was being opened; open it again once "
                             "its writer has finished")
+
+
+def _open_as(format: str, location: Location, options: Mapping[str, Any]) -> OpenedStore:
+    """``open`` of the format asked for; when it fails or finds no array, and the path looks like another format,
+    a :class:`~unistore.errors.FormatError` says which (instead of the asked format's library's complaint)."""
+    from unistore.errors import (
+        FormatError,
+        IncompleteStoreError,
+        MissingDependencyError,
+        RemoteError,
+        StoreChangedError,
+        StoreNotFoundError,
+    )
+
+    def looks_like() -> str | None:
+        try:
+            found = detect_format(location)
+        except Exception:  # noqa: BLE001 - only a hint: a path no format claims says nothing
+            return None
+        return found if found != format else None
+
+    try:
+        opened = get_format(format).open(location, **options)
+    except (FileNotFoundError, PermissionError, IncompleteStoreError, StoreChangedError, RemoteError,
+            StoreNotFoundError, MissingDependencyError):
+        raise
+    except Exception as e:
+        found = looks_like()
+        if found is not None:
+            raise FormatError(f"{location.url} is not a {format} store: it looks like {found}; open it with "
+                              f"format={found!r} (or format='auto' to detect it)") from e
+        if isinstance(e, UnistoreError):
+            raise
+        raise FormatError(f"{location.url} cannot be read as {format} ({type(e).__name__}: {e}); check the path, "
+                          "or open it with format='auto' to detect its format") from e
+    if not opened.arrays:
+        found = looks_like()
+        if found is not None:
+            raise FormatError(f"{location.url} holds no {format} arrays: it looks like a {found} store; open it "
+                              f"with format={found!r} (or format='auto' to detect it)")
+    return opened
 
 
 def _as_cache(cache: Any) -> Any:

@@ -98,6 +98,11 @@ def _classes() -> list[tuple[str, type[Format]]]:
     return out
 
 
+def compressing_formats() -> list[tuple[str, tuple[str, ...]]]:
+    """``(format, its compressions)`` for every registered format that compresses."""
+    return [(name, cls.compressions) for name, cls in _classes() if cls.compressions]
+
+
 def missing_library(name: str) -> MissingDependencyError | None:
     """The error opening a ``name`` store would raise because its library is not installed, else None
     (found without importing the library)."""

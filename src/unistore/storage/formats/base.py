@@ -191,12 +191,17 @@ class FormatWriter(ABC):
         that must be published *last* (the root metadata)."""
 
     def check_compression(self, compression: str | None) -> None:
-        if compression and compression not in self.format.compressions:
-            have = ", ".join(self.format.compressions) or "none"
-            raise UnsupportedError(
-                f"format {self.format.name!r} does not support compression {compression!r} "
-                f"(supported: {have}); use format='zarr' or 'hdf5' for compressed arrays"
-            )
+        if not compression or compression.split(":", 1)[0] in self.format.compressions:
+            return
+        name = self.format.name
+        if self.format.compressions:
+            raise UnsupportedError(f"format {name!r} has no compression {compression!r}; choose one of "
+                                   f"{', '.join(self.format.compressions)}")
+        from unistore.storage.formats import compressing_formats
+
+        others = " or ".join(f"format={f!r} ({', '.join(c)})" for f, c in compressing_formats())
+        raise UnsupportedError(f"format {name!r} stores arrays uncompressed: drop compression={compression!r}, or "
+                               f"write {others}")
 
 
 class Format(ABC):
