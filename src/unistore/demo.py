@@ -150,7 +150,8 @@ def closing_words(workdir: str) -> str:
     return "\n".join([
         "",
         f"The demo's data is in {where} ({human_size(size)}), with its catalog ({os.path.join(where, 'catalog.db')}).",
-        f"Remove it with: rm -rf {workdir}   (or make clean, which also removes .venv)",
+        f"Remove it with: rm -rf {workdir}" + ("   (make clean removes it and .venv)"
+                                                if os.path.normpath(workdir) == "demo-data" else ""),
         "",
         "Try next:",
         f"  unistore info {os.path.join(workdir, 'emb_zstd.zarr')}        what a store holds",
