@@ -103,6 +103,35 @@ def default_catalog_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: 
     return home
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_filesystems() -> Iterator[None]:
+    """Each test module's S3 filesystems are closed and forgotten when it ends.
+
+    fsspec keeps every filesystem instance it made, by its options, for the
+    life of the process; the tests' servers and proxies listen on ports of
+    their own, so without this the session would keep hundreds of s3fs
+    clients (each with botocore's S3 model loaded, about 20 MB), and the
+    garbage collections at the end of the run would take tens of seconds.
+    """
+    yield
+    import sys
+
+    s3fs = sys.modules.get("s3fs")
+    if s3fs is None:
+        return
+    from fsspec.asyn import sync
+
+    for fs in list(s3fs.S3FileSystem._cache.values()):
+        client, loop = getattr(fs, "_s3", None), getattr(fs, "_loop", None)
+        if client is not None and loop is not None and loop.is_running():
+            try:
+                sync(loop, client.__aexit__, None, None, None, timeout=5)
+            except Exception:  # a client that cannot close cleanly is dropped all the same
+                pass
+            fs._s3 = None
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def catalog_url(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[str]:
     """An empty catalog database: a SQLite file or a fresh PostgreSQL database (every catalog test runs on both)."""
