@@ -20,6 +20,10 @@ def service_missing(reason: str) -> None:
     pytest.skip(reason)
 
 
+#: the session's own S3 server: its filesystems serve every module and are kept (see ``_fresh_filesystems``)
+_SESSION_ENDPOINTS: list[str] = []
+
+
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[str]:
     """A moto S3 server on 127.0.0.1; yields its endpoint URL."""
@@ -30,6 +34,7 @@ def s3_server() -> Iterator[str]:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
+    _SESSION_ENDPOINTS.append(f"http://{host}:{port}")
     yield f"http://{host}:{port}"
     server.stop()
 
@@ -105,13 +110,14 @@ def default_catalog_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: 
 
 @pytest.fixture(autouse=True, scope="module")
 def _fresh_filesystems() -> Iterator[None]:
-    """Each test module's S3 filesystems are closed and forgotten when it ends.
+    """When a test module ends, the s3fs filesystems it made for servers and proxies of its own are closed
+    and forgotten (those of the session's server stay, for the next modules).
 
     fsspec keeps every filesystem instance it made, by its options, for the
-    life of the process; the tests' servers and proxies listen on ports of
-    their own, so without this the session would keep hundreds of s3fs
-    clients (each with botocore's S3 model loaded, about 20 MB), and the
-    garbage collections at the end of the run would take tens of seconds.
+    life of the process; the tests' proxies listen on ports of their own, so
+    without this the session would keep hundreds of s3fs clients (each with
+    botocore's S3 model loaded, about 20 MB), and the garbage collections at
+    the end of the run would take tens of seconds.
     """
     yield
     import sys
@@ -121,7 +127,10 @@ def _fresh_filesystems() -> Iterator[None]:
         return
     from fsspec.asyn import sync
 
-    for fs in list(s3fs.S3FileSystem._cache.values()):
+    cache = s3fs.S3FileSystem._cache
+    for token, fs in list(cache.items()):
+        if (getattr(fs, "client_kwargs", None) or {}).get("endpoint_url") in _SESSION_ENDPOINTS:
+            continue
         client, loop = getattr(fs, "_s3", None), getattr(fs, "_loop", None)
         if client is not None and loop is not None and loop.is_running():
             try:
@@ -129,7 +138,7 @@ def _fresh_filesystems() -> Iterator[None]:
             except Exception:  # a client that cannot close cleanly is dropped all the same
                 pass
             fs._s3 = None
-    s3fs.S3FileSystem.clear_instance_cache()
+        cache.pop(token, None)
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

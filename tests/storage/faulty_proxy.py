@@ -136,9 +136,9 @@ class FaultyProxy:
                     self.wfile.write(data[: len(data) // 2])
                     self.close_connection = True
                     return
-                self.wfile.write(data)
-                with proxy._lock:
+                with proxy._lock:  # counted before it is sent: a client that has its answer finds it counted
                     proxy.bytes_out += len(data)
+                self.wfile.write(data)
                 conn.close()
 
             def _stream(self, resp: http.client.HTTPResponse, length: int) -> None:
@@ -155,10 +155,10 @@ class FaultyProxy:
                     n = resp.readinto(buf[:min(len(buf), length - sent)])
                     if not n:
                         break
+                    with proxy._lock:  # counted before it is sent (see above)
+                        proxy.bytes_out += n
                     self.wfile.write(buf[:n])
                     sent += n
-                with proxy._lock:
-                    proxy.bytes_out += sent
                 if sent < length:
                     self.close_connection = True  # the server sent less than it promised: so does the proxy
 
