@@ -20,7 +20,12 @@ from typing import Any
 import numpy as np
 
 import unistore as us
-from unistore.demo import rows_per_second
+from unistore.demo import best_rows_per_second
+
+
+def rows_per_second(read: Any, batches: list[np.ndarray], rounds: int = 1) -> float:
+    """Best rows/s of one reader over ``batches`` in ``rounds`` rounds."""
+    return best_rows_per_second({"read": read}, batches, rounds=rounds, progress=False)["read"]
 
 
 def paired(take: Any, baseline: Any, batches: list[np.ndarray], rounds: int = 15) -> tuple[float, float]:
