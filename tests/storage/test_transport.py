@@ -85,6 +85,19 @@ def test_environment_transport_is_the_default(monkeypatch: pytest.MonkeyPatch) -
     assert isinstance(transport_for("", "s3", "bkt/x.npy", {}, fs=None), FsspecTransport)
 
 
+def test_threads_asking_at_once_share_one_transport_and_an_obstore_reader_makes_no_filesystem() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    loc = Location("s3://bkt/x.npy", {"key": "AKID", "secret": "sek"}, transport="obstore")
+    with ThreadPoolExecutor(8) as pool:
+        made = list(pool.map(lambda _: loc.transport, range(8)))
+    assert isinstance(made[0], ObstoreTransport)
+    assert all(t is made[0] for t in made)
+    assert loc._fs is None  # metadata would make it; reading bytes through obstore does not
+    fsspec_loc = Location("s3://bkt/x.npy", {"key": "AKID", "secret": "sek"}, transport="fsspec")
+    assert fsspec_loc.transport.fs is fsspec_loc.fs
+
+
 # ------------------------------------------------------------------ against S3
 @pytest.fixture
 def proxy(s3_server: str) -> Any:

@@ -226,20 +226,31 @@ class Location:
 
     @property
     def fs(self) -> Any:
-        """The fsspec filesystem, created on first use in each process."""
+        """The fsspec filesystem, created on first use in each process (once: threads asking at the same time
+        wait for the one making it)."""
+        if self._fs is not None and self._pid == os.getpid():
+            return self._fs
+        with _MAKING:
+            return self._make_fs()
+
+    def _before_connecting(self) -> None:
+        """Refuse to connect without the credentials this location was pickled with, and scrub the logs of the
+        libraries that will connect."""
+        if self._missing_secrets:
+            raise RemoteError(
+                f"{self.url} was pickled with credentials in storage_options, and they were not handed to "
+                "this process (they never travel inside a pickle); pass storage_options again here, or "
+                "supply credentials from the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)")
+        if not self.is_local:
+            from unistore.storage.secrets import install_log_redaction
+
+            install_log_redaction()
+
+    def _make_fs(self) -> Any:
         if self._fs is None or self._pid != os.getpid():
             import fsspec
 
-            if self._missing_secrets:
-                raise RemoteError(
-                    f"{self.url} was pickled with credentials in storage_options, and they were not handed to "
-                    "this process (they never travel inside a pickle); pass storage_options again here, or "
-                    "supply credentials from the environment (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)")
-            if not self.is_local:
-                from unistore.storage.secrets import install_log_redaction
-
-                install_log_redaction()
-
+            self._before_connecting()
             try:
                 self._fs = one_retry_budget(fsspec.filesystem(self.protocol, **_one_try(self.protocol, self._options)))
             except ImportError as e:
@@ -257,12 +268,18 @@ class Location:
         """This process's :class:`~unistore.storage.transport.Transport` for the object bytes below this location
         (chosen on first use in each process: a forked child of a process that used obstore reads through
         fsspec)."""
-        if self._transport is None or self._transport[0] != os.getpid():
-            from unistore.storage.transport import transport_for
+        made = self._transport
+        if made is not None and made[0] == os.getpid():
+            return made[1]
+        from unistore.storage.transport import transport_for
 
-            self._transport = (os.getpid(), transport_for(self.transport_choice or "", self.protocol, self.path,
-                                                          self._options, self.fs))
-        return self._transport[1]
+        with _MAKING:  # one per process: the read-ahead's threads all start by asking for it
+            if self._transport is None or self._transport[0] != os.getpid():
+                self._before_connecting()
+                # the filesystem is made only if fsspec carries the bytes: an obstore reader never needs it
+                self._transport = (os.getpid(), transport_for(self.transport_choice or "", self.protocol,
+                                                              self.path, self._options, self._make_fs))
+            return self._transport[1]
 
     @property
     def name(self) -> str:
@@ -273,6 +290,19 @@ class Location:
 
     def isdir(self) -> bool:
         return bool(retry_remote(lambda: self.fs.isdir(self.path), self))
+
+
+#: held while a location's filesystem or transport is made (reentrant: making a transport may make the filesystem)
+_MAKING = threading.RLock()
+
+
+def _fresh_making_lock() -> None:
+    """In a forked child: a parent's thread may have held the lock at the fork."""
+    global _MAKING
+    _MAKING = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_fresh_making_lock)
 
 
 def identity_from(protocol: str, path: str, info: Mapping[str, Any]) -> tuple[str, int]:

@@ -424,21 +424,27 @@ def obstore_ready() -> bool:
 def transport_for(choice: str, protocol: str, path: str, options: Mapping[str, Any], fs: Any) -> Transport:
     """The transport a location with these settings reads through in this process (see the module docstring).
 
+    ``fs`` is the location's fsspec filesystem, or a callable that makes it (called only when fsspec carries
+    the bytes).
+
     Raises:
         MissingDependencyError: ``choice="obstore"`` without obstore installed.
         ValueError: an unknown choice, or ``"obstore"`` for a protocol or option obstore does not take.
     """
+    def through_fsspec() -> Transport:
+        return FsspecTransport(fs() if callable(fs) else fs, protocol)
+
     choice = choice or os.environ.get("UNISTORE_TRANSPORT", "auto")
     if choice not in TRANSPORTS:
         raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, got {choice!r}")
     if choice == "fsspec" or protocol == "file":
-        return FsspecTransport(fs, protocol)
+        return through_fsspec()
     config = obstore_config(protocol, options)
     if config is None:
         if choice == "obstore":
             raise ValueError(f"the obstore transport does not take {protocol}:// with these storage_options "
                              f"({', '.join(sorted(options)) or 'none'}); use transport='fsspec' or 'auto'")
-        return FsspecTransport(fs, protocol)
+        return through_fsspec()
     if not obstore_ready():
         if choice == "obstore" and _RUNTIME_PID[0] is None:
             raise MissingDependencyError("transport='obstore' needs obstore; pip install 'unistore[s3]'")
@@ -447,7 +453,7 @@ def transport_for(choice: str, protocol: str, path: str, options: Mapping[str, A
             log.info("process %d was forked from one that read through obstore, whose runtime does not survive "
                      "fork(): it reads through fsspec (start DataLoader workers with multiprocessing_context="
                      "'forkserver' or 'spawn' to keep obstore)", os.getpid())
-        return FsspecTransport(fs, protocol)  # not installed, or forked from a process that used it
+        return through_fsspec()  # not installed, or forked from a process that used it
     kind = OBSTORE_PROTOCOLS[protocol]
     if kind in ("http", "https"):
         from urllib.parse import urlsplit
