@@ -411,6 +411,14 @@ def test_read_ahead_leaves_blocks_someone_is_fetching_to_them(tmp_path: Any) -> 
         fetched.extend(zip(starts.tolist(), ends.tolist()))
         return [payload[s:e] for s, e in zip(starts.tolist(), ends.tolist())]
 
+    def stream(start: int, end: int, writer: Any) -> int:  # what a read-ahead hands ``ensure``
+        fetched.append((start, end))
+        writer.begin()
+        for at in range(start, end, 1000):  # in pieces that do not line up with the blocks
+            writer.write(payload[at:min(at + 1000, end)])
+        writer.finish()
+        return end - start
+
     held = threading.Event()
     done = threading.Event()
     waited_out: list[bool] = []
@@ -426,7 +434,7 @@ def test_read_ahead_leaves_blocks_someone_is_fetching_to_them(tmp_path: Any) -> 
     t.start()
     held.wait(30)
     try:
-        counts = cache.ensure("obj", len(payload), np.array([0]), np.array([len(payload)]), fetch)
+        counts = cache.ensure("obj", len(payload), np.array([0]), np.array([len(payload)]), stream)
         assert sorted(fetched) == [(0, 4096), (8192, 16384)]  # blocks 0, 2, 3; block 1 left to its fetcher
         assert counts["misses"] == 4
     finally:
@@ -522,3 +530,54 @@ def test_reads_are_pinned_to_the_version_opened(remote: Any, tmp_path: Any, s3: 
     again = us.open_store(remote["url"], storage_options=remote["options"], cache=cache)
     got = again["emb"].take(np.arange(ROWS))
     np.testing.assert_array_equal(got, data)
+
+
+def test_a_run_written_as_it_arrives_keeps_the_blocks_completed_before_a_failure(tmp_path: Any) -> None:
+    """A read-ahead writes each block straight from the pieces received; when the stream breaks, the blocks
+    already whole stay in place, the half-written one leaves nothing behind, and the next attempt starts at it."""
+    from unistore.storage.cache import BlockWriter
+
+    bs = 4096
+    cache = DiskCache(tmp_path / "cache", block_bytes=bs)
+    payload = np.random.default_rng(5).integers(0, 256, 4 * bs + 100, dtype=np.uint8).tobytes()  # 5 blocks
+    size = len(payload)
+    writer = BlockWriter(cache, "obj", size, 0, size)
+    assert writer.begin() == 0
+    for at in range(0, 2 * bs + 1500, 1000):  # 2.x blocks arrive, then the connection breaks
+        writer.write(payload[at:min(at + 1000, 2 * bs + 1500)])
+    folder = cache._dir("obj")
+    assert sorted(os.listdir(folder))[:2] == ["0", "1"] and any(".tmp-" in n for n in os.listdir(folder))
+    assert writer.begin() == 2 * bs  # the retry asks from the first block not in place
+    assert sorted(os.listdir(folder)) == ["0", "1"]  # the half-written block is gone
+    with pytest.raises(OSError, match="got more"):
+        writer.write(payload[2 * bs:] + b"extra")
+    writer.begin()
+    writer.write(payload[2 * bs:3 * bs + 10])
+    with pytest.raises(OSError, match="stream ended"):  # a short stream is retried, never kept
+        writer.finish()
+    assert writer.begin() == 3 * bs
+    writer.write(payload[3 * bs:])
+    writer.finish()
+    assert sorted(os.listdir(folder)) == ["0", "1", "2", "3", "4"]
+    got, counts = cache.read_ranges("obj", size, np.array([0]), np.array([size]), lambda s, e: [])
+    assert b"".join(got) == payload and counts["misses"] == 0  # every entry passes its CRC
+    assert cache._usage() == sum(os.path.getsize(os.path.join(folder, n)) for n in os.listdir(folder))
+
+
+def test_a_body_cut_short_is_fetched_again_from_the_first_block_not_in_place(remote: Any, tmp_path: Any) -> None:
+    cache = DiskCache(tmp_path / "cache", block_bytes=64 << 10)
+    proxy = remote["proxy"]
+    arr = us.open_store(remote["url"], storage_options=remote["options"], cache=cache)["emb"]
+    arr.layout.location.identity()
+    proxy.reset_counts()
+    proxy.mode, proxy.fail_next = "short", 1  # the first answer stops halfway through its body
+    arr.prefetch(np.arange(ROWS))
+    assert proxy.failures == 1 and proxy.requests["GET"] == 2
+    # the second request asked only for the blocks the first did not complete (the proxy counts what it
+    # relayed in full: the retry, not the half answer), from a block's first byte
+    size = arr.layout.location.known_identity[1]
+    assert 0 < proxy.bytes_out <= size - (64 << 10), proxy.bytes_out
+    assert (size - proxy.bytes_out) % (64 << 10) == 0
+    proxy.reset_counts()
+    np.testing.assert_array_equal(arr.take(np.arange(ROWS)), remote["data"])
+    assert proxy.total_requests == 0

@@ -48,6 +48,8 @@ DEFAULT_BLOCK_BYTES = 2 << 20
 BLOCK_BYTES = int(os.environ.get("UNISTORE_CACHE_BLOCK_BYTES", DEFAULT_BLOCK_BYTES))
 #: missing blocks are fetched in requests of at most this many bytes
 MAX_RUN_BYTES = 16 << 20
+#: a read-ahead writes the bytes of a run into its blocks as they arrive, in pieces of at least this many bytes
+STREAM_PIECE_BYTES = 256 << 10
 #: an eviction leaves the cache at this share of its budget
 EVICT_TO = 0.9
 #: an entry's "checked" mark is trusted for this long; then its CRC is checked again (bit rot keeps the mtime)

@@ -21,6 +21,7 @@ process, shared by every array stored in that file (a checkpoint's tensors).
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import threading
@@ -33,6 +34,7 @@ import numpy as np
 
 from unistore.errors import TruncatedDataError
 from unistore.storage import budget
+from unistore.storage.cache.entries import BlockWriter, CacheRefusedError
 from unistore.storage.location import Location, retry_remote
 from unistore.storage.plan import merge_ranges, plan_rows, scatter_rows, touched_blocks
 from unistore.storage.transport import Pin
@@ -253,6 +255,27 @@ class RemoteObject(ByteSource):
         stats.add(requests=n, nbytes=sum(len(b) for b in blobs))
         return blobs
 
+    def stream_into(self, start: int, end: int, writer: BlockWriter, stats: IOStats) -> int:
+        """Bytes ``[start, end)`` handed to ``writer`` as they arrive, in one request, retried within the store's
+        deadline from the first block the writer has not completed; returns the bytes received."""
+        loc = self.location
+        received = [0, 0]  # requests, bytes
+
+        def attempt() -> None:
+            at = writer.begin()
+            received[0] += 1
+            for piece in loc.transport.stream_range(loc.path, at, end, self.pin()):
+                received[1] += len(piece)
+                writer.write(piece)
+            writer.finish()
+
+        try:
+            retry_remote(attempt, loc)
+        finally:
+            writer.discard()
+            stats.add(requests=received[0], nbytes=received[1])
+        return received[1]
+
     def gather(self, layout: ContiguousLayout, indices: np.ndarray, stats: IOStats) -> np.ndarray:
         row = layout.row_nbytes
         if len(indices) == 0 or row == 0:
@@ -328,14 +351,26 @@ class CachedObject(ByteSource):
         bs = self.cache.block_bytes
         starts = base + rows * row
         whole = self.whole()
+        missed = fetched = 0  # blocks (and bytes) written as they arrived, below
         if whole is not None:
             need = touched_blocks(len(whole.mapped), starts, row, bs)
+            if not whole.covers(need):
+                # blocks nobody is fetching are written to the cache as their bytes arrive and mapped here (no
+                # buffer holds them); blocks another reader is fetching, or the cache refused, are read below
+                with contextlib.suppress(CacheRefusedError):
+                    counts = self.cache.ensure(identity, size, starts, starts + row,
+                                               partial(self.remote.stream_into, stats=stats))
+                    missed, fetched = counts["misses"], counts["bytes_remote"]
+                whole.add(need[~whole.mapped[need]])
             if whole.covers(need):
-                stats.add(disk_hits=len(need), bytes_local=int(np.minimum(bs, size - need * bs).sum()))
+                held = int(np.minimum(bs, size - need * bs).sum())
+                stats.add(disk_hits=len(need) - missed, disk_misses=missed, bytes_local=max(0, held - fetched))
                 return whole.rows(base, row, layout.shape[0])[rows].view(layout.dtype).reshape(shape)
         blocks, counts = self.cache.blocks(identity, size, starts, starts + row,
                                            partial(self.remote.read_ranges, stats=stats))
-        stats.add(disk_hits=counts["hits"], disk_misses=counts["misses"], bytes_local=counts["bytes_local"])
+        # blocks written above are found here: counted as the misses they were
+        stats.add(disk_hits=max(0, counts["hits"] - missed), disk_misses=counts["misses"] + missed,
+                  bytes_local=max(0, counts["bytes_local"] - fetched))
         if whole is not None:
             whole.add(need[~whole.mapped[need]])
             if whole.covers(need):
@@ -380,7 +415,7 @@ class CachedObject(ByteSource):
         starts = layout.offset + np.unique(indices) * row
         run_starts, run_ends, _ = merge_ranges(starts, starts + row, budget.MERGE_GAP_BYTES,
                                                budget.MAX_REQUEST_BYTES)
-        counts = self.cache.ensure(identity, size, run_starts, run_ends, partial(self.remote.read_ranges, stats=stats))
+        counts = self.cache.ensure(identity, size, run_starts, run_ends, partial(self.remote.stream_into, stats=stats))
         stats.add(disk_hits=counts["hits"], disk_misses=counts["misses"])
         if whole is not None:
             whole.add(need[~whole.mapped[need]])

@@ -16,7 +16,8 @@ Every budget knob and the eviction policy: :mod:`unistore.storage.budget`.
 """
 
 from unistore.storage.cache.chunks import ChunkCache, chunk_cache
-from unistore.storage.cache.entries import DiskCache, default_cache
+from unistore.storage.cache.entries import BlockWriter, CacheRefusedError, DiskCache, default_cache
 from unistore.storage.cache.mapping import MappedObject, sweep_mapped
 
-__all__ = ["DiskCache", "default_cache", "MappedObject", "sweep_mapped", "ChunkCache", "chunk_cache"]
+__all__ = ["DiskCache", "default_cache", "BlockWriter", "CacheRefusedError", "MappedObject", "sweep_mapped",
+           "ChunkCache", "chunk_cache"]

@@ -57,7 +57,7 @@ from unistore.storage import budget
 from unistore.storage.cache.claims import LOCKS_DIR, Claims
 from unistore.storage.plan import block_runs, blocks_of
 
-__all__ = ["DiskCache", "default_cache"]
+__all__ = ["DiskCache", "BlockWriter", "CacheRefusedError", "default_cache"]
 
 _TRAILER = struct.Struct("<QI")  # payload length, CRC-32
 _LOCK_NAME = ".evict.lock"
@@ -161,8 +161,11 @@ class DiskCache(Claims):
         """CRC-32 of an entry's payload and of where it belongs (its path below the root: the object identity's
         digest and the block or chunk name), so an entry copied, linked or swapped into another's place fails its
         check like a corrupt one."""
-        where = os.path.relpath(path, self.root).encode()
-        return zlib.crc32(where, zlib.crc32(payload))
+        return self._seal(path, zlib.crc32(payload))
+
+    def _seal(self, path: str, payload_crc: int) -> int:
+        """:meth:`_crc` from the CRC-32 of the payload alone (computed piece by piece as it was written)."""
+        return zlib.crc32(os.path.relpath(path, self.root).encode(), payload_crc)
 
     def checked(self, path: str, want: int) -> tuple[int, int, int] | None:
         """The (inode, size, mtime) with which the entry at ``path`` was found intact (:meth:`_get`), or None."""
@@ -330,20 +333,26 @@ class DiskCache(Claims):
         return out, counts
 
     def ensure(self, identity: str, size: int, starts: np.ndarray, ends: np.ndarray,
-               fetch: Callable[[np.ndarray, np.ndarray], list[bytes]]) -> dict[str, int]:
+               stream: Callable[[int, int, BlockWriter], int]) -> dict[str, int]:
         """Make sure the blocks holding the ranges are cached, fetching only those that are not (read-ahead).
 
-        Nothing is assembled or returned but the counts of :meth:`read_ranges`;
-        cached blocks are only looked at (the reader that uses them checks them).
+        ``stream(start, end, writer)`` hands the bytes of a run of missing
+        blocks to ``writer`` (a :class:`BlockWriter`) as they arrive and
+        returns how many it received: each block goes to its file straight
+        from the pieces received, with no buffer holding the run.  Nothing is
+        assembled or returned but the counts of :meth:`read_ranges`; cached
+        blocks are only looked at (the reader that uses them checks them).
         """
-        return self.blocks(identity, size, starts, ends, fetch, check=False)[1]
+        return self.blocks(identity, size, starts, ends, None, check=False, stream=stream)[1]
 
     def blocks(self, identity: str, size: int, starts: np.ndarray, ends: np.ndarray,
-               fetch: Callable[[np.ndarray, np.ndarray], list[bytes]],
-               check: bool = True) -> tuple[dict[int, Any], dict[str, int]]:
+               fetch: Callable[[np.ndarray, np.ndarray], list[bytes]] | None,
+               check: bool = True, stream: Callable[[int, int, BlockWriter], int] | None = None,
+               ) -> tuple[dict[int, Any], dict[str, int]]:
         """The blocks holding the ranges, ``{block number: payload}`` (mapped when cached; fetched with ``fetch``
         in merged runs and kept when missing), and the counts of :meth:`read_ranges`: for readers that slice them
-        themselves.  ``check=False`` only looks for cached blocks (and returns none of them)."""
+        themselves.  ``check=False`` only looks for cached blocks (and returns none of them); with ``stream``
+        (see :meth:`ensure`) the missing blocks are written as their bytes arrive, and none is returned."""
         bs = self.block_bytes
         wanted = blocks_of(starts, ends, bs)
         folder = self._dir(identity)
@@ -366,6 +375,11 @@ class DiskCache(Claims):
         for todo in self.producing(identity, [str(b) for b in missing], present, wait=check):
             numbers = np.array(sorted(int(n) for n in todo), dtype=np.int64)
             run_starts, run_ends = block_runs(numbers, bs, size, max(1, budget.MAX_RUN_BYTES // bs))
+            if stream is not None:
+                for rs, re in zip(run_starts.tolist(), run_ends.tolist()):
+                    remote += stream(rs, re, BlockWriter(self, identity, size, rs, re))
+                continue
+            assert fetch is not None
             for rs, blob in zip(run_starts.tolist(), fetch(run_starts, run_ends)):
                 remote += len(blob)
                 blocks.update(self.store(identity, rs, blob))
@@ -475,6 +489,118 @@ class DiskCache(Claims):
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(self.root, _USAGE_NAME))  # recounted from the directory when next written
         return freed
+
+
+class CacheRefusedError(Exception):
+    """The disk cache could not take an entry (a full or read-only disk, or an entry larger than the budget)."""
+
+
+class BlockWriter:
+    """Writes the blocks of one run ``[start, end)`` of an object (block-aligned, or ending at the object's end)
+    as its bytes arrive: each block to a temporary file, renamed into place once whole with its trailer and
+    "checked" mark, as :meth:`DiskCache._put` writes an entry.  Blocks completed stay in place when the stream
+    fails; :meth:`begin` restarts at the first block not yet in place, so a retry fetches only what is missing.
+    """
+
+    def __init__(self, cache: DiskCache, identity: str, size: int, start: int, end: int):
+        self.cache, self.size, self.end = cache, size, end
+        self.folder = cache._dir(identity)
+        #: the first byte of the first block not yet in place
+        self.done = start
+        self._pos = start
+        self._file: Any = None
+        self._tmp = self._path = ""
+        self._want = self._written = self._crc = self._reserved = 0
+
+    def begin(self) -> int:
+        """Start (again) at the first block not yet in place, dropping a block left half-written; returns its
+        offset in the object."""
+        self.discard()
+        self._pos = self.done
+        return self.done
+
+    def write(self, piece: Any) -> None:
+        """Write the next bytes of the run.
+
+        Raises:
+            CacheRefusedError: the cache cannot take the block (nothing of it is left behind).
+            ShortReadError: more bytes than the run holds.
+        """
+        view = memoryview(piece).cast("B")
+        if self._pos + len(view) > self.end:
+            from unistore.storage.location import ShortReadError
+
+            raise ShortReadError(f"asked {self.end - self.done} bytes at {self.done}, got more")
+        while len(view):
+            if self._file is None:
+                self._open()
+            part = view[:self._want - self._written]
+            try:
+                self._file.write(part)
+            except OSError as e:
+                self.discard()
+                raise CacheRefusedError(f"the disk cache at {self.cache.root} refused an entry ({e})") from None
+            self._crc = zlib.crc32(part, self._crc)
+            self._written += len(part)
+            self._pos += len(part)
+            view = view[len(part):]
+            if self._written == self._want:
+                self._seal()
+
+    def finish(self) -> None:
+        """Check that the whole run arrived.
+
+        Raises:
+            ShortReadError: the stream ended early (retried; the blocks completed stay).
+        """
+        if self.done != self.end:
+            from unistore.storage.location import ShortReadError
+
+            at = self._pos
+            self.discard()
+            raise ShortReadError(f"asked {self.end - at} more bytes at {at}, the stream ended")
+
+    def discard(self) -> None:
+        """Drop a block left half-written (its temporary file and its reservation)."""
+        if self._file is None:
+            return
+        with contextlib.suppress(OSError):
+            self._file.close()
+        with contextlib.suppress(OSError):
+            os.remove(self._tmp)
+        self.cache._reserve(-self._reserved)
+        self._file = None
+
+    def _open(self) -> None:
+        cache, bs = self.cache, self.cache.block_bytes
+        block = self._pos // bs
+        self._path = os.path.join(self.folder, str(block))
+        self._want = min(bs, self.size - block * bs)
+        nbytes = self._want + _TRAILER.size
+        tmp = f"{self._path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        if nbytes > cache.max_bytes or not cache._reserve(nbytes, tmp):
+            raise CacheRefusedError(f"the disk cache at {cache.root} has no room for an entry of {nbytes} bytes")
+        self._tmp, self._reserved, self._written, self._crc = tmp, nbytes, 0, 0
+        try:  # created empty by ``_reserve``; opened without O_TRUNC, as ``_put`` does
+            self._file = open(os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o644), "wb")
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            cache._reserve(-nbytes)
+            raise CacheRefusedError(f"the disk cache at {cache.root} refused an entry ({e})") from None
+
+    def _seal(self) -> None:
+        """The block is whole: its trailer, its mark, and into place."""
+        try:
+            self._file.write(_TRAILER.pack(self._want, self.cache._seal(self._path, self._crc)))
+            self._file.close()
+            _mark_verified(self._tmp)
+            os.replace(self._tmp, self._path)
+        except OSError as e:
+            self.discard()
+            raise CacheRefusedError(f"the disk cache at {self.cache.root} refused an entry ({e})") from None
+        self._file = None
+        self.done = self._pos
 
 
 _VERIFIED = "user.unistore.verified"
