@@ -256,25 +256,16 @@ class RemoteObject(ByteSource):
         return blobs
 
     def stream_into(self, start: int, end: int, writer: BlockWriter, stats: IOStats) -> int:
-        """Bytes ``[start, end)`` handed to ``writer`` as they arrive, in one request, retried within the store's
-        deadline from the first block the writer has not completed; returns the bytes received."""
+        """Bytes ``[start, end)`` (``writer`` starts at ``start``) handed to ``writer`` as they arrive, in one
+        request, retried within the store's deadline from the first block the writer has not completed; returns
+        the bytes received by the attempt that completed."""
         loc = self.location
-        received = [0, 0]  # requests, bytes
-
-        def attempt() -> None:
-            at = writer.begin()
-            received[0] += 1
-            for piece in loc.transport.stream_range(loc.path, at, end, self.pin()):
-                received[1] += len(piece)
-                writer.write(piece)
-            writer.finish()
-
         try:
-            retry_remote(attempt, loc)
+            received: int = retry_remote(partial(loc.transport.stream_to, loc.path, end, writer, self.pin()), loc)
         finally:
             writer.discard()
-            stats.add(requests=received[0], nbytes=received[1])
-        return received[1]
+        stats.add(requests=1, nbytes=received)
+        return received
 
     def gather(self, layout: ContiguousLayout, indices: np.ndarray, stats: IOStats) -> np.ndarray:
         row = layout.row_nbytes

@@ -35,7 +35,7 @@ import asyncio
 import logging
 import os
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -84,10 +84,15 @@ class Transport:
     def get_ranges(self, path: str, starts: Sequence[int], ends: Sequence[int], pin: Pin | None = None) -> list[Any]:
         raise NotImplementedError
 
-    def stream_range(self, path: str, start: int, end: int, pin: Pin | None = None) -> Iterator[Any]:
-        """Bytes ``[start, end)`` as they arrive, in pieces (their lengths are the caller's to check).  This
-        default reads the whole range first."""
-        return iter(self.get_ranges(path, [start], [end], pin))
+    def stream_to(self, path: str, end: int, writer: Any, pin: Pin | None = None) -> int:
+        """One attempt at handing bytes ``[writer.begin(), end)`` to ``writer`` (a
+        :class:`~unistore.storage.cache.BlockWriter`) and checking they all came (``writer.finish()``); returns
+        the bytes received.  This default reads the whole range first."""
+        start = writer.begin()
+        blob = self.get_ranges(path, [start], [end], pin)[0]
+        writer.write(blob)
+        writer.finish()
+        return len(blob)
 
     async def get_async(self, path: str, start: int | None, end: int | None, suffix: int | None = None,
                         pin: Pin | None = None) -> bytes | None:
@@ -226,28 +231,33 @@ class ObstoreTransport(Transport):
         except Exception as e:  # noqa: BLE001 - mapped onto unistore's kinds
             raise _mapped(e, f"{self.protocol}://{path}", pin) from None
 
-    def stream_range(self, path: str, start: int, end: int, pin: Pin | None = None) -> Iterator[Any]:
-        """One request, its body handed on in pieces of at least ``budget.STREAM_PIECE_BYTES`` as they arrive:
-        no buffer holds the whole range."""
+    def stream_to(self, path: str, end: int, writer: Any, pin: Pin | None = None) -> int:
+        """One request, its body handed to ``writer`` in pieces of at least ``budget.STREAM_PIECE_BYTES`` as they
+        arrive: no buffer holds the whole range."""
         import obstore
 
         from unistore.storage import budget
 
         _started_here()
         url = f"{self.protocol}://{path}"
+        start = writer.begin()
+        received = 0
         try:
             pieces = obstore.get(self._store(pin), self._key(path), options={"range": (start, end)}).stream(
                 min_chunk_size=budget.STREAM_PIECE_BYTES)
         except Exception as e:  # noqa: BLE001 - mapped onto unistore's kinds
             raise _mapped(e, url, pin) from None
         while True:
-            try:  # only obstore's own calls are mapped: what the consumer raises at the yield passes as it is
+            try:  # only obstore's own calls are mapped: what the writer raises passes as it is
                 piece = next(pieces)
             except StopIteration:
-                return
+                break
             except Exception as e:  # noqa: BLE001
                 raise _mapped(e, url, pin) from None
-            yield piece
+            received += len(piece)
+            writer.write(piece)
+        writer.finish()
+        return received
 
     async def get_async(self, path: str, start: int | None, end: int | None, suffix: int | None = None,
                         pin: Pin | None = None) -> bytes | None:
