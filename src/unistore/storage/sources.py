@@ -406,7 +406,11 @@ class CachedObject(ByteSource):
         starts = layout.offset + np.unique(indices) * row
         run_starts, run_ends, _ = merge_ranges(starts, starts + row, budget.MERGE_GAP_BYTES,
                                                budget.MAX_REQUEST_BYTES)
-        counts = self.cache.ensure(identity, size, run_starts, run_ends, partial(self.remote.stream_into, stats=stats))
+        try:
+            counts = self.cache.ensure(identity, size, run_starts, run_ends,
+                                       partial(self.remote.stream_into, stats=stats))
+        except CacheRefusedError:
+            return  # a full or read-only cache: the rows are read when asked for, as without one
         stats.add(disk_hits=counts["hits"], disk_misses=counts["misses"])
         if whole is not None:
             whole.add(need[~whole.mapped[need]])
