@@ -448,7 +448,8 @@ def retry_remote(fn: Callable[[], T], where: Location, policy: RetryPolicy | Non
     refused_since: float | None = None
     for attempt in range(1, policy.attempts + 1):
         try:
-            result = _watched(fn, end - time.monotonic())
+            # a call nested inside a watched one runs here: the outermost watch bounds them all
+            result = fn() if getattr(_WATCHED, "active", False) else _watched(fn, end - time.monotonic())
             if batch:  # progress: the batch's other reads get a full deadline from now
                 batch[0] = max(batch[0], time.monotonic() + policy.deadline)
             return result
@@ -563,12 +564,7 @@ class _Unanswered(Exception):
 
 
 def _watched(fn: Callable[[], T], remaining: float) -> T:
-    """``fn()``, abandoned with :class:`_Unanswered` after ``remaining`` seconds.
-
-    Calls nested inside a watched one run directly: the outermost watch bounds them all.
-    """
-    if getattr(_WATCHED, "active", False):
-        return fn()
+    """``fn()`` on a thread of its own, abandoned with :class:`_Unanswered` after ``remaining`` seconds."""
     if remaining <= 0:
         raise _Unanswered
     box: dict[str, Any] = {}

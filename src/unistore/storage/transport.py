@@ -87,12 +87,8 @@ class Transport:
     def stream_to(self, path: str, end: int, writer: Any, pin: Pin | None = None) -> int:
         """One attempt at handing bytes ``[writer.begin(), end)`` to ``writer`` (a
         :class:`~unistore.storage.cache.BlockWriter`) and checking they all came (``writer.finish()``); returns
-        the bytes received.  This default reads the whole range first."""
-        start = writer.begin()
-        blob = self.get_ranges(path, [start], [end], pin)[0]
-        writer.write(blob)
-        writer.finish()
-        return len(blob)
+        the bytes received."""
+        raise NotImplementedError
 
     async def get_async(self, path: str, start: int | None, end: int | None, suffix: int | None = None,
                         pin: Pin | None = None) -> bytes | None:
@@ -140,6 +136,22 @@ class FsspecTransport(Transport):
             if blob is None:
                 raise FileNotFoundError(path)
         return _checked(blobs, starts, ends)
+
+    def stream_to(self, path: str, end: int, writer: Any, pin: Pin | None = None) -> int:
+        """One request for the range; its body (which aiohttp and botocore hand over whole) goes to ``writer``
+        once it has come."""
+        start = writer.begin()
+        if self.s3:
+            from fsspec.asyn import sync
+
+            blob = sync(self.fs.loop, self.get_async, path, start, end, pin=pin)
+            if blob is None:
+                raise FileNotFoundError(path)
+        else:
+            blob = self.fs.cat_file(path, start, end)
+        writer.write(blob)
+        writer.finish()
+        return len(blob)
 
     async def get_async(self, path: str, start: int | None, end: int | None, suffix: int | None = None,
                         pin: Pin | None = None) -> bytes | None:

@@ -49,7 +49,7 @@ import uuid
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -57,7 +57,7 @@ from unistore.storage import budget
 from unistore.storage.cache.claims import LOCKS_DIR, Claims
 from unistore.storage.plan import block_runs, blocks_of
 
-__all__ = ["DiskCache", "BlockWriter", "CacheRefusedError", "default_cache"]
+__all__ = ["DiskCache", "EntryFile", "BlockWriter", "CacheRefusedError", "default_cache"]
 
 _TRAILER = struct.Struct("<QI")  # payload length, CRC-32
 _LOCK_NAME = ".evict.lock"
@@ -206,22 +206,11 @@ class DiskCache(Claims):
     def _put(self, path: str, payload: Any) -> bool:
         """Write an entry (temporary name, then rename) within the budget; False when the disk refused it, or
         the entry alone is larger than the whole budget."""
-        nbytes = len(payload) + _TRAILER.size
-        tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        if nbytes > self.max_bytes or not self._reserve(nbytes, tmp):
-            return False
         try:
-            # opened without O_TRUNC (``_reserve`` created it empty): ext4 writes a truncated file back as it is
-            # closed (its ``auto_da_alloc``), a synchronous cost on every entry
-            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o644), "wb") as f:
-                f.write(payload)
-                f.write(_TRAILER.pack(len(payload), self._crc(path, payload)))
-            _mark_verified(tmp)
-            os.replace(tmp, path)
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            self._reserve(-nbytes)
+            entry = EntryFile(self, path, len(payload))
+            entry.write(payload)
+            entry.seal()
+        except CacheRefusedError:
             return False  # a full or read-only disk: the read still succeeds, uncached
         return True
 
@@ -341,50 +330,57 @@ class DiskCache(Claims):
         returns how many it received: each block goes to its file straight
         from the pieces received, with no buffer holding the run.  Nothing is
         assembled or returned but the counts of :meth:`read_ranges`; cached
-        blocks are only looked at (the reader that uses them checks them).
+        blocks are only looked at (the reader that uses them checks them),
+        and blocks another process or thread is fetching are left to it.
         """
-        return self.blocks(identity, size, starts, ends, None, check=False, stream=stream)[1]
+        wanted, missing, present = self._look(identity, size, starts, ends, None)
+        remote = 0
+        for todo in self.producing(identity, missing, present, wait=False):
+            for rs, re in zip(*(r.tolist() for r in self._runs(todo, size))):
+                remote += stream(rs, re, BlockWriter(self, identity, size, rs, re))
+        return {"hits": wanted - len(missing), "misses": len(missing), "bytes_local": 0, "bytes_remote": remote}
 
     def blocks(self, identity: str, size: int, starts: np.ndarray, ends: np.ndarray,
-               fetch: Callable[[np.ndarray, np.ndarray], list[bytes]] | None,
-               check: bool = True, stream: Callable[[int, int, BlockWriter], int] | None = None,
-               ) -> tuple[dict[int, Any], dict[str, int]]:
+               fetch: Callable[[np.ndarray, np.ndarray], list[bytes]]) -> tuple[dict[int, Any], dict[str, int]]:
         """The blocks holding the ranges, ``{block number: payload}`` (mapped when cached; fetched with ``fetch``
-        in merged runs and kept when missing), and the counts of :meth:`read_ranges`: for readers that slice them
-        themselves.  ``check=False`` only looks for cached blocks (and returns none of them); with ``stream``
-        (see :meth:`ensure`) the missing blocks are written as their bytes arrive, and none is returned."""
-        bs = self.block_bytes
-        wanted = blocks_of(starts, ends, bs)
-        folder = self._dir(identity)
+        in merged runs and kept when missing; awaited when another process or thread is fetching them), and the
+        counts of :meth:`read_ranges`: for readers that slice them themselves."""
         blocks: dict[int, Any] = {}
-
-        def present(name: str) -> bool:
-            path, want = os.path.join(folder, name), min(bs, size - int(name) * bs)
-            if not check:
-                return self.has(path, want)
-            payload = self._get(path, want)
-            if payload is not None:
-                blocks[int(name)] = payload
-            return payload is not None
-
-        missing = [b for b in wanted.tolist() if not present(str(b))]
+        wanted, missing, present = self._look(identity, size, starts, ends, blocks)
         local = sum(len(p) for p in blocks.values())  # payloads (bytes or mapped views)
         remote = 0
-        # blocks another process (or thread) is fetching right now are awaited (a read-ahead leaves them to it),
-        # not fetched again
-        for todo in self.producing(identity, [str(b) for b in missing], present, wait=check):
-            numbers = np.array(sorted(int(n) for n in todo), dtype=np.int64)
-            run_starts, run_ends = block_runs(numbers, bs, size, max(1, budget.MAX_RUN_BYTES // bs))
-            if stream is not None:
-                for rs, re in zip(run_starts.tolist(), run_ends.tolist()):
-                    remote += stream(rs, re, BlockWriter(self, identity, size, rs, re))
-                continue
-            assert fetch is not None
+        for todo in self.producing(identity, missing, present):
+            run_starts, run_ends = self._runs(todo, size)
             for rs, blob in zip(run_starts.tolist(), fetch(run_starts, run_ends)):
                 remote += len(blob)
                 blocks.update(self.store(identity, rs, blob))
-        return blocks, {"hits": len(wanted) - len(missing), "misses": len(missing), "bytes_local": local,
+        return blocks, {"hits": wanted - len(missing), "misses": len(missing), "bytes_local": local,
                         "bytes_remote": remote}
+
+    def _look(self, identity: str, size: int, starts: np.ndarray, ends: np.ndarray, found: dict[int, Any] | None,
+              ) -> tuple[int, list[str], Callable[[str], bool]]:
+        """How many blocks hold the ranges, the names of those missing, and the test of whether a block is in
+        place: which maps and checks it into ``found`` when given, else only looks for a file of its length."""
+        bs = self.block_bytes
+        wanted = blocks_of(starts, ends, bs).tolist()
+        folder = self._dir(identity)
+
+        def present(name: str) -> bool:
+            path, want = os.path.join(folder, name), min(bs, size - int(name) * bs)
+            if found is None:
+                return self.has(path, want)
+            payload = self._get(path, want)
+            if payload is not None:
+                found[int(name)] = payload
+            return payload is not None
+
+        return len(wanted), [str(b) for b in wanted if not present(str(b))], present
+
+    def _runs(self, names: list[str], size: int) -> tuple[np.ndarray, np.ndarray]:
+        """The byte ranges of runs of consecutive blocks ``names``, each at most ``budget.MAX_RUN_BYTES``."""
+        bs = self.block_bytes
+        numbers = np.array(sorted(int(n) for n in names), dtype=np.int64)
+        return block_runs(numbers, bs, size, max(1, budget.MAX_RUN_BYTES // bs))
 
     def _slice(self, blocks: dict[int, Any], start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` out of the blocks holding them."""
@@ -495,11 +491,69 @@ class CacheRefusedError(Exception):
     """The disk cache could not take an entry (a full or read-only disk, or an entry larger than the budget)."""
 
 
+class EntryFile:
+    """One entry being written, whole or piece by piece: a temporary file reserved in the budget, its CRC taken as
+    the bytes go in, then sealed (trailer, "checked" mark) and renamed into place by :meth:`seal`.  Every failure
+    leaves nothing behind (no file, no reservation) and raises :class:`CacheRefusedError`."""
+
+    def __init__(self, cache: DiskCache, path: str, want: int):
+        self.cache, self.path, self.want = cache, path, want
+        self.written = self._crc = 0
+        self._reserved = nbytes = want + _TRAILER.size
+        self._tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        if nbytes > cache.max_bytes or not cache._reserve(nbytes, self._tmp):
+            raise CacheRefusedError(f"the disk cache at {cache.root} has no room for an entry of {nbytes} bytes")
+        try:
+            # created empty by ``_reserve``, opened without O_TRUNC: ext4 writes a truncated file back as it is
+            # closed (its ``auto_da_alloc``), a synchronous cost on every entry
+            self._file: Any = open(os.open(self._tmp, os.O_WRONLY | os.O_CREAT, 0o644), "wb")
+        except OSError as e:
+            self._file = None
+            self._refused(e)
+
+    def write(self, piece: Any) -> None:
+        """Append ``piece`` (at most the bytes still missing)."""
+        try:
+            self._file.write(piece)
+        except OSError as e:
+            self._refused(e)
+        self._crc = zlib.crc32(piece, self._crc)
+        self.written += len(piece)
+
+    def seal(self) -> None:
+        """The entry is whole: its trailer, its mark, and into place."""
+        try:
+            self._file.write(_TRAILER.pack(self.want, self.cache._seal(self.path, self._crc)))
+            self._file.close()
+            self._file = None
+            _mark_verified(self._tmp)
+            os.replace(self._tmp, self.path)
+        except OSError as e:
+            self._refused(e)
+        self._reserved = 0  # the entry in place holds it now
+
+    def discard(self) -> None:
+        """Drop the entry: its temporary file and its reservation."""
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+        with contextlib.suppress(OSError):
+            os.remove(self._tmp)
+        if self._reserved:
+            self.cache._reserve(-self._reserved)
+            self._reserved = 0
+
+    def _refused(self, e: OSError) -> NoReturn:
+        self.discard()
+        raise CacheRefusedError(f"the disk cache at {self.cache.root} refused an entry ({e})") from None
+
+
 class BlockWriter:
     """Writes the blocks of one run ``[start, end)`` of an object (block-aligned, or ending at the object's end)
-    as its bytes arrive: each block to a temporary file, renamed into place once whole with its trailer and
-    "checked" mark, as :meth:`DiskCache._put` writes an entry.  Blocks completed stay in place when the stream
-    fails; :meth:`begin` restarts at the first block not yet in place, so a retry fetches only what is missing.
+    as its bytes arrive, each an :class:`EntryFile` put in place once whole.  Blocks completed stay in place
+    when the stream fails; :meth:`begin` restarts at the first block not yet in place, so a retry fetches only
+    what is missing.
     """
 
     def __init__(self, cache: DiskCache, identity: str, size: int, start: int, end: int):
@@ -508,9 +562,7 @@ class BlockWriter:
         #: the first byte of the first block not yet in place
         self.done = start
         self._pos = start
-        self._file: Any = None
-        self._tmp = self._path = ""
-        self._want = self._written = self._crc = self._reserved = 0
+        self._entry: EntryFile | None = None
 
     def begin(self) -> int:
         """Start (again) at the first block not yet in place, dropping a block left half-written; returns its
@@ -531,21 +583,26 @@ class BlockWriter:
             from unistore.storage.location import ShortReadError
 
             raise ShortReadError(f"asked {self.end - self.done} bytes at {self.done}, got more")
+        bs = self.cache.block_bytes
         while len(view):
-            if self._file is None:
-                self._open()
-            part = view[:self._want - self._written]
+            entry = self._entry
+            if entry is None:
+                block = self._pos // bs
+                entry = self._entry = EntryFile(self.cache, os.path.join(self.folder, str(block)),
+                                                min(bs, self.size - block * bs))
+            part = view[:entry.want - entry.written]
             try:
-                self._file.write(part)
-            except OSError as e:
-                self.discard()
-                raise CacheRefusedError(f"the disk cache at {self.cache.root} refused an entry ({e})") from None
-            self._crc = zlib.crc32(part, self._crc)
-            self._written += len(part)
+                entry.write(part)
+                if entry.written == entry.want:
+                    entry.seal()
+            except CacheRefusedError:
+                self._entry = None
+                raise
             self._pos += len(part)
             view = view[len(part):]
-            if self._written == self._want:
-                self._seal()
+            if entry.written == entry.want:
+                self._entry = None
+                self.done = self._pos
 
     def finish(self) -> None:
         """Check that the whole run arrived.
@@ -562,45 +619,9 @@ class BlockWriter:
 
     def discard(self) -> None:
         """Drop a block left half-written (its temporary file and its reservation)."""
-        if self._file is None:
-            return
-        with contextlib.suppress(OSError):
-            self._file.close()
-        with contextlib.suppress(OSError):
-            os.remove(self._tmp)
-        self.cache._reserve(-self._reserved)
-        self._file = None
-
-    def _open(self) -> None:
-        cache, bs = self.cache, self.cache.block_bytes
-        block = self._pos // bs
-        self._path = os.path.join(self.folder, str(block))
-        self._want = min(bs, self.size - block * bs)
-        nbytes = self._want + _TRAILER.size
-        tmp = f"{self._path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        if nbytes > cache.max_bytes or not cache._reserve(nbytes, tmp):
-            raise CacheRefusedError(f"the disk cache at {cache.root} has no room for an entry of {nbytes} bytes")
-        self._tmp, self._reserved, self._written, self._crc = tmp, nbytes, 0, 0
-        try:  # created empty by ``_reserve``; opened without O_TRUNC, as ``_put`` does
-            self._file = open(os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o644), "wb")
-        except OSError as e:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            cache._reserve(-nbytes)
-            raise CacheRefusedError(f"the disk cache at {cache.root} refused an entry ({e})") from None
-
-    def _seal(self) -> None:
-        """The block is whole: its trailer, its mark, and into place."""
-        try:
-            self._file.write(_TRAILER.pack(self._want, self.cache._seal(self._path, self._crc)))
-            self._file.close()
-            _mark_verified(self._tmp)
-            os.replace(self._tmp, self._path)
-        except OSError as e:
-            self.discard()
-            raise CacheRefusedError(f"the disk cache at {self.cache.root} refused an entry ({e})") from None
-        self._file = None
-        self.done = self._pos
+        if self._entry is not None:
+            self._entry.discard()
+            self._entry = None
 
 
 _VERIFIED = "user.unistore.verified"
