@@ -143,8 +143,10 @@ class Array:
         layout = self._info.layout
         if isinstance(layout, ContiguousLayout):
             return layout.source.cached_remote
-        loc = getattr(layout.reader, "location", None) if isinstance(layout, ChunkedLayout) else None
-        return loc is not None and not loc.is_local and loc.cache is not None
+        if isinstance(layout, ChunkedLayout):
+            loc = layout.reader.location
+            return loc is not None and not loc.is_local and layout.reader.cache is not None
+        return False
 
     def is_cached(self) -> bool:
         """Whether every row of this array is in place in the disk cache: every block of a remote uncompressed

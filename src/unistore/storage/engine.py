@@ -37,7 +37,7 @@ def _location_of(layout: Layout) -> Location | None:
     if isinstance(layout, ContiguousLayout):
         return layout.location
     if isinstance(layout, ChunkedLayout):
-        return getattr(layout.reader, "location", None)
+        return layout.reader.location
     return None
 
 
@@ -161,8 +161,7 @@ def _load_runs(layout: ChunkedLayout, chunk_ids: np.ndarray, stats: IOStats) -> 
         return first, layout.reader.read(first * cr, min(stop * cr, n))
 
     runs = chunk_runs(chunk_ids)
-    counter = getattr(layout.reader, "fetched", None)
-    before = counter() if counter else None
+    before = layout.reader.fetched()
     if len(runs) > 1 and layout.reader.concurrent:
         # each run in a copy of this context: the runs share the batch's deadline (one_deadline)
         contexts = [contextvars.copy_context() for _ in runs]
@@ -170,7 +169,7 @@ def _load_runs(layout: ChunkedLayout, chunk_ids: np.ndarray, stats: IOStats) -> 
             slabs = list(pool.map(lambda job: job[0].run(load, job[1]), zip(contexts, runs)))
     else:
         slabs = [load(run) for run in runs]
-    after = counter() if counter else None
+    after = layout.reader.fetched()
     if before is not None and after is not None:  # the reader knows what it fetched from storage
         stats.add(requests=after[0] - before[0], nbytes=after[1] - before[1], chunks_decoded=len(chunk_ids))
     else:  # otherwise count one request per run and the decoded bytes
@@ -238,12 +237,11 @@ def _assemble(layout: ChunkedLayout, indices: np.ndarray, chunk_of: np.ndarray,
 # ------------------------------------------------- decoded chunks on disk
 def _decoded_cache(layout: ChunkedLayout) -> tuple[Any, str] | None:
     """``(disk cache, array identity)`` when the array's decoded chunks are kept in a disk cache, else None."""
-    loc = getattr(layout.reader, "location", None)
-    identity = getattr(layout.reader, "identity", None)
-    if loc is None or loc.cache is None or identity is None or layout.dtype.itemsize == 0 or 0 in layout.shape[1:]:
+    cache = layout.reader.cache
+    if cache is None or layout.dtype.itemsize == 0 or 0 in layout.shape[1:]:
         return None
-    ident = identity()
-    return None if ident is None else (loc.cache, f"decoded|{ident}|{layout.chunk_rows}")
+    ident = layout.reader.identity()
+    return None if ident is None else (cache, f"decoded|{ident}|{layout.chunk_rows}")
 
 
 def _decoded_chunks(layout: ChunkedLayout, needed: np.ndarray, stats: IOStats, cache: Any, ident: str,

@@ -11,13 +11,16 @@ import math
 import os
 import shutil
 import threading
-from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from dataclasses import InitVar, dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from unistore.errors import DiskFullError
 from unistore.storage.location import Location
+
+if TYPE_CHECKING:
+    from unistore.storage.cache import DiskCache
 
 __all__ = ["file_stamp", "stamp_of", "open_described", "path_identity", "LazyBlockReader", "ContiguousLayout",
            "ChunkedLayout", "InMemoryLayout", "BlockReader", "IOStats", "Layout"]
@@ -41,12 +44,14 @@ class ContiguousLayout:
     stamp: int = 0
     #: where the bytes come from (:func:`~unistore.storage.sources.byte_source`, shared by the arrays of one file)
     source: Any = field(default=None, compare=False, repr=False)
+    #: the disk cache a remote file is read through (None: read directly), when ``source`` is made here
+    cache: InitVar[DiskCache | None] = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, cache: DiskCache | None) -> None:
         if self.source is None:
             from unistore.storage.sources import byte_source
 
-            object.__setattr__(self, "source", byte_source(self.location, self.stamp))
+            object.__setattr__(self, "source", byte_source(self.location, self.stamp, cache))
 
     @property
     def row_nbytes(self) -> int:
@@ -132,39 +137,52 @@ class BlockReader(Protocol):
     """Reads decoded rows ``[start, stop)`` of a chunked array (format-specific).
 
     Implementations must be picklable and (re)open their handles lazily.
-    ``concurrent`` says whether several blocks may be read from threads at once.
-    A reader may also offer ``fetched() -> (requests, bytes)``, cumulative counts of
-    what it read from storage, for ``io_stats()``, and ``identity() -> str | None``
-    (see :meth:`LazyBlockReader.identity`), which lets the engine keep decoded
-    chunks in a disk cache.
+    ``concurrent`` says whether several blocks may be read from threads at once;
+    ``location`` is where the array is stored (None: nowhere a deadline applies)
+    and ``cache`` the disk cache its decoded chunks are kept in (None: the
+    process's decoded-chunk LRU).  ``fetched() -> (requests, bytes)`` counts
+    what it read from storage, for ``io_stats()``; ``identity() -> str | None``
+    (see :meth:`LazyBlockReader.identity`) keys its decoded chunks in ``cache``.
     """
 
     concurrent: bool
 
+    @property
+    def location(self) -> Location | None: ...
+
+    @property
+    def cache(self) -> DiskCache | None: ...
+
     def read(self, start: int, stop: int) -> np.ndarray: ...
+
+    def fetched(self) -> tuple[int, int] | None: ...
+
+    def identity(self) -> str | None: ...
 
 
 class LazyBlockReader:
     """Base of block readers that hold a per-process handle (an open file, a zarr array).
 
-    Pickles as ``(location, name)`` only; the handle is (re)opened by
+    Pickles as ``(location, name, cache)`` only; the handle is (re)opened by
     :meth:`handle` on first use in each process, under a lock so the engine's
     threads share one.  Subclasses implement ``_open`` and ``read``.
     """
 
     concurrent = False
 
-    def __init__(self, location: Location, name: str):
+    def __init__(self, location: Location, name: str, cache: DiskCache | None = None):
         self.location = location
         self.name = name
+        #: the disk cache decoded chunks (and, remotely, the file's bytes) are kept in, or None
+        self.cache = cache
         self._handle: Any = None
         self._pid = -1
         self._lock = threading.Lock()
 
-    def __getstate__(self) -> tuple[Location, str]:
-        return (self.location, self.name)
+    def __getstate__(self) -> tuple[Any, ...]:
+        return (self.location, self.name, self.cache)
 
-    def __setstate__(self, state: tuple[Location, str]) -> None:
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
         self.__init__(*state)  # type: ignore[misc]
 
     def _open(self) -> Any:
@@ -185,6 +203,10 @@ class LazyBlockReader:
     def identity(self) -> str | None:
         """What the stored array is, for keying its decoded chunks in a disk cache: changes whenever a stored
         byte of it does.  None (the default) when the reader cannot tell, and then nothing decoded is kept."""
+        return None
+
+    def fetched(self) -> tuple[int, int] | None:
+        """Objects (or ranges) read from storage and the bytes they held, in this process; None: not counted."""
         return None
 
 

@@ -1,9 +1,14 @@
 """Layer 1: ``(url, storage_options)`` -> an fsspec filesystem and a path.
 
-A :class:`Location` is cheap, picklable and secret-free in every text form.
-The filesystem object is built lazily in each process (so forked or spawned
-DataLoader workers never share an event loop or socket with their parent).
-Local paths are recognised so the read engine can ``mmap`` real files.
+A :class:`Location` is an address: where the bytes are (URL, path, the
+version of the object its store was opened at) and how to reach them
+(storage options, transport, deadline).  What is done with the bytes - a
+disk cache, mappings - belongs to the byte sources above it
+(:mod:`unistore.storage.sources`).  A location is cheap, picklable and
+secret-free in every text form.  The filesystem and transport are built
+lazily in each process (so forked or spawned DataLoader workers never share
+an event loop or socket with their parent).  Local paths are recognised so
+the read engine can ``mmap`` real files.
 """
 
 from __future__ import annotations
@@ -17,13 +22,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from unistore.errors import InvalidKeyError, RemoteError, UnistoreError
 from unistore.storage.secrets import is_secret_key
-
-if TYPE_CHECKING:
-    from unistore.storage.cache import DiskCache
 
 __all__ = ["Location", "validate_key", "retry_remote", "RetryPolicy", "one_retry_budget", "one_deadline",
            "precondition_failed"]
@@ -86,14 +88,15 @@ def validate_key(key: str) -> str:
 
 
 class Location:
-    """Where a store lives: a URL plus fsspec ``storage_options``.
+    """Where a store lives: a URL plus fsspec ``storage_options``, how its bytes are reached (``transport``,
+    ``deadline``), and the versions of the objects found when it was opened (the object's identity, ``listed``).
 
     >>> loc = Location("s3://bucket/run1.zarr", {"key": "AKIA...", "secret": "..."})
     >>> loc
     Location('s3://bucket/run1.zarr', storage_options=<2 keys hidden>)
     """
 
-    __slots__ = ("url", "protocol", "path", "_options", "_fs", "_pid", "cache", "_identity", "_token",
+    __slots__ = ("url", "protocol", "path", "_options", "_fs", "_pid", "_identity", "_token",
                  "_missing_secrets", "deadline", "listed", "transport_choice", "_transport", "__weakref__")
 
     def __init__(self, url: str | os.PathLike[str], storage_options: Mapping[str, Any] | None = None,
@@ -125,8 +128,6 @@ class Location:
         self._options: dict[str, Any] = dict(storage_options or {})
         self._fs: Any = None
         self._pid = -1
-        #: a :class:`~unistore.storage.cache.DiskCache` for remote reads (set by ``open_store``), or None
-        self.cache: DiskCache | None = None
         self._identity: tuple[str, int] | None = None
         self._token: tuple[Any, str] | None = None  # (secrets, hand-off token) once pickled
         self._missing_secrets = False
@@ -151,17 +152,14 @@ class Location:
             if self._token is None or self._token[0] != found:
                 self._token = (found, hand_off(found))
             token = self._token[1]
-        return (self.url, self.protocol, self.path, public, self.cache, self._identity, token, self.deadline,
+        return (self.url, self.protocol, self.path, public, self._identity, token, self.deadline,
                 self.transport_choice)
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
         from unistore.storage.secrets import merge_secrets, take
 
-        self.url, self.protocol, self.path, self._options = state[:4]
-        self.cache, self._identity = (state[4], state[5]) if len(state) > 4 else (None, None)
-        token = state[6] if len(state) > 6 else None
-        self.deadline = state[7] if len(state) > 7 else None
-        self.transport_choice = state[8] if len(state) > 8 else None
+        self.url, self.protocol, self.path, self._options, self._identity, token, self.deadline, \
+            self.transport_choice = state
         self._transport = None
         self._token = None
         self._missing_secrets = False

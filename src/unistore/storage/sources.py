@@ -15,8 +15,11 @@ Each answers what the engine and the loader ask of it - ``gather`` /
 calls only downwards: the engine plans (:mod:`unistore.storage.plan`) and
 asks a source; a cached source asks its cache, then its remote source.
 
-A layout finds its source with :func:`byte_source`: one per stored file and
-process, shared by every array stored in that file (a checkpoint's tensors).
+A layout finds its source with :func:`byte_source`: one per stored file, disk
+cache and process, shared by every array stored in that file (a checkpoint's
+tensors).  The disk cache is the store's (``open_store(..., cache=)``), handed
+by the format to the layouts it builds; the :class:`~unistore.storage.location.Location`
+stays an address.
 """
 
 from __future__ import annotations
@@ -446,24 +449,24 @@ class CachedObject(ByteSource):
             self._mapped = None
 
 
-#: one source per stored file and process: by (id of its Location, stamp); a source holds its Location, so the id
-#: is not reused while the entry lives
-_SOURCES: weakref.WeakValueDictionary[tuple[int, int], ByteSource] = weakref.WeakValueDictionary()
+#: one source per stored file, disk cache and process: by (id of its Location, stamp, cache); a source holds its
+#: Location, so the id is not reused while the entry lives
+_SOURCES: weakref.WeakValueDictionary[tuple[int, int, DiskCache | None], ByteSource] = weakref.WeakValueDictionary()
 _SOURCES_LOCK = threading.Lock()
 
 
-def byte_source(location: Location, stamp: int = 0) -> ByteSource:
+def byte_source(location: Location, stamp: int = 0, cache: DiskCache | None = None) -> ByteSource:
     """The source of the bytes of the file at ``location``: a :class:`LocalFile`, or a remote object read through
-    its location's disk cache (:class:`CachedObject`) or directly (:class:`RemoteObject`).  Every array stored in
+    the disk cache ``cache`` (:class:`CachedObject`) or directly (:class:`RemoteObject`).  Every array stored in
     one file shares its source."""
-    key = (id(location), stamp)
+    key = (id(location), stamp, cache)
     with _SOURCES_LOCK:
         found = _SOURCES.get(key)
         if found is None:
             if location.is_local:
                 found = LocalFile(location, stamp)
-            elif location.cache is not None:
-                found = CachedObject(location, location.cache)
+            elif cache is not None:
+                found = CachedObject(location, cache)
             else:
                 found = RemoteObject(location)
             _SOURCES[key] = found

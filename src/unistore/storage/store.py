@@ -15,7 +15,7 @@ import tempfile
 import uuid
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -36,6 +36,9 @@ from unistore.storage.formats.base import PENDING_NAME, ArrayInfo, FormatWriter,
 from unistore.storage.layout import IOStats, path_identity
 from unistore.storage.leftovers import sweep
 from unistore.storage.location import Location, retry_remote, validate_key
+
+if TYPE_CHECKING:
+    from unistore.storage.cache import DiskCache
 
 __all__ = ["TensorStore", "open_store", "create_store", "as_ragged", "checksum_of"]
 
@@ -447,10 +450,10 @@ def open_store(url: str | os.PathLike[str] | Location, mode: str = "r", format: 
         # fsspec caches listings per filesystem instance; a store published since
         # must not be judged by a stale listing
         location.fs.invalidate_cache(location.path)
-    location.cache = _as_cache(cache)
+    disk_cache = _as_cache(cache)
     if format != "auto" and not location.exists():
         raise StoreNotFoundError(f"no store at {location.url}: the path does not exist")
-    fmt, opened = _open_consistent(format, location, format_options)
+    fmt, opened = _open_consistent(format, location, {**format_options, "cache": disk_cache})
     return TensorStore(location, fmt.name, "r", opened)
 
 
@@ -524,7 +527,7 @@ def _open_as(format: str, location: Location, options: Mapping[str, Any]) -> Ope
     return opened
 
 
-def _as_cache(cache: Any) -> Any:
+def _as_cache(cache: Any) -> DiskCache | None:
     from unistore.storage.cache import DiskCache, default_cache
 
     if cache is None:

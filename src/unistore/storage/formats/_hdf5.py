@@ -17,7 +17,7 @@ import os
 import threading
 import uuid
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -43,18 +43,21 @@ from unistore.storage.layout import (
 )
 from unistore.storage.location import Location
 
+if TYPE_CHECKING:
+    from unistore.storage.cache import DiskCache
+
 _LOCK = threading.Lock()  # libhdf5 is not thread-safe across files opened from Python threads
 
 
-def _open_h5(location: Location) -> tuple[Any, Any]:
-    """(h5py.File, the :class:`_RemoteFile` under it or None)."""
+def _open_h5(location: Location, cache: DiskCache | None) -> tuple[Any, Any]:
+    """(h5py.File, the :class:`_RemoteFile` under it, read through ``cache``, or None)."""
     import h5py
 
     fileobj: Any = None
     try:
         if location.is_local:
             return h5py.File(location.path, "r"), None
-        fileobj = _RemoteFile(location)
+        fileobj = _RemoteFile(location, cache)
         return h5py.File(fileobj, "r"), fileobj
     except OSError as e:
         if fileobj is not None and fileobj.error is not None:
@@ -99,8 +102,8 @@ class _RemoteFile:
     """A read-only file object over a remote HDF5 file for h5py.
 
     Every read is a ranged read of the file's byte source
-    (:func:`~unistore.storage.sources.byte_source`): through the
-    location's disk cache when it has one (fetched once, in cache blocks, and
+    (:func:`~unistore.storage.sources.byte_source`): through the disk
+    cache when there is one (fetched once, in cache blocks, and
     read locally afterwards by every process on the machine), else with a
     1 MiB read-ahead buffer for h5py's many small metadata reads.  Reads are
     retried and bounded by the store's deadline, and always return what was
@@ -111,11 +114,12 @@ class _RemoteFile:
 
     READ_AHEAD = 1 << 20
 
-    def __init__(self, location: Location):
+    def __init__(self, location: Location, cache: DiskCache | None = None):
         from unistore.storage.sources import byte_source
 
         self._loc = location
-        self._source = byte_source(location)
+        self._cached = cache is not None
+        self._source = byte_source(location, cache=cache)
         self._size = location.identity()[1]
         self._pos = 0
         self._stats = IOStats()
@@ -135,7 +139,7 @@ class _RemoteFile:
         end = min(self._pos + len(view), self._size)
         if end <= self._pos:
             return 0
-        if self._loc.cache is not None:
+        if self._cached:
             blob = self._fetch(self._pos, end)
         else:
             lo, hi = self._buf_start, self._buf_start + len(self._buf)
@@ -217,18 +221,18 @@ class Hdf5BlockReader(LazyBlockReader):
     its store was opened): a handle opened later must open that same file.
     """
 
-    def __init__(self, location: Location, name: str, stamp: int = 0):
-        super().__init__(location, name)
+    def __init__(self, location: Location, name: str, stamp: int = 0, cache: DiskCache | None = None):
+        super().__init__(location, name, cache)
         self.stamp = stamp
 
-    def __getstate__(self) -> tuple[Any, ...]:  # type: ignore[override]
-        return (self.location, self.name, self.stamp)
+    def __getstate__(self) -> tuple[Any, ...]:
+        return (self.location, self.name, self.stamp, self.cache)
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:  # type: ignore[override]
         self.__init__(*state)  # type: ignore[misc]
 
     def _open(self) -> tuple[Any, Any]:
-        handle = _open_h5(self.location)
+        handle = _open_h5(self.location, self.cache)
         if self.stamp and _h5_stamp(handle[0]) != self.stamp:  # the file h5py holds, not the path
             from unistore.errors import StoreChangedError
 
@@ -247,7 +251,7 @@ class Hdf5BlockReader(LazyBlockReader):
 
     def identity(self) -> str | None:
         """The file's identity (ETag and size remotely; inode, size and mtime locally) and the dataset name."""
-        if self.location.cache is None:
+        if self.cache is None:
             return None
         if self.location.is_local:
             st = os.stat(self.location.path)
@@ -288,21 +292,21 @@ class Hdf5Format(Format):
     library = "h5py"
     install_hint = "pip install 'unistore[hdf5]'"
 
-    def open(self, location: Location, **options: Any) -> OpenedStore:
+    def open(self, location: Location, cache: DiskCache | None = None, **options: Any) -> OpenedStore:
         if options:
             raise TypeError(f"hdf5 stores take no options {sorted(options)}")
         opened = OpenedStore(self.name, {})
         size = object_size(location)  # remotely the HEAD that also gives the identity the probe and reads use
         from unistore.storage.formats._hdf5_probe import probe
 
-        verdict = probe(location)  # a crafted file must not hang this process inside libhdf5
+        verdict = probe(location, cache)  # a crafted file must not hang this process inside libhdf5
         if verdict is not None and verdict[0] == "remote":
             raise RemoteError(f"reading {location.url} failed ({verdict[1]})")
         if verdict is not None and verdict[0] != "error":
             raise CorruptDataError(f"{location.url} is a corrupt HDF5 file: {verdict[1]}; re-create or "
                                    "re-download it")
         try:
-            return self._open(location, opened, size)
+            return self._open(location, opened, size, cache)
         except (UnistoreError, FileNotFoundError, PermissionError, IsADirectoryError):
             raise
         except (OSError, RuntimeError, KeyError, TypeError, ValueError, AttributeError, IndexError,
@@ -311,11 +315,11 @@ class Hdf5Format(Format):
                                    f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); re-create "
                                    "or re-download it") from e
 
-    def _open(self, location: Location, opened: OpenedStore, size: int) -> OpenedStore:
+    def _open(self, location: Location, opened: OpenedStore, size: int, cache: DiskCache | None) -> OpenedStore:
         import h5py
 
         with _LOCK:
-            f, fileobj = _open_h5(location)
+            f, fileobj = _open_h5(location, cache)
             stamp = _h5_stamp(f) if location.is_local else 0
             try:
                 meta = loads_meta(_plain(f.attrs.get(META_KEY)))
@@ -323,15 +327,15 @@ class Hdf5Format(Format):
                 datasets: list[tuple[str, Any]] = []
                 f.visititems(lambda name, obj: datasets.append((name, obj)) if isinstance(obj, h5py.Dataset) else None)
                 for name, ds in datasets:
-                    info = self._describe(location, name, ds, size, stamp)
+                    info = self._describe(location, name, ds, size, stamp, cache)
                     if info is not None:
                         opened.arrays[name] = info
             finally:
                 _close_h5(f, fileobj)
         return apply_meta(opened, meta)
 
-    def _describe(self, location: Location, name: str, ds: Any, size: int,
-                  stamp: int) -> ArrayInfo | RaggedInfo | None:
+    def _describe(self, location: Location, name: str, ds: Any, size: int, stamp: int,
+                  cache: DiskCache | None) -> ArrayInfo | RaggedInfo | None:
         import h5py
 
         attrs = {k: _plain(v) for k, v in ds.attrs.items()}
@@ -365,7 +369,7 @@ class Hdf5Format(Format):
         if offset is not None and not _stored_as_is(ds, dtype, nbytes):
             # the file's type is not numpy's (another bit layout, byte order or size) or its storage is not all
             # there: libhdf5 converts or fills what it reads, so h5py reads it, not a map of the raw bytes
-            converted = ChunkedLayout(Hdf5BlockReader(location, name, stamp), shape, dtype,
+            converted = ChunkedLayout(Hdf5BlockReader(location, name, stamp, cache), shape, dtype,
                                       max(1, (1 << 20) // max(1, nbytes // max(1, shape[0]))),
                                       token=f"hdf5:{uuid.uuid4().hex}:{name}")
             return ArrayInfo(name, shape, dtype, converted, chunks=None, compression=compression, attrs=attrs,
@@ -374,10 +378,10 @@ class Hdf5Format(Format):
             if offset + nbytes > size:
                 raise TruncatedDataError(f"{location.url} is truncated: dataset {name!r} ends at byte "
                                          f"{offset + nbytes} of {size}; re-create or re-download it")
-            layout: Any = ContiguousLayout(location, int(offset), shape, dtype, stamp)
+            layout: Any = ContiguousLayout(location, int(offset), shape, dtype, stamp, cache=cache)
             stored = nbytes
         elif ds.chunks is not None:
-            layout = ChunkedLayout(Hdf5BlockReader(location, name, stamp), shape, dtype,
+            layout = ChunkedLayout(Hdf5BlockReader(location, name, stamp, cache), shape, dtype,
                                    int(ds.chunks[0]),
                                    token=f"hdf5:{uuid.uuid4().hex}:{name}")
             stored = int(ds.id.get_storage_size())

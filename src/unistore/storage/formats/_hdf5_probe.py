@@ -42,13 +42,13 @@ def _timeout() -> float:
     return float(os.environ.get("UNISTORE_HDF5_PROBE_TIMEOUT", "30"))
 
 
-def probe(location: Location) -> tuple[str, str] | None:
+def probe(location: Location, cache: Any = None) -> tuple[str, str] | None:
     """None if the HDF5 file at ``location`` opens and lists cleanly in a helper process, else
     ``(kind, what)``: ``"error"`` (h5py raised; opening it here raises the same), ``"remote"`` (the storage
     failed the helper's reads), ``"hang"`` (no answer within the deadline) or ``"crash"`` (the helper died).
 
-    A remote file is read by the helper through the same ranged reads (and disk cache) as here; the location
-    travels to it pickled, its credentials through the hand-off of :mod:`unistore.storage.secrets`.
+    A remote file is read by the helper through the same ranged reads (and disk cache ``cache``) as here; the
+    location and cache travel to it pickled, its credentials through the hand-off of :mod:`unistore.storage.secrets`.
     """
     if location.is_local:
         st = os.stat(location.path)
@@ -59,7 +59,7 @@ def probe(location: Location) -> tuple[str, str] | None:
         from unistore.storage.location import RetryPolicy
 
         # the helper's remote reads end within their own deadline: wait for that before calling it a hang
-        request = {"location": base64.b64encode(pickle.dumps(location)).decode(),
+        request = {"location": base64.b64encode(pickle.dumps((location, cache))).decode(),
                    "deadline": str(RetryPolicy(deadline=location.deadline).deadline)}
     with _LOCK:
         if ident in _SEEN:
@@ -131,7 +131,7 @@ def check(request):
         target = request["path"]
     else:
         from unistore.storage.formats._hdf5 import _RemoteFile
-        target = _RemoteFile(pickle.loads(base64.b64decode(request["location"])))
+        target = _RemoteFile(*pickle.loads(base64.b64decode(request["location"])))
     with h5py.File(target, "r") as f:
         dict(f.attrs)
         found = []

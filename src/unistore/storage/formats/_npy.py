@@ -12,7 +12,7 @@ import io
 import math
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.lib.format as npf
@@ -35,6 +35,9 @@ from unistore.storage.formats.base import (
 )
 from unistore.storage.layout import ContiguousLayout, InMemoryLayout, preallocate
 from unistore.storage.location import Location
+
+if TYPE_CHECKING:
+    from unistore.storage.cache import DiskCache
 
 _HEAD = 4096
 
@@ -147,7 +150,8 @@ class NpyFormat(Format):
         out.flush()
         del out
 
-    def open(self, location: Location, raw: Mapping[str, Any] | None = None, **options: Any) -> OpenedStore:
+    def open(self, location: Location, cache: DiskCache | None = None, raw: Mapping[str, Any] | None = None,
+             **options: Any) -> OpenedStore:
         if options:
             raise TypeError(f"npy stores take no options {sorted(options)}")
         raw = dict(raw or {})
@@ -159,14 +163,14 @@ class NpyFormat(Format):
             size = object_size(location)
             members = {os.path.splitext(location.name)[0]: (location.path, int(size))}
         keys = list(members)
-        heads = head_bytes(location, [members[k][0] for k in keys], _HEAD)
+        heads = head_bytes(location, [members[k][0] for k in keys], _HEAD, cache)
         arrays: dict[str, Any] = {}
         for key, (head, stamp) in zip(keys, heads):
             path, size = members[key]
             floc = file_location(location, path)
             if key in raw:
                 shape, dtype = _parse_raw_spec(key, raw.pop(key), size, floc.url)
-                arrays[key] = ArrayInfo(key, shape, dtype, ContiguousLayout(floc, 0, shape, dtype, stamp),
+                arrays[key] = ArrayInfo(key, shape, dtype, ContiguousLayout(floc, 0, shape, dtype, stamp, cache=cache),
                                         stored_nbytes=size, attrs={"raw_memmap": True})
                 continue
             if not head.startswith(b"\x93NUMPY"):
@@ -185,7 +189,7 @@ class NpyFormat(Format):
                 data = np.load(io.BytesIO(read_range(floc, stamp=stamp)), allow_pickle=False)
                 layout: Any = InMemoryLayout(np.ascontiguousarray(data))
             else:
-                layout = ContiguousLayout(floc, offset, shape, dtype, stamp)
+                layout = ContiguousLayout(floc, offset, shape, dtype, stamp, cache=cache)
             arrays[key] = ArrayInfo(key, shape, dtype, layout, stored_nbytes=size)
         if raw:
             from unistore.errors import ArrayNotFoundError

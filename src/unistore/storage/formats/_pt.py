@@ -22,7 +22,7 @@ import pickle
 import struct
 import zipfile
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -51,6 +51,9 @@ from unistore.storage.formats.base import (
 )
 from unistore.storage.layout import ContiguousLayout, InMemoryLayout, open_described, stamp_of
 from unistore.storage.location import Location, retry_remote
+
+if TYPE_CHECKING:
+    from unistore.storage.cache import DiskCache
 
 #: Key of the unistore metadata string inside a single-file ``.pt`` dict.
 PT_META_KEY = "__unistore__"
@@ -240,10 +243,11 @@ def _tensor_refs(data_pkl: bytes) -> Any:
 
 
 class _Described:
-    """One ``.pt`` file: torch's meta-load of it, the same tree with tensor refs, and its zip records."""
+    """One ``.pt`` file: torch's meta-load of it, the same tree with tensor refs, and its zip records; its
+    tensors are read through ``cache`` when remote."""
 
-    def __init__(self, floc: Location, size: int):
-        self.floc, self.size = floc, size
+    def __init__(self, floc: Location, size: int, cache: DiskCache | None):
+        self.floc, self.size, self.cache = floc, size, cache
         self.obj, self.refs, self.records, self.stamp = _load(floc, meta=True, describe=True)
         self._real: Any = None
 
@@ -281,7 +285,7 @@ def _tensor_info(key: str, t: Any, ref: Any, file: _Described) -> ArrayInfo | No
     if start + nbytes > file.size:
         raise TruncatedDataError(f"{floc.url} is truncated: tensor {key!r} ends at byte {start + nbytes} of "
                                  f"{file.size}; re-create or re-download it")
-    layout = ContiguousLayout(floc, start, shape, dtype, file.stamp)
+    layout = ContiguousLayout(floc, start, shape, dtype, file.stamp, cache=file.cache)
     return ArrayInfo(key, shape, dtype, layout, stored_nbytes=nbytes)
 
 
@@ -332,7 +336,7 @@ class PtFormat(Format):
     library = "torch"
     install_hint = "pip install 'unistore[torch]' (or pip install torch)"
 
-    def open(self, location: Location, **options: Any) -> OpenedStore:
+    def open(self, location: Location, cache: DiskCache | None = None, **options: Any) -> OpenedStore:
         if options:
             raise TypeError(f"pt stores take no options {sorted(options)}")
         if location.isdir():
@@ -340,11 +344,11 @@ class PtFormat(Format):
             members = list_members(location, ".pt")
             opened = OpenedStore(self.name, {})
             for key, (path, size) in members.items():
-                file = _Described(file_location(location, path), size)
+                file = _Described(file_location(location, path), size, cache)
                 self._add_object(opened, key, file.obj, file.refs, file, [])
             return apply_meta(opened, meta)
         size = object_size(location)
-        file = _Described(location, size)
+        file = _Described(location, size, cache)
         obj, refs = file.obj, file.refs
         opened = OpenedStore(self.name, {})
         if isinstance(obj, dict):

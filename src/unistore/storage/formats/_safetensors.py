@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -40,6 +40,9 @@ from unistore.storage.formats.base import (
 )
 from unistore.storage.layout import ContiguousLayout
 from unistore.storage.location import Location, retry_remote
+
+if TYPE_CHECKING:
+    from unistore.storage.cache import DiskCache
 
 _DTYPES: dict[str, Any] = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "U64": np.uint64,
@@ -131,8 +134,9 @@ def _entry(name: str, entry: Any, where: str) -> tuple[np.dtype[Any], tuple[int,
 
 
 def _tensor_infos(header: dict[str, Any], data_start: int, size: int, floc: Location, stamp: int,
-                  key_of: Any) -> dict[str, ArrayInfo]:
-    """Every tensor of a parsed header as an :class:`ArrayInfo` (keyed by ``key_of(name)``).
+                  key_of: Any, cache: DiskCache | None) -> dict[str, ArrayInfo]:
+    """Every tensor of a parsed header as an :class:`ArrayInfo` (keyed by ``key_of(name)``), read through
+    ``cache`` when remote.
 
     Raises:
         CorruptDataError: an entry cannot be read, or two tensors share bytes.
@@ -150,8 +154,8 @@ def _tensor_infos(header: dict[str, Any], data_start: int, size: int, floc: Loca
         if end > begin:
             spans.append((begin, end, name))
         key = key_of(name)
-        out[key] = ArrayInfo(key, shape, dtype, ContiguousLayout(floc, data_start + begin, shape, dtype, stamp),
-                             stored_nbytes=end - begin)
+        layout = ContiguousLayout(floc, data_start + begin, shape, dtype, stamp, cache=cache)
+        out[key] = ArrayInfo(key, shape, dtype, layout, stored_nbytes=end - begin)
     spans.sort()
     for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
         if begin < end:
@@ -181,7 +185,7 @@ class SafetensorsFormat(Format):
         n = int.from_bytes(head[:8], "little")
         return 2 <= n < 100_000_000 and head[8:9] == b"{"
 
-    def open(self, location: Location, **options: Any) -> OpenedStore:
+    def open(self, location: Location, cache: DiskCache | None = None, **options: Any) -> OpenedStore:
         if options:
             raise TypeError(f"safetensors stores take no options {sorted(options)}")
         checkpoint: dict[str, Any] | None = None
@@ -198,7 +202,7 @@ class SafetensorsFormat(Format):
             members = {"": (location.path, size)}
             meta, prefixed = {}, False
         keys = list(members)
-        heads = head_bytes(location, [members[k][0] for k in keys], _FIRST_READ)
+        heads = head_bytes(location, [members[k][0] for k in keys], _FIRST_READ, cache)
         opened = OpenedStore(self.name, {})
         for stem, (head, stamp) in zip(keys, heads):
             path, size = members[stem]
@@ -214,7 +218,7 @@ class SafetensorsFormat(Format):
                 meta = loads_meta(file_meta.pop(META_KEY, None))
                 opened.attrs.update({k: v for k, v in file_meta.items()})
             infos = _tensor_infos(header, data_start, size, floc, stamp,
-                                  lambda name, stem=stem: f"{stem}/{name}" if prefixed else name)
+                                  lambda name, stem=stem: f"{stem}/{name}" if prefixed else name, cache)
             for key, info in infos.items():
                 if checkpoint is not None:
                     _check_checkpoint_tensor(checkpoint, key, floc)

@@ -11,7 +11,7 @@ import os
 import stat
 import threading
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -29,6 +29,9 @@ from unistore.storage.formats.base import (
 )
 from unistore.storage.layout import ChunkedLayout, LazyBlockReader, path_identity
 from unistore.storage.location import Location, one_retry_budget, precondition_failed, retry_remote
+
+if TYPE_CHECKING:
+    from unistore.storage.cache import DiskCache
 
 #: Default chunk size (bytes) for arrays written without explicit chunks.
 DEFAULT_CHUNK_BYTES = 1 << 20
@@ -309,8 +312,8 @@ class ZarrBlockReader(LazyBlockReader):
     concurrent = True
 
     def __init__(self, location: Location, name: str, strict: bool = False,
-                 root_id: tuple[int, ...] | None = None, opened_at: Any = None):
-        super().__init__(location, name)
+                 root_id: tuple[int, ...] | None = None, opened_at: Any = None, cache: DiskCache | None = None):
+        super().__init__(location, name, cache)
         self.strict = strict
         self.root_id = root_id
         self.opened_at = opened_at
@@ -336,7 +339,7 @@ class ZarrBlockReader(LazyBlockReader):
         carried when the reader is pickled: DataLoader workers started after
         it was listed do not list the array again.
         """
-        if self.location.cache is None:
+        if self.cache is None:
             return None
         if self._identity is None:
             with _IDENTITY_LOCK:
@@ -346,10 +349,10 @@ class ZarrBlockReader(LazyBlockReader):
         return self._identity
 
     def __getstate__(self) -> tuple[Any, ...]:  # type: ignore[override]
-        return (self.location, self.name, self._identity, self.strict, self.root_id, self.opened_at)
+        return (self.location, self.name, self._identity, self.strict, self.root_id, self.opened_at, self.cache)
 
     def __setstate__(self, state: tuple[Any, ...]) -> None:
-        self.__init__(state[0], state[1], *state[3:6])  # type: ignore[misc]
+        self.__init__(state[0], state[1], *state[3:7])  # type: ignore[misc]
         self._identity = state[2]
 
     def read(self, start: int, stop: int) -> np.ndarray:
@@ -394,7 +397,7 @@ class ZarrFormat(Format):
 
         zarr.open_array(array_path, mode="r+")[start:start + len(block)] = block
 
-    def open(self, location: Location, **options: Any) -> OpenedStore:
+    def open(self, location: Location, cache: DiskCache | None = None, **options: Any) -> OpenedStore:
         import zarr
 
         if options:
@@ -430,7 +433,7 @@ class ZarrFormat(Format):
                                        "every chunk dimension of a non-empty axis must be at least 1 - the "
                                        "metadata is corrupt")
             stored = _StoredBytes(location, path)  # a listing of every chunk: only when asked
-            reader = ZarrBlockReader(location, path, strict, root_id, opened_at)
+            reader = ZarrBlockReader(location, path, strict, root_id, opened_at, cache)
             layout = ChunkedLayout(reader, shape, np.dtype(arr.dtype), int(chunks[0]) if chunks else 1,
                                    token=f"zarr:{token}:{path}")
             opened.arrays[key] = ArrayInfo(key, shape, np.dtype(arr.dtype), layout, chunks=chunks,

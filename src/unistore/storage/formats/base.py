@@ -14,13 +14,16 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from unistore.errors import UnsupportedError
 from unistore.storage.layout import Layout
 from unistore.storage.location import Location
+
+if TYPE_CHECKING:
+    from unistore.storage.cache import DiskCache
 
 __all__ = [
     "ArrayInfo",
@@ -237,8 +240,9 @@ class Format(ABC):
         raise UnsupportedError(f"the {cls.name} format does not take arrays in blocks")
 
     @abstractmethod
-    def open(self, location: Location, **options: Any) -> OpenedStore:
-        """List the arrays at ``location``: metadata reads only, never the data."""
+    def open(self, location: Location, cache: DiskCache | None = None, **options: Any) -> OpenedStore:
+        """List the arrays at ``location``: metadata reads only, never the data.  Remote arrays are read through
+        the disk cache ``cache`` (None: directly), and what it holds of the files' first bytes is used here."""
 
     @abstractmethod
     def writer(self, path: str, **options: Any) -> FormatWriter:
@@ -358,8 +362,9 @@ def read_range(location: Location, start: int | None = None, end: int | None = N
     return bytes(retry_remote(lambda: location.fs.cat_file(location.path, start=start, end=end), location))
 
 
-def head_bytes(location: Location, paths: list[str], nbytes: int) -> list[tuple[bytes, int]]:
-    """The first ``nbytes`` of several files, fetched concurrently, each with the
+def head_bytes(location: Location, paths: list[str], nbytes: int,
+               cache: DiskCache | None = None) -> list[tuple[bytes, int]]:
+    """The first ``nbytes`` of several files, fetched concurrently (unless ``cache`` holds them), each with the
     :func:`~unistore.storage.layout.file_stamp` of the very file they were read from (0 when remote)."""
     from unistore.storage.layout import stamp_of
     from unistore.storage.location import retry_remote
@@ -373,7 +378,7 @@ def head_bytes(location: Location, paths: list[str], nbytes: int) -> list[tuple[
                 out.append((f.read(nbytes), stamp_of(os.fstat(f.fileno()))))
         return out
     fs = location.fs
-    heads: list[bytes | None] = [_cached_head(location, p, nbytes) for p in paths]
+    heads: list[bytes | None] = [_cached_head(location, p, nbytes, cache) for p in paths]
     asked = [p for p, h in zip(paths, heads) if h is None]
     blobs = retry_remote(lambda: fs.cat_ranges(asked, [0] * len(asked), [nbytes] * len(asked), on_error="return"),
                          location) if asked else []
@@ -384,10 +389,9 @@ def head_bytes(location: Location, paths: list[str], nbytes: int) -> list[tuple[
     return [(h if h is not None else bytes(next(fetched)), 0) for h in heads]
 
 
-def _cached_head(location: Location, path: str, nbytes: int) -> bytes | None:
-    """The first ``nbytes`` of a remote object from its first disk-cache block, when the cache holds that block
+def _cached_head(location: Location, path: str, nbytes: int, cache: DiskCache | None) -> bytes | None:
+    """The first ``nbytes`` of a remote object from its first block in ``cache``, when the cache holds that block
     for the version the listing (or lookup) found; None otherwise (nothing is fetched here)."""
-    cache = location.cache
     if cache is None:
         return None
     known = location.listed.get(path) or (location.known_identity if path == location.path else None)
@@ -415,6 +419,6 @@ def file_location(location: Location, path: str) -> Location:
     loc = Location.__new__(Location)
     url = path if location.protocol == "file" else f"{location.protocol}://{path}"
     known = location.known_identity if path == location.path else location.listed.get(path)
-    loc.__setstate__((url, location.protocol, path, location.storage_options, location.cache, known, None,
-                      location.deadline, location.transport_choice))
+    loc.__setstate__((url, location.protocol, path, location.storage_options, known, None, location.deadline,
+                      location.transport_choice))
     return loc
