@@ -109,9 +109,8 @@ class _Loader(_TorchLoader):  # type: ignore[misc,valid-type]
 
 
 def _sample_rows(dataset: Any) -> tuple[np.ndarray | None, list[Any]] | None:
-    """``dataset.sample_rows()`` where a dataset has it (see :meth:`StoreDataset.sample_rows`), else None."""
-    said = getattr(dataset, "sample_rows", None)
-    return said() if callable(said) and getattr(dataset, "store", None) is not None else None
+    """``dataset.sample_rows()`` for a unistore dataset (see :meth:`StoreDataset.sample_rows`), else None."""
+    return dataset.sample_rows() if isinstance(dataset, ReadsAhead) else None
 
 
 def _samples_are_rows(dataset: Any) -> bool:
@@ -165,8 +164,7 @@ def auto_read_ahead(dataset: Any, sampler: StoreSampler, batch_size: int) -> int
     """Batches to read ahead by default: for remote arrays read through a disk cache, enough to cover the
     sampler's next two windows of blocks (at least 4), so the next window is fetched while this one is
     used; 0 (off) otherwise."""
-    arrays = getattr(dataset, "arrays", None)
-    if not isinstance(arrays, dict) or not any(_remote_cached(a) for a in arrays.values()):
+    if not isinstance(dataset, ReadsAhead) or not any(_remote_cached(a) for a in dataset.arrays.values()):
         return 0
     window_rows = (sampler.chunk_rows or 0) * sampler.effective_window
     return max(4, -(-2 * window_rows // max(batch_size, 1)))
@@ -248,10 +246,9 @@ def _read_ahead_depth(dataset: Any, batch_size: int, batches: int, max_bytes: in
     """``batches``, fewer where that many batches' rows would exceed ``max_bytes`` (at least one)."""
     if batches <= 0:
         return 0
-    arrays = getattr(dataset, "arrays", None)
-    if not isinstance(arrays, dict):
+    if not isinstance(dataset, ReadsAhead):
         return batches
-    row = sum(int(a.nbytes // max(len(a), 1)) for a in arrays.values() if hasattr(a, "nbytes"))
+    row = sum(int(a.nbytes // max(len(a), 1)) for a in dataset.arrays.values())
     if row <= 0:
         return batches
     return max(1, min(batches, max_bytes // (row * max(batch_size, 1))))

@@ -31,6 +31,14 @@ class ReadsAhead(Protocol):
     #: the worker's read-ahead while a loader's workers start (None otherwise); its ``saw(dataset, indices)`` is
     #: told each batch the worker is asked for
     worker_read_ahead: Any
+    #: the :class:`~unistore.TensorStore` the samples are read from
+    store: Any
+    #: the arrays a batch reads, by key (:class:`~unistore.storage.array.Array` / ``RaggedArray``)
+    arrays: dict[str, Any]
+
+    def sample_rows(self) -> tuple[np.ndarray | None, list[Any]] | None:
+        """Which row each sample reads, and of which arrays (see
+        :meth:`~unistore.datasets.StoreDataset.sample_rows`); None when that cannot be said."""
 
     def prepare_for_workers(self) -> None:
         """Learn now what worker processes would each ask storage for, so they inherit it."""
