@@ -235,7 +235,7 @@ def test_zarr_with_every_decoded_chunk_cached_reads_nothing_ahead(s3: dict[str, 
 def test_remote_cached_arrays_get_block_order_and_read_ahead_by_default(s3: dict[str, Any], tmp_path: Any) -> None:
     """An uncompressed array on S3 read through a disk cache: make_loader shuffles 8 MiB blocks of rows and
     reads two windows ahead, so epoch 1 fetches a few large ranges, each once (proxy figures)."""
-    from unistore.datasets.loader import REMOTE_BLOCK_BYTES
+    from unistore.storage.budget import REMOTE_BLOCK_BYTES
 
     rows, dim = 24_000, 256  # 1 KiB rows: 8,192 rows a block, 3 blocks
     data = np.random.default_rng(3).standard_normal((rows, dim)).astype(np.float32)

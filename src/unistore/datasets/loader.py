@@ -13,6 +13,7 @@ import numpy as np
 from unistore.datasets.base import collate
 from unistore.datasets.readahead import ReadAhead, ReadsAhead, WorkerReadAhead
 from unistore.datasets.sampler import StoreSampler, dist_rank_and_world
+from unistore.storage import budget
 
 __all__ = ["create_loader", "set_epoch", "validate_first_batch", "make_loader", "auto_chunk_rows", "auto_read_ahead"]
 
@@ -119,18 +120,13 @@ def _samples_are_rows(dataset: Any) -> bool:
     return said is not None and said[0] is None
 
 
-#: rows of remote uncompressed arrays the chunk-aware order keeps together: ranges this large keep a bucket's
-#: bandwidth busy, where a request per row (or per small block) waits on latency
-REMOTE_BLOCK_BYTES = 8 << 20
-
-
 def auto_chunk_rows(dataset: Any) -> int | None:
     """The block length to shuffle by, for a dataset whose samples read rows of remote arrays.
 
     The array with the widest rows among those the samples read
     (:meth:`StoreDataset.sample_rows`) sets it, since it dominates what an
     epoch fetches: its chunk length when chunked; for an uncompressed array
-    read through a disk cache, the rows in :data:`REMOTE_BLOCK_BYTES` (8 MiB),
+    read through a disk cache, the rows in ``budget.REMOTE_BLOCK_BYTES`` (8 MiB),
     fetched as a few large ranges, each once.  None for local stores (a plain
     shuffle costs nothing there once chunks are cached), for uncompressed
     remote arrays without a disk cache (their rows are fetched one range
@@ -150,7 +146,7 @@ def auto_chunk_rows(dataset: Any) -> int | None:
         return int(heaviest.chunks[0])
     if not _remote_cached(heaviest):
         return None
-    return max(1, REMOTE_BLOCK_BYTES // max(1, heaviest.nbytes // heaviest.shape[0]))
+    return max(1, budget.REMOTE_BLOCK_BYTES // max(1, heaviest.nbytes // heaviest.shape[0]))
 
 
 def _remote_cached(array: Any) -> bool:

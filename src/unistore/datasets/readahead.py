@@ -18,7 +18,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["ReadsAhead", "ReadAhead", "WorkerReadAhead", "MAX_READS_AHEAD", "MAX_BLOCKS_AHEAD"]
+from unistore.storage import budget
+
+__all__ = ["ReadsAhead", "ReadAhead", "WorkerReadAhead"]
 
 log = logging.getLogger("unistore")
 
@@ -51,13 +53,6 @@ class ReadsAhead(Protocol):
 
     def prefetch(self, indices: Any) -> None:
         """Bring the batch ``indices`` into the caches without assembling it."""
-
-
-#: batches a read-ahead reads at once (each batch's missing blocks or chunks are themselves fetched concurrently)
-MAX_READS_AHEAD = 8
-#: blocks of the chunk-aware order a read-ahead reads at once: a few large requests keep a distant bucket's
-#: bandwidth busy, and more only share it, delaying the blocks needed first
-MAX_BLOCKS_AHEAD = 4
 
 
 class ReadAhead:
@@ -98,7 +93,7 @@ class ReadAhead:
         mine, readers = self.share
         k = 1  # batch 0 is being read by the loop itself
         # up to ``depth`` batches ahead, 8 read at once: on a distant bucket each waits on latency, not bandwidth
-        width = min(self.depth, MAX_READS_AHEAD if units is None else MAX_BLOCKS_AHEAD)
+        width = min(self.depth, budget.MAX_READS_AHEAD if units is None else budget.MAX_BLOCKS_AHEAD)
         with ThreadPoolExecutor(width, thread_name_prefix="unistore-read-ahead") as pool:
             while True:
                 with self._cv:

@@ -38,6 +38,13 @@ import os
 MERGE_GAP_BYTES = int(os.environ.get("UNISTORE_MERGE_GAP_BYTES", 16 * 1024))
 #: at most this many bytes in one merged request
 MAX_REQUEST_BYTES = 16 << 20
+#: range requests of one read in flight at once (one connection each), where unistore schedules them
+MAX_CONCURRENT_REQUESTS = 16
+#: runs of consecutive chunks of one read decoded at once (threads)
+MAX_CONCURRENT_RUNS = 16
+#: a remote HDF5 file read without a disk cache is read ahead this far past what h5py asks for (its many small
+#: metadata reads then cost one request)
+HDF5_READ_AHEAD_BYTES = 1 << 20
 #: local row ranges at least this large are read with ``readinto`` rather than copied out of the ``mmap``
 PREAD_MIN_BYTES = 1 << 20
 
@@ -67,6 +74,16 @@ MAX_MAPPED_BLOCKS = 32768
 #: files a process keeps mapped between reads; each mapping holds a file descriptor, so the number is bounded
 #: well below the usual limit of 1024 open files
 MAX_MAPPED_FILES = int(os.environ.get("UNISTORE_MAX_MAPPED_FILES", 256))
+
+# ----------------------------------------------------------- read-ahead
+#: rows of remote uncompressed arrays the loader's chunk-aware order keeps together: ranges this large keep a
+#: bucket's bandwidth busy, where a request per row (or per small block) waits on latency
+REMOTE_BLOCK_BYTES = 8 << 20
+#: batches a read-ahead reads at once (each batch's missing blocks or chunks are themselves fetched concurrently)
+MAX_READS_AHEAD = 8
+#: blocks of the chunk-aware order a read-ahead reads at once: a few large requests keep a distant bucket's
+#: bandwidth busy, and more only share it, delaying the blocks needed first
+MAX_BLOCKS_AHEAD = 4
 
 # -------------------------------------------------------- decoded chunks
 #: bytes of decoded chunks one process keeps (``UNISTORE_CHUNK_CACHE_BYTES``)

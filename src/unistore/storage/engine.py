@@ -165,7 +165,7 @@ def _load_runs(layout: ChunkedLayout, chunk_ids: np.ndarray, stats: IOStats) -> 
     if len(runs) > 1 and layout.reader.concurrent:
         # each run in a copy of this context: the runs share the batch's deadline (one_deadline)
         contexts = [contextvars.copy_context() for _ in runs]
-        with ThreadPoolExecutor(max_workers=min(16, len(runs))) as pool:
+        with ThreadPoolExecutor(max_workers=min(budget.MAX_CONCURRENT_RUNS, len(runs))) as pool:
             slabs = list(pool.map(lambda job: job[0].run(load, job[1]), zip(contexts, runs)))
     else:
         slabs = [load(run) for run in runs]

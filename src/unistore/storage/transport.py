@@ -41,6 +41,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from unistore.errors import MissingDependencyError, StoreChangedError
+from unistore.storage import budget
 
 __all__ = ["Transport", "Pin", "TRANSPORTS", "transport_for", "obstore_config", "obstore_ready"]
 
@@ -48,8 +49,6 @@ TRANSPORTS = ("auto", "obstore", "fsspec")
 #: protocols obstore serves (fsspec names them in several ways)
 OBSTORE_PROTOCOLS = {"s3": "s3", "s3a": "s3", "gs": "gs", "gcs": "gs", "az": "az", "abfs": "az", "abfss": "az",
                      "http": "http", "https": "https"}
-#: range reads of one call in flight at once (one connection each)
-MAX_CONCURRENT = 16
 
 
 @dataclass(frozen=True)
@@ -118,7 +117,7 @@ class FsspecTransport(Transport):
         from fsspec.asyn import sync
 
         async def all_ranges() -> list[Any]:
-            sem = asyncio.Semaphore(MAX_CONCURRENT)
+            sem = asyncio.Semaphore(budget.MAX_CONCURRENT_REQUESTS)
 
             async def one(a: int, b: int) -> Any:
                 async with sem:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from unistore.errors import CorruptDataError, RemoteError, TruncatedDataError, UnistoreError, UnsupportedError
+from unistore.storage import budget
 from unistore.storage.formats.base import (
     META_KEY,
     ArrayInfo,
@@ -102,17 +103,15 @@ class _RemoteFile:
     """A read-only file object over a remote HDF5 file for h5py.
 
     Every read is a ranged read of the file's byte source
-    (:func:`~unistore.storage.sources.byte_source`): through the disk
-    cache when there is one (fetched once, in cache blocks, and
-    read locally afterwards by every process on the machine), else with a
-    1 MiB read-ahead buffer for h5py's many small metadata reads.  Reads are
-    retried and bounded by the store's deadline, and always return what was
+    (:func:`~unistore.storage.sources.byte_source`): through the disk cache
+    when there is one (fetched once, in cache blocks, and read locally
+    afterwards by every process on the machine), else with a read-ahead
+    buffer (``budget.HDF5_READ_AHEAD_BYTES``, 1 MiB) for h5py's many small
+    metadata reads.  Reads are retried and bounded by the store's deadline, and always return what was
     asked (a short body is retried, never handed to libhdf5); the error that
     ended a read is kept in ``error``, since h5py reports it only as its own
     ``OSError``.
     """
-
-    READ_AHEAD = 1 << 20
 
     def __init__(self, location: Location, cache: DiskCache | None = None):
         from unistore.storage.sources import byte_source
@@ -145,7 +144,7 @@ class _RemoteFile:
             lo, hi = self._buf_start, self._buf_start + len(self._buf)
             if not (lo <= self._pos and end <= hi):
                 self._buf_start = self._pos
-                self._buf = self._fetch(self._pos, min(self._size, max(end, self._pos + self.READ_AHEAD)))
+                self._buf = self._fetch(self._pos, min(self._size, max(end, self._pos + budget.HDF5_READ_AHEAD_BYTES)))
             at = self._pos - self._buf_start
             blob = self._buf[at:at + end - self._pos]
         view[:len(blob)] = blob
