@@ -147,8 +147,9 @@ class StoreSuite:
             assert got.dtype == expected.dtype
             np.testing.assert_array_equal(got.view(np.uint8), expected.view(np.uint8), err_msg=key)
 
-    def test_shapes_zero_length_1d_3d(self) -> None:
+    def test_shapes_zero_length_0d_1d_3d(self) -> None:
         arrays = {
+            "scalar": np.array(3.25, np.float32),  # stays 0-d: not a 1-element array
             "empty": np.zeros((0, 4), np.float32),
             "one_d": np.arange(17, dtype=np.int64),
             "three_d": sample((6, 2, 5), "float32"),

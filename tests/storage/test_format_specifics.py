@@ -258,3 +258,33 @@ def test_mapped_files_hold_one_descriptor_each_and_a_bounded_number(tmp_path: An
         for i in range(40):
             assert us.open_store(str(tmp_path / f"a{i}.npy"))[f"a{i}"].take([4])[0, 0] == i
     assert _open_fds() - before <= 8
+
+
+@pytest.mark.parametrize("arrays, attrs", [
+    ({"emb": (2000, 384)}, {}),
+    ({"a": (3,), "b/c": (17, 5), "s": ()}, {"note": 'é\n"quoted"'}),
+    ({"w": (123457, 7), "ids": (9,)}, {"k": "v" * 100, "n": 7}),
+])
+def test_safetensors_written_by_unistore_start_their_data_at_64_bytes(tmp_path: Any, arrays: dict[str, Any],
+                                                                       attrs: dict[str, Any]) -> None:
+    """The data of a file unistore writes starts at a multiple of 64 bytes, whatever its names, shapes and
+    metadata; safetensors itself reads the file back, tensors and metadata alike."""
+    from safetensors import safe_open
+
+    rng = np.random.default_rng(1)
+    data = {k: rng.standard_normal(shape).astype(np.float32 if k != "ids" else np.int64) for k, shape in
+            arrays.items()}
+    path = str(tmp_path / "x.safetensors")
+    with us.create_store(path, format="safetensors") as store:
+        for key, value in data.items():
+            store.write_array(key, value)
+        store.attrs.update(attrs)
+    with open(path, "rb") as f:
+        assert (8 + int.from_bytes(f.read(8), "little")) % 64 == 0
+    store = us.open_store(path)
+    assert dict(store.attrs) == attrs
+    with safe_open(path, "np") as f:
+        for key, value in data.items():
+            np.testing.assert_array_equal(f.get_tensor(key), value)
+            np.testing.assert_array_equal(store[key][...], value)
+            assert store[key].shape == value.shape

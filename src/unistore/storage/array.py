@@ -34,10 +34,10 @@ def to_tensor(data: np.ndarray) -> Any:
     import torch
 
     if bfloat16 is not None and data.dtype == bfloat16:
-        return torch.from_numpy(np.ascontiguousarray(data).view(np.uint16)).view(torch.bfloat16)
+        return torch.from_numpy(np.asarray(data, order="C").view(np.uint16)).view(torch.bfloat16)
     if not data.flags.writeable:
         data = data.copy()
-    return torch.from_numpy(np.ascontiguousarray(data))
+    return torch.from_numpy(np.asarray(data, order="C"))  # np.ascontiguousarray would make a 0-d array 1-d
 
 
 def normalize_indices(indices: Any, n: int, key: str) -> np.ndarray:

@@ -213,7 +213,7 @@ class _NpyWriter(FormatWriter):
         self.keep_attrs(key, attrs)
         target = os.path.join(self.path, *key.split("/")) + ".npy"
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        np.save(target, np.ascontiguousarray(data), allow_pickle=False)
+        np.save(target, np.asarray(data, order="C"), allow_pickle=False)  # a 0-d array stays 0-d
 
     def create_array(self, key: str, shape: tuple[int, ...], dtype: np.dtype[Any], chunks: tuple[int, ...] | None,
                      compression: str | None, attrs: dict[str, Any]) -> tuple[str, int] | None:

@@ -8,7 +8,9 @@ keys are ``<file stem>/<tensor name>``.  A Hugging Face checkpoint directory
 ``adapter_config.json``) is one store whose keys are the checkpoint's tensor
 names; its ``config.json`` / ``adapter_config.json`` become the attrs
 ``config`` / ``adapter_config``.  Files are written with the ``safetensors``
-library itself.
+library itself, their data starting at a multiple of 64 bytes (as in a
+``.npy``), so a row read out of a mapping spans no more cache lines than it
+must.
 """
 
 from __future__ import annotations
@@ -305,6 +307,42 @@ def _check_index_complete(checkpoint: dict[str, Any], opened: OpenedStore, locat
         del opened.arrays[key]
 
 
+#: the tensors' data in a file unistore writes starts at a multiple of this many bytes
+DATA_ALIGNMENT = 64
+
+
+def _numbers(values: Any) -> str:
+    return ",".join(str(int(v)) for v in values)
+
+
+def _alignment_padding(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> int:
+    """Spaces to add inside a metadata value so that the data of the file safetensors writes for ``tensors``
+    and ``metadata`` starts at a multiple of :data:`DATA_ALIGNMENT`.
+
+    The header's length is measured, not modelled: safetensors serializes
+    stand-ins of no size (same names, dtypes and ranks, hence the same order
+    and metadata), and the digits the real shapes and data offsets add are
+    counted on top.  Should a later safetensors write the header otherwise,
+    the file is as valid, only not aligned.
+    """
+    from safetensors import TensorSpec, serialize
+
+    stand_ins = {k: np.zeros((0,) * v.ndim, v.dtype) for k, v in tensors.items()}
+    head = serialize({k: TensorSpec(dtype=v.dtype.name, shape=v.shape, data_ptr=v.ctypes.data, data_len=v.nbytes)
+                      for k, v in stand_ins.items()}, metadata=metadata)
+    n = int.from_bytes(head[:8], "little")
+    length = len(head[8:8 + n].rstrip(b" "))
+    at = 0
+    for name, entry in json.loads(head[8:8 + n]).items():
+        if name == "__metadata__":
+            continue
+        size = tensors[name].nbytes
+        length += len(_numbers(tensors[name].shape)) - len(_numbers(stand_ins[name].shape))
+        length += len(_numbers((at, at + size))) - len(_numbers(entry["data_offsets"]))
+        at += size
+    return -(8 + length) % DATA_ALIGNMENT
+
+
 class _SafetensorsWriter(FormatWriter):
     """Collects tensors and writes one file with ``safetensors.serialize_file`` on finish."""
 
@@ -319,13 +357,16 @@ class _SafetensorsWriter(FormatWriter):
             raise UnsupportedError(f"safetensors cannot store dtype {data.dtype} (array {key!r}); "
                                    "use npy, hdf5 or zarr, or cast it")
         self.keep_attrs(key, attrs)
-        self.tensors[key] = np.ascontiguousarray(data).astype(data.dtype.newbyteorder("<"), copy=False)
+        # np.asarray, not np.ascontiguousarray: that makes a 0-d array 1-d
+        self.tensors[key] = np.asarray(data, order="C").astype(data.dtype.newbyteorder("<"), copy=False)
 
     def finish(self, attrs: dict[str, Any], checksums: dict[str, str]) -> list[str]:
         from safetensors import TensorSpec, serialize_file
 
         meta = {META_KEY: self.meta_json(attrs, checksums)}
         meta.update({k: v for k, v in attrs.items() if isinstance(v, str) and k != META_KEY})
+        # spaces at the end of unistore's own entry (JSON around its text) align the data
+        meta[META_KEY] += " " * _alignment_padding(self.tensors, meta)
         specs = {
             k: TensorSpec(dtype=v.dtype.name, shape=v.shape, data_ptr=v.ctypes.data, data_len=v.nbytes)
             for k, v in self.tensors.items()

@@ -356,11 +356,12 @@ class ZarrBlockReader(LazyBlockReader):
         self._identity = state[2]
 
     def read(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)``; a 0-d array is read as its one element, row 0."""
         arr = self.handle()[1]
 
         def decode() -> np.ndarray:
             try:
-                return np.asarray(arr[start:stop])
+                return np.asarray(arr[start:stop] if arr.ndim else np.asarray(arr[...]).reshape(1)[start:stop])
             except (UnistoreError, FileNotFoundError, PermissionError):
                 raise
             except _DECODE_ERRORS as e:  # a codec's verdict on the bytes: final, not retried
