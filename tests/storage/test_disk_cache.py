@@ -591,3 +591,54 @@ def test_a_body_cut_short_is_fetched_again_from_the_first_block_not_in_place(tra
     proxy.reset_counts()
     np.testing.assert_array_equal(arr.take(np.arange(ROWS)), remote["data"])
     assert proxy.total_requests == 0
+
+
+def test_a_read_ahead_makes_a_block_whose_lock_was_shared_once_the_lock_is_free(tmp_path: Any,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Claims share a pool of lock files.  A read-ahead that finds a block's lock held by another thread making
+    another entry skips it at first, makes its other blocks, then tries it once more and makes it, the lock
+    being free by then; it never waits on the lock."""
+    from unistore.storage import budget
+
+    monkeypatch.setattr(budget, "N_LOCKS", 2)
+    bs = 4096
+    cache = DiskCache(tmp_path / "cache", block_bytes=bs)
+    payload = np.random.default_rng(6).integers(0, 256, 4 * bs, dtype=np.uint8).tobytes()
+    # an object whose 4 blocks fall on both lock files, and an entry of another object sharing block 0's lock
+    identity = next(f"obj{i}" for i in range(100)
+                    if len({cache._lock_path(f"obj{i}", str(b)) for b in range(4)}) == 2)
+    shared = cache._lock_path(identity, "0")
+    blocked = [str(b) for b in range(4) if cache._lock_path(identity, str(b)) == shared]
+    other = next(f"x{i}" for i in range(100) if cache._lock_path("other", f"x{i}") == shared)
+    holding, let_go, gone = threading.Event(), threading.Event(), threading.Event()
+
+    def hold() -> None:  # another thread making entry "other/x": it holds the shared lock meanwhile
+        mine, _, token = cache.claim("other", [other])
+        assert mine == [other]
+        holding.set()
+        let_go.wait(10)
+        cache.release(token)
+        gone.set()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert holding.wait(10)
+    asked: list[tuple[int, int]] = []
+
+    def stream(start: int, end: int, writer: Any) -> int:
+        asked.append((start, end))
+        let_go.set()  # the other entry is made while this run is fetched
+        assert gone.wait(10)
+        assert writer.begin() == start
+        writer.write(payload[start:end])
+        writer.finish()
+        return end - start
+
+    counts = cache.ensure(identity, len(payload), np.array([0]), np.array([len(payload)]), stream)
+    holder.join()
+    assert counts["misses"] == 4 and counts["bytes_remote"] == len(payload)
+    fetched = sorted({str(b) for s, e in asked for b in range(s // bs, e // bs)})
+    assert fetched == ["0", "1", "2", "3"]
+    assert any(s == int(blocked[0]) * bs for s, _ in asked[1:]), asked  # the shared-lock blocks came second
+    got, again = cache.read_ranges(identity, len(payload), np.array([0]), np.array([len(payload)]), lambda s, e: [])
+    assert b"".join(got) == payload and again["misses"] == 0

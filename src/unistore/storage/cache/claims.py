@@ -89,13 +89,16 @@ class Claims:
         loop asks for more.  Entries someone else is making are awaited, then
         looked for again, and claimed in turn if they are still missing (their
         maker failed, or only shared a lock).  ``wait=False`` (read-ahead)
-        leaves those to their maker: the reader that needs them waits, if it
-        gets there first.
+        does not wait: once its own are made it tries those others once more,
+        without blocking, and makes the ones still missing whose lock is free
+        by then (the lock was only shared with another entry, made meanwhile);
+        the rest it leaves to their maker.
 
         >>> for todo in cache.producing(identity, missing, present):
         ...     fetch_and_keep(todo)
         """
         pending = list(names)
+        tries = 2  # without waiting: the names first, then once more those whose lock was held
         while pending:
             mine, others, token = self.claim(identity, pending)
             try:
@@ -106,7 +109,9 @@ class Claims:
                 self.release(token)
             pending = []
             if not wait:
-                return
+                tries -= 1
+                pending = [name for name in others if tries and not present(name)]
+                continue
             for name in others:
                 self.wait(identity, name)
                 if not present(name):
