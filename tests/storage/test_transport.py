@@ -26,6 +26,7 @@ from unistore.storage.transport import (
 
 from ..conftest import S3_SECRET, s3_options
 from .faulty_proxy import FaultyProxy
+from .hops import back_up, calls_to_the_first_byte
 
 pytestmark = pytest.mark.s3
 
@@ -264,48 +265,6 @@ def test_an_http_store_reads_through_either_transport(transport: str, http_files
     np.testing.assert_array_equal(arr[10:20], DATA[10:20])
 
 
-def _calls_to_the_first_byte(read: Any) -> list[str]:
-    """The unistore calls on the stack (outermost first, from ``Array.take``) when ``read()`` first calls into a
-    client library: obstore's compiled functions, or fsspec / s3fs / aiobotocore / botocore code."""
-    import sys
-
-    import obstore
-
-    clients = {id(getattr(obstore, name, None)) for name in ("get", "get_async", "get_range", "get_ranges")}
-    found: list[list[str]] = []
-
-    def profile(frame: Any, event: str, arg: Any) -> None:
-        if found or event not in ("call", "c_call"):
-            return
-        if event == "c_call":
-            hit, f = id(arg) in clients, frame
-        else:
-            name = frame.f_code.co_filename
-            hit, f = "/unistore/" not in name and any(f"/{c}/" in name for c in ("fsspec", "s3fs", "aiobotocore",
-                                                                                  "botocore")), frame.f_back
-        if hit:
-            stack = []
-            while f is not None:
-                if "/unistore/" in f.f_code.co_filename:
-                    module = f.f_code.co_filename.split("/unistore/")[-1].removesuffix(".py")
-                    stack.append(f"{module}:{f.f_code.co_qualname}")
-                f = f.f_back
-            found.append(stack[::-1])
-
-    from unistore.storage import location
-
-    location._WATCHED.active = True  # the deadline's watch thread off: the whole read on this thread
-    sys.setprofile(profile)
-    try:
-        read()
-    finally:
-        sys.setprofile(None)
-        location._WATCHED.active = False
-    assert found, "no call reached a client library"
-    stack = found[0]
-    return stack[next(i for i, s in enumerate(stack) if s.endswith("Array.take")):]
-
-
 @pytest.mark.parametrize("transport", ["obstore", "fsspec"])
 def test_a_cold_cached_batch_reaches_its_bytes_in_seven_calls_each_going_down(transport: str, s3: dict[str, Any],
                                                                               tmp_path: Any) -> None:
@@ -316,10 +275,6 @@ def test_a_cold_cached_batch_reaches_its_bytes_in_seven_calls_each_going_down(tr
     arr = us.open_store(url, storage_options=s3["options"], transport=transport, cache=cache)["emb"]
     arr.take([0])  # clients, connections and the mapping made; the rows below are in blocks not yet cached
     rows = [len(DATA) - 1, len(DATA) // 2]
-    stack = _calls_to_the_first_byte(lambda: np.testing.assert_array_equal(arr.take(rows), DATA[rows]))
+    stack = calls_to_the_first_byte(lambda: np.testing.assert_array_equal(arr.take(rows), DATA[rows]))
     assert len(stack) <= 7, stack
-    # a layer is a module, or a class of one (a cached source calling the remote source it wraps goes down)
-    layers = [f"{call.split(':')[0]}:{call.split(':')[1].split('.')[0]}" if "." in call.split(":")[1]
-              else call.split(":")[0] for call in stack]
-    left = [layer for i, layer in enumerate(layers) if layer in layers[:i] and layer != layers[i - 1]]
-    assert not left, f"calls back up into {left}: {stack}"
+    assert not back_up(stack), f"calls back up: {stack}"
