@@ -593,14 +593,15 @@ class BlockWriter:
             part = view[:entry.want - entry.written]
             try:
                 entry.write(part)
-                if entry.written == entry.want:
+                whole = entry.written == entry.want
+                if whole:
                     entry.seal()
             except CacheRefusedError:
                 self._entry = None
                 raise
             self._pos += len(part)
             view = view[len(part):]
-            if entry.written == entry.want:
+            if whole:
                 self._entry = None
                 self.done = self._pos
 

@@ -117,7 +117,6 @@ class _RemoteFile:
         from unistore.storage.sources import byte_source
 
         self._loc = location
-        self._cached = cache is not None
         self._source = byte_source(location, cache=cache)
         self._size = location.identity()[1]
         self._pos = 0
@@ -138,7 +137,7 @@ class _RemoteFile:
         end = min(self._pos + len(view), self._size)
         if end <= self._pos:
             return 0
-        if self._cached:
+        if self._source.cached_remote:
             blob = self._fetch(self._pos, end)
         else:
             lo, hi = self._buf_start, self._buf_start + len(self._buf)
