@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
@@ -44,23 +46,40 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from wire import s3_behind_proxy  # noqa: E402
 
 
-def measure(fn: Callable[[], int]) -> tuple[float, float, int]:
-    """(CPU seconds of this process, wall seconds, bytes) of ``fn``."""
-    c0, w0 = time.process_time(), time.perf_counter()
+@dataclass(frozen=True)
+class Cost:
+    """What one call of a client cost this process: CPU seconds in user space and in the kernel (receiving, and
+    the first touch of each new page of memory: ``faults``), wall seconds, and the bytes it returned."""
+
+    user: float
+    kernel: float
+    faults: int
+    wall: float
+    nbytes: int
+
+    @property
+    def cpu(self) -> float:
+        return self.user + self.kernel
+
+
+def measure(fn: Callable[[], int]) -> Cost:
+    """What ``fn`` cost this process (every thread)."""
+    r0, w0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     nbytes = fn()
-    return time.process_time() - c0, time.perf_counter() - w0, nbytes
+    wall, r1 = time.perf_counter() - w0, resource.getrusage(resource.RUSAGE_SELF)
+    return Cost(r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime, r1.ru_minflt - r0.ru_minflt, wall, nbytes)
 
 
-def best_in_turn(cases: list[tuple[str, Callable[[], int]]], rounds: int) -> dict[str, tuple[float, float, int]]:
+def best_in_turn(cases: list[tuple[str, Callable[[], int]]], rounds: int) -> dict[str, Cost]:
     """Each case's least-CPU round of ``rounds``, the cases taken in turn within every round (after one warm-up
     call each: connections, first-call imports)."""
     for _, fn in cases:
         fn()
-    best: dict[str, tuple[float, float, int]] = {}
+    best: dict[str, Cost] = {}
     for _ in range(rounds):
         for name, fn in cases:
             got = measure(fn)
-            if name not in best or got[0] < best[name][0]:
+            if name not in best or got.cpu < best[name].cpu:
                 best[name] = got
     return best
 
@@ -152,7 +171,7 @@ def main() -> None:
             ("disk-cache fill", "fetched whole, then written", fill(False)),
             ("disk-cache fill", "written as it arrives", fill(True)),
         ]
-        results: dict[tuple[str, str], tuple[float, float, int]] = {}
+        results: dict[tuple[str, str], Cost] = {}
         for pattern in dict.fromkeys(p for p, _, _ in cases):
             best = best_in_turn([(name, lambda fn=fn: fn(False)) for p, name, fn in cases if p == pattern],
                                 args.rounds)
@@ -165,15 +184,19 @@ def main() -> None:
 
     print(f"object: {args.mib} MiB .npy on moto S3; random rows: {args.batches} "
           f"batches of {args.batch} rows of {row} B; each client's best of {args.rounds} rounds, taken in turn\n")
-    print("| pattern | client | CPU s | wall s | CPU s/GiB | CPU / the pattern's first | requests* | bytes at proxy* |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| pattern | client | CPU s (user + kernel) | page faults | wall s | CPU s/GiB | CPU / the pattern's first "
+          "| user / the pattern's first | requests* | bytes at proxy* |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     firsts = {pattern: got for (pattern, _), got in reversed(results.items())}
-    for (pattern, name), (cpu, wall, nbytes) in results.items():
-        ref = firsts[pattern][0]
+    for (pattern, name), got in results.items():
+        ref = firsts[pattern]
         requests, sent = wire_figures[(pattern, name)]
-        print(f"| {pattern} | {name} | {cpu:.2f} | {wall:.2f} | {cpu / (nbytes / 2**30):.2f} | {cpu / ref:.2f}x | "
-              f"{requests} | {sent:,} |")
-    print("\n* the same calls once more through the counting proxy")
+        print(f"| {pattern} | {name} | {got.cpu:.2f} ({got.user:.2f} + {got.kernel:.2f}) | {got.faults:,} | "
+              f"{got.wall:.2f} | {got.cpu / (got.nbytes / 2**30):.2f} | {got.cpu / ref.cpu:.2f}x | "
+              f"{got.user / ref.user:.2f}x | {requests} | {sent:,} |")
+    print("\n* the same calls once more through the counting proxy. Kernel time is mostly receiving and the first "
+          "touch of each new page (faults): a client that returns new buffers pays a fault per 4 KiB of them, at a "
+          "cost that varies between runs on a virtual machine")
 
 
 if __name__ == "__main__":

