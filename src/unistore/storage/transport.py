@@ -7,8 +7,9 @@ which is where a training job spends its CPU - goes through a
 
 - ``"obstore"``: `obstore <https://developmentseed.org/obstore/>`_ for
   ``s3://``, ``gs://``, ``az://`` and ``http(s)://``.  Receiving a byte
-  costs about a third of the client CPU it costs through s3fs/aiohttp
-  (``benchmarks/bench_transport.py``).
+  costs about a quarter of the user-space CPU it costs through s3fs/aiohttp,
+  0.5-0.7x of its CPU with the kernel's share (random rows: 0.2x;
+  ``benchmarks/bench_transport.py``).
 - ``"fsspec"``: the location's fsspec filesystem (``cat_ranges``), for every
   other protocol, and the fallback.
 - ``"auto"`` (the default; ``$UNISTORE_TRANSPORT`` overrides it): obstore
