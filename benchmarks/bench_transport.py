@@ -63,6 +63,10 @@ class Cost:
         return self.user + self.kernel
 
 
+#: the --patterns names and the table's names for them
+PATTERNS = {"sequential": "sequential 2 MiB", "random": "random rows", "fill": "disk-cache fill"}
+
+
 def measure(fn: Callable[[], int]) -> Cost:
     """What ``fn`` cost this process (every thread)."""
     r0, w0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
@@ -95,6 +99,9 @@ def main() -> None:
     parser.add_argument("--patterns", default="sequential,random,fill",
                         help="comma-separated: sequential, random (the slowest: about 5 of the 7 minutes), fill")
     args = parser.parse_args()
+    unknown = set(args.patterns.split(",")) - set(PATTERNS)
+    if unknown:
+        parser.error(f"--patterns takes {', '.join(PATTERNS)}; got {', '.join(sorted(unknown))}")
 
     import s3fs
 
@@ -174,8 +181,7 @@ def main() -> None:
             ("disk-cache fill", "fetched whole, then written", fill(False)),
             ("disk-cache fill", "written as it arrives", fill(True)),
         ]
-        wanted = {{"sequential": "sequential 2 MiB", "random": "random rows", "fill": "disk-cache fill"}[p]
-                  for p in args.patterns.split(",")}
+        wanted = {PATTERNS[p] for p in args.patterns.split(",")}
         cases = [case for case in cases if case[0] in wanted]
         results: dict[tuple[str, str], Cost] = {}
         for pattern in dict.fromkeys(p for p, _, _ in cases):

@@ -169,7 +169,7 @@ class DiskCache(Claims):
     def _seal(self, path: str, hasher: Any) -> int:
         """:meth:`_checksum` from a hasher that has taken the payload (piece by piece, as it was written)."""
         hasher.update(os.path.relpath(path, self.root).encode())
-        return int(hasher.intdigest())
+        return hasher.intdigest()
 
     def checked(self, path: str, want: int) -> tuple[int, int, int] | None:
         """The (inode, size, mtime) with which the entry at ``path`` was found intact (:meth:`_get`), or None."""
