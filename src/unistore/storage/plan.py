@@ -68,14 +68,14 @@ def plan_rows(offset: int, row: int, indices: np.ndarray, gap: int = MERGE_GAP_B
 
 def scatter_rows(plan: RowPlan, blobs: list[bytes]) -> np.ndarray:
     """The asked rows, ``(len(indices), row)`` uint8 in the order asked, out of the ranges of ``plan`` read
-    back (one bytes-like object per range)."""
+    back (one bytes-like object per range).
+
+    Every range holds whole rows (a merged gap is whole rows too), so read back to back the ranges are a
+    ``(rows, row)`` array and each asked row is one row of it: a single copy out.
+    """
     buf = np.frombuffer(blobs[0] if len(blobs) == 1 else b"".join(blobs), dtype=np.uint8)
-    row, n = plan.row, len(plan.unique)
-    if len(buf) == row * n and (n < 2 or bool(np.all(np.diff(plan.pos) == row))) and (not n or plan.pos[0] == 0):
-        rows = buf.reshape(n, row)
-    else:
-        rows = buf[(plan.pos[:, None] + np.arange(row)[None, :]).ravel()].reshape(n, row)
-    return rows[plan.inverse]
+    row = plan.row
+    return buf.reshape(-1, row).take((plan.pos // row)[plan.inverse], axis=0)
 
 
 def chunk_runs(ids: np.ndarray) -> list[tuple[int, int]]:

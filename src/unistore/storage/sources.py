@@ -191,7 +191,7 @@ class LocalFile(ByteSource):
         return mm
 
     def gather(self, layout: ContiguousLayout, indices: np.ndarray, stats: IOStats) -> np.ndarray:
-        out = self.array(layout)[indices]
+        out = self.array(layout).take(indices, axis=0)
         stats.add_read(1, out.nbytes)
         return out
 
@@ -285,7 +285,7 @@ class CachedObject(ByteSource):
 
     This process maps the object's cached blocks side by side as they are
     first used (:class:`~unistore.storage.cache.MappedObject`), so once a
-    batch's blocks are in place its rows are one fancy index, as from a local
+    batch's blocks are in place its rows are one gather, as from a local
     ``memmap``; where that cannot be done, rows are copied block by block.
     """
 
@@ -335,7 +335,7 @@ class CachedObject(ByteSource):
         return whole or None  # type: ignore[return-value]
 
     def gather(self, layout: ContiguousLayout, rows: np.ndarray, stats: IOStats) -> np.ndarray:
-        """Rows out of the cached blocks (missing ones fetched first): one fancy index over the mapped object
+        """Rows out of the cached blocks (missing ones fetched first): one gather over the mapped object
         where its blocks are in place, else copied block by block."""
         row, base = layout.row_nbytes, layout.offset
         if len(rows) == 0 or row == 0:
@@ -359,7 +359,7 @@ class CachedObject(ByteSource):
             if whole.covers(need):
                 held = int(np.minimum(bs, size - need * bs).sum())
                 stats.add(disk_hits=len(need) - missed, disk_misses=missed, bytes_local=max(0, held - fetched))
-                return whole.rows(base, row, layout.shape[0])[rows].view(layout.dtype).reshape(shape)
+                return whole.rows(base, row, layout.shape[0]).take(rows, axis=0).view(layout.dtype).reshape(shape)
         blocks, counts = self.cache.blocks(identity, size, starts, starts + row,
                                            partial(self.remote.read_ranges, stats=stats))
         # blocks written above are found here: counted as the misses they were
@@ -368,7 +368,7 @@ class CachedObject(ByteSource):
         if whole is not None:
             whole.add(need[~whole.mapped[need]])
             if whole.covers(need):
-                return whole.rows(base, row, layout.shape[0])[rows].view(layout.dtype).reshape(shape)
+                return whole.rows(base, row, layout.shape[0]).take(rows, axis=0).view(layout.dtype).reshape(shape)
         first, last = starts // bs, (starts + row - 1) // bs
         out = np.empty((len(rows), row), np.uint8)
         inside = first == last
@@ -385,7 +385,7 @@ class CachedObject(ByteSource):
             skip = base + r0 * row - b * bs
             n = (len(block) - skip) // row
             view = np.frombuffer(block, np.uint8, count=n * row, offset=skip).reshape(n, row)
-            out[part] = view[rows[part] - r0]
+            out[part] = view.take(rows[part] - r0, axis=0)
         for i in np.flatnonzero(~inside).tolist():
             s, b0, b1 = int(starts[i]), int(first[i]), int(last[i])
             out[i] = np.frombuffer(b"".join(bytes(blocks[b]) for b in range(b0, b1 + 1)), np.uint8,

@@ -18,8 +18,8 @@ class ChunkCache:
 
     Arrays that fit in the budget get a *dense* entry: one buffer the size of
     the array (pages are only touched as chunks arrive) plus a mask of which
-    chunks are decoded, so a warm gather is a single fancy index at memmap
-    speed.  Larger arrays keep individual chunks.  The budget defaults to
+    chunks are decoded, so a warm gather is a single row gather at memmap
+    speed or better.  Larger arrays keep individual chunks.  The budget defaults to
     1 GiB per process (``UNISTORE_CHUNK_CACHE_BYTES``); an entry larger than
     the whole budget is used for one read and not kept.
     """

@@ -28,7 +28,7 @@ class MappedObject:
     without access; each block, once this process has found it intact in
     the cache (:meth:`DiskCache._get`), is mapped over its place read-only
     (``MAP_FIXED``).  Rows whose blocks are all in place are then gathered
-    with one fancy index over :attr:`buffer`, as from a local ``memmap``,
+    with one row gather over :attr:`buffer`, as from a local ``memmap``,
     instead of looking up and slicing each block for each batch.  Every
     process maps the same page-cache pages.
 
