@@ -21,7 +21,6 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from unistore.errors import InvalidKeyError, RemoteError, UnistoreError
@@ -349,8 +348,13 @@ class RetryPolicy:
 
     def __init__(self, attempts: int | None = None, deadline: float | None = None, base_delay: float = 0.1):
         self.attempts = attempts or int(os.environ.get("UNISTORE_RETRY_ATTEMPTS", "8"))
-        self.deadline = deadline or float(os.environ.get("UNISTORE_RETRY_DEADLINE", "60"))
+        self.deadline = deadline or default_deadline()
         self.base_delay = base_delay
+
+
+def default_deadline() -> float:
+    """Seconds a remote read may go without progress when its store sets none (``UNISTORE_RETRY_DEADLINE``)."""
+    return float(os.environ.get("UNISTORE_RETRY_DEADLINE", "60"))
 
 
 # s3fs maps 503 SlowDown to EBUSY and throttling to EAGAIN
@@ -403,24 +407,33 @@ _BATCH_DEADLINE: contextvars.ContextVar[list[float] | None] = contextvars.Contex
                                                                                        default=None)
 
 
-@contextmanager
-def one_deadline(where: Location | None) -> Iterator[None]:
+class one_deadline:  # noqa: N801 - used as a function: ``with one_deadline(location):``
     """The remote reads made inside (in this context) share one deadline without progress: it starts at the
     store's deadline from here and moves on each time one of them completes.  A batch whose reads make no
     progress - several of them waiting one after another on a silent server - ends within one deadline, not one
     per read; a batch that keeps completing reads is never cut short.
 
     Threads that read on the batch's behalf run in a copy of this context (see
-    :func:`unistore.storage.engine._load_runs`).
+    :func:`unistore.storage.engine._load_runs`).  A class rather than a generator: every remote batch enters
+    one, including batches the disk cache answers without a request.
     """
-    if where is None or where.is_local or _BATCH_DEADLINE.get() is not None:
-        yield
-        return
-    token = _BATCH_DEADLINE.set([time.monotonic() + RetryPolicy(deadline=where.deadline).deadline])
-    try:
-        yield
-    finally:
-        _BATCH_DEADLINE.reset(token)
+
+    __slots__ = ("where", "token")
+
+    def __init__(self, where: Location | None):
+        self.where = where
+        self.token: contextvars.Token[list[float] | None] | None = None
+
+    def __enter__(self) -> None:
+        where = self.where
+        if where is None or where.is_local or _BATCH_DEADLINE.get() is not None:
+            return
+        self.token = _BATCH_DEADLINE.set([time.monotonic() + (where.deadline or default_deadline())])
+
+    def __exit__(self, *exc: object) -> None:
+        if self.token is not None:
+            _BATCH_DEADLINE.reset(self.token)
+            self.token = None
 
 
 def retry_remote(fn: Callable[[], T], where: Location, policy: RetryPolicy | None = None) -> T:
