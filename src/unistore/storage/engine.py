@@ -11,7 +11,7 @@ with a disk cache, as uncompressed files every process maps.
 
 Rows leave a buffer (a mapped file, cached blocks, decoded chunks, the
 ranges read back) through ``ndarray.take(rows, axis=0)``, which copies each
-row whole: for batches of 16 to 4096 rows of 1.5 KiB it is 1.3-1.9x as fast
+row whole: for batches of 16 to 4096 rows of 1.5 KiB it is 1.4-1.9x as fast
 as numpy's fancy index ``a[rows]``, which a raw ``np.memmap`` reader uses.
 """
 
