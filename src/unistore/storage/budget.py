@@ -59,7 +59,7 @@ MAX_RUN_BYTES = 16 << 20
 STREAM_PIECE_BYTES = 256 << 10
 #: an eviction leaves the cache at this share of its budget
 EVICT_TO = 0.9
-#: an entry's "checked" mark is trusted for this long; then its CRC is checked again (bit rot keeps the mtime)
+#: an entry's "checked" mark is trusted for this long; then its checksum is checked again (bit rot keeps the mtime)
 REVERIFY_SECONDS = float(os.environ.get("UNISTORE_CACHE_REVERIFY_SECONDS", 24 * 3600))
 #: lock files (a fixed pool) that let one process fetch or decode an entry while others wait for it
 N_LOCKS = 4096
